@@ -1,0 +1,385 @@
+"""The training loop, read top to bottom.
+
+1. Train state: params, optimizer state, EMA params, step and RNG in one pytree,
+   checkpointed whole (``TrainState``).
+2. The update step: coupling -> flow matching loss -> gradients (optionally
+   accumulated over micro-batches) -> optax update -> EMA, one ``jax.jit`` with
+   explicit shardings and the state donated (``make_train_step``).
+3. Validation: sample the held-out crops with the EMA weights, PSNR/SSIM of the
+   prediction and of bicubic up-sampling, an image grid (``Validator``).
+4. The loop: resume from the newest checkpoint, log, validate, checkpoint, stop on a
+   NaN/inf loss or a SIGTERM/SIGINT (``train``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from PIL import Image
+
+from cfm_jax import checkpointing, metrics as image_metrics, sharding
+from cfm_jax.data import photos
+from cfm_jax.ema import EMAConfig, ema_update
+from cfm_jax.metric_writers import MetricWriter
+from cfm_jax.optim import make_optimizer
+from cfm_jax.upsampler import CFMUpsampler
+
+log = logging.getLogger("cfm_jax")
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised when the loss becomes NaN or infinite."""
+
+
+# --------------------------------------------------------------------------- 1. state
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 [], optimizer updates done
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    rng: jax.Array  # uint32 [2], folded with the step for each update
+
+
+def create_train_state(upsampler: CFMUpsampler, tx: optax.GradientTransformation, rng: jax.Array,
+                       latent_size: int, mesh) -> TrainState:
+    """Initialises the state directly into its (replicated) sharding, inside one jit."""
+    init_rng, state_rng = jax.random.split(rng)
+
+    def init():
+        params = upsampler.init(init_rng, latent_size)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          ema_params=jax.tree.map(jnp.copy, params), rng=state_rng)
+
+    return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+
+
+def abstract_train_state(upsampler, tx, latent_size: int, mesh) -> TrainState:
+    """Shapes, dtypes and shardings of the state, without allocating it."""
+    def init():
+        params = upsampler.init(jax.random.PRNGKey(0), latent_size)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          ema_params=params, rng=jax.random.PRNGKey(0))
+
+    rep = sharding.replicated(mesh)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), jax.eval_shape(init))
+
+
+# --------------------------------------------------------------------------- 2. update step
+def split_microbatches(batch: dict, n: int) -> dict:
+    """[B, ...] -> [n, B/n, ...]; micro-batch j holds examples j, n+j, 2n+j, ... so that each
+    device's contiguous rows split locally (no resharding of the data axis)."""
+    def split(x):
+        b = x.shape[0]
+        if b % n:
+            raise ValueError(f"The batch ({b}) is not divisible by optim.grad_accum_steps={n}.")
+        return jnp.swapaxes(x.reshape((b // n, n) + x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(upsampler: CFMUpsampler, tx: optax.GradientTransformation,
+                    schedule: Callable, ema_cfg: EMAConfig, mesh, *, grad_accum_steps: int = 1):
+    """The jitted update ``(state, batch) -> (state, metrics)``; ``state`` is donated.
+
+    ``train_step.num_traces()`` tells how often it was traced (a retrace is a bug).
+    """
+    traces = [0]
+
+    def loss_and_grads(params, batch, rng):
+        def mean_loss(p):
+            return jnp.mean(upsampler.loss(p, batch, rng, train=True))
+        return jax.value_and_grad(mean_loss)(params)
+
+    def step_fn(state: TrainState, batch: dict):
+        traces[0] += 1
+        rng = jax.random.fold_in(state.rng, state.step)
+        if grad_accum_steps == 1:
+            loss, grads = loss_and_grads(state.params, batch, rng)
+        else:
+            micro = split_microbatches(batch, grad_accum_steps)
+
+            def body(carry, xs):
+                grad_sum, loss_sum = carry
+                mb, i = xs
+                loss_i, grads_i = loss_and_grads(state.params, mb, jax.random.fold_in(rng, i))
+                return (jax.tree.map(jnp.add, grad_sum, grads_i), loss_sum + loss_i), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grad_sum, loss_sum), _ = jax.lax.scan(
+                body, (zeros, jnp.zeros((), jnp.float32)), (micro, jnp.arange(grad_accum_steps)))
+            grads = jax.tree.map(lambda g: g / grad_accum_steps, grad_sum)
+            loss = loss_sum / grad_accum_steps
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # EMA from the pre-update weights, counter = updates done (the original's order).
+        ema_params = ema_update(state.ema_params, state.params, state.step, ema_cfg)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(params),
+            "update_norm": optax.global_norm(updates),
+            "lr": schedule(state.step),
+        }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  ema_params=ema_params)
+        return new_state, metrics
+
+    rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    jitted = jax.jit(step_fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
+    jitted.num_traces = lambda: traces[0]
+    return jitted
+
+
+# --------------------------------------------------------------------------- 3. validation
+def image_grid(high: np.ndarray, low_up: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Rows of (high-res | low-res up-sampled | prediction), uint8 [B*H, 3*W, 3]."""
+    rows = np.concatenate([high, low_up, pred], axis=2)  # [B, H, 3W, 3]
+    rows = rows.reshape((-1,) + rows.shape[2:])
+    return np.clip(np.round((rows + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+class Validator:
+    """PSNR/SSIM of the CFM prediction and of bicubic up-sampling on fixed held-out crops."""
+
+    def __init__(self, upsampler: CFMUpsampler, batches: list[dict], mesh, sample_cfg, seed: int):
+        self.upsampler = upsampler
+        self.batches = batches
+        self.mesh = mesh
+        self.rng = jax.random.PRNGKey(seed + 1_000_003)
+        self.predict = upsampler.make_predict_fn(
+            method=sample_cfg.method, num_steps=sample_cfg.num_steps, atol=sample_cfg.atol,
+            rtol=sample_cfg.rtol, max_steps=sample_cfg.max_steps)
+
+        @jax.jit
+        def scores(pred, target):
+            return {"psnr": image_metrics.psnr(pred, target), "ssim": image_metrics.ssim(pred, target),
+                    "mse": image_metrics.mse(pred, target)}
+        self.scores = scores
+
+    def run(self, params, num_grid: int = 8):
+        """``(metrics, grid)`` for ``params`` (pass the EMA params to evaluate the EMA)."""
+        per_image: dict[str, list] = {}
+        grid_parts = ([], [], [])
+        nfe = 0
+        for i, batch in enumerate(self.batches):
+            gbatch = sharding.shard_batch(batch, self.mesh)
+            pred, result = self.predict(params, gbatch, jax.random.fold_in(self.rng, i))
+            if not bool(np.all(np.asarray(result.success))):
+                raise RuntimeError("The adaptive ODE solver did not finish during validation; raise "
+                                   "--config.sample.max_steps or loosen sample.rtol/atol.")
+            nfe = int(result.nfe)
+            target = gbatch["image"]
+            bicubic = photos.upsample_bicubic(batch["image_lowres"], target.shape[1])
+            bilinear = photos.upsample_bilinear(batch["image_lowres"], target.shape[1])
+            for name, img in (("cfm", pred), ("bicubic", bicubic), ("bilinear", bilinear)):
+                for k, v in self.scores(img, target).items():
+                    per_image.setdefault(f"{name}_{k}", []).append(np.asarray(v))
+            if sum(len(p) for p in grid_parts[0]) < num_grid:
+                grid_parts[0].append(np.asarray(batch["image"]))
+                grid_parts[1].append(np.asarray(bilinear))
+                grid_parts[2].append(np.asarray(pred))
+        results = {f"val/{k}": float(np.mean(np.concatenate(v))) for k, v in per_image.items()}
+        results["val/nfe"] = nfe
+        grid = image_grid(*(np.concatenate(p)[:num_grid] for p in grid_parts))
+        return results, grid
+
+
+# --------------------------------------------------------------------------- 4. the loop
+def make_data(config):
+    """Train source and validation batches for ``config.data``."""
+    d = config.data
+    if d.name != "photos":
+        raise ValueError(f"data.name={d.name!r}: only the bundled 'photos' are available in this version "
+                         "(TFDS latent records arrive with the data issue).")
+    n_proc = jax.process_count()
+    if d.batch_size % n_proc:
+        raise ValueError(f"data.batch_size={d.batch_size} is not divisible by the {n_proc} processes.")
+    train = photos.PhotoCrops("train", image_size=d.image_size, lowres_size=d.lowres_size,
+                              batch_size=d.batch_size // n_proc, seed=config.seed * 1000 + jax.process_index())
+    val_bs = min(d.batch_size, d.num_val_images)
+    val = photos.PhotoCrops("validation", image_size=d.image_size, lowres_size=d.lowres_size,
+                            batch_size=val_bs, seed=12345)
+    num_val_batches = max(1, d.num_val_images // val_bs)
+    return train, [val.batch_at(i) for i in range(num_val_batches)]
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGINT into a flag checked at step boundaries (save, then exit)."""
+
+    def __init__(self):
+        self.received = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _host_metrics(metrics: list[dict]) -> list[dict]:
+    return [{k: float(v) for k, v in m.items()} for m in jax.device_get(metrics)]
+
+
+def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
+    """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint). Returns a summary."""
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    mesh = sharding.make_data_mesh()
+    sharding.check_batch_size(config.data.batch_size, mesh)
+    upsampler = CFMUpsampler(config)
+    latent_size = upsampler.latent_size(config.data.image_size)
+    tx, schedule = make_optimizer(config.optim)
+    ema_cfg = EMAConfig.from_config(config.ema)
+    train_source, val_batches = make_data(config)
+
+    manager = checkpointing.make_manager(workdir, keep=config.train.keep_checkpoints)
+    start_step = manager.latest_step()
+    if start_step is not None:
+        abstract = abstract_train_state(upsampler, tx, latent_size, mesh)
+        state, _ = checkpointing.restore(manager, abstract)
+        log.info("Resumed from %s at step %d.", checkpointing.checkpoint_dir(workdir), int(state.step))
+        if load_weights:
+            log.warning("--load_weights ignored: the work directory already has checkpoints (resuming).")
+    else:
+        state = create_train_state(upsampler, tx, jax.random.PRNGKey(config.seed), latent_size, mesh)
+        if load_weights:
+            state = _load_weights(state, load_weights, mesh)
+
+    writer = MetricWriter(workdir, use_csv=config.logging.csv, tensorboard=config.logging.tensorboard,
+                          wandb=config.logging.wandb, wandb_project=config.logging.wandb_project,
+                          wandb_name=config.logging.wandb_name, config_dict=config.to_dict())
+    train_step = make_train_step(upsampler, tx, schedule, ema_cfg, mesh,
+                                 grad_accum_steps=config.optim.grad_accum_steps)
+    validator = Validator(upsampler, val_batches, mesh, config.sample, config.seed)
+    t_cfg = config.train
+    num_steps = t_cfg.num_steps
+    step = int(state.step)
+    summary = {"workdir": os.path.abspath(workdir), "start_step": step}
+
+    def save(step_now: int, state_now: TrainState):
+        checkpointing.save(manager, step_now, state_now, {"step": step_now, "config": config.to_dict()})
+
+    def validate(step_now: int, state_now: TrainState):
+        params = state_now.ema_params if config.sample.use_ema else state_now.params
+        results, grid = validator.run(params, num_grid=t_cfg.num_grid_images)
+        writer.write(step_now, results)
+        if is_main:
+            os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+            Image.fromarray(grid).save(os.path.join(workdir, "samples", f"val_{step_now:07d}.png"))
+        writer.write_image(step_now, "val/grid", grid)
+        summary["validation"] = results
+        return results
+
+    pbar = None
+    if is_main and config.logging.progress_bar:
+        from tqdm import tqdm
+        pbar = tqdm(total=num_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    pending: list[dict] = []
+    last_time, last_step = time.perf_counter(), step
+    first_step_time = None
+    with _StopSignal() as stop:
+        while step < num_steps:
+            batch = sharding.shard_batch(train_source.batch_at(step), mesh)
+            state, metrics = train_step(state, batch)
+            step += 1
+            pending.append(metrics)
+            if first_step_time is None:
+                jax.block_until_ready(metrics)
+                first_step_time = time.perf_counter() - last_time
+                last_time, last_step = time.perf_counter(), step
+                summary["first_step_seconds"] = first_step_time
+            at_log = step % t_cfg.log_every == 0 or step == num_steps
+            at_ckpt = step % t_cfg.checkpoint_every == 0 or step == num_steps
+            at_eval = t_cfg.eval_every > 0 and (step % t_cfg.eval_every == 0 or step == num_steps)
+            if at_log or at_ckpt or at_eval or stop.received:
+                host = _host_metrics(pending)
+                for i, m in enumerate(host):
+                    if not np.isfinite(m["loss"]):
+                        bad = step - len(host) + i + 1
+                        if pbar is not None:
+                            pbar.close()
+                        raise TrainingDiverged(
+                            f"The loss became {m['loss']} at step {bad} (grad_norm {m['grad_norm']}). "
+                            f"Nothing was saved after it; the newest good checkpoint is step "
+                            f"{manager.latest_step()}. Lower --config.optim.lr, set "
+                            f"--config.optim.grad_clip_norm, or check the data.")
+                pending = []
+                now = time.perf_counter()
+                rate = (step - last_step) / max(now - last_time, 1e-9)
+                last_time, last_step = now, step
+                row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                row["steps_per_sec"] = rate
+                row["examples_per_sec"] = rate * config.data.batch_size
+                writer.write(step, {f"train/{k}": v for k, v in row.items()})
+                summary["train"] = row
+                if pbar is not None:
+                    pbar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                     ex_s=f"{row['examples_per_sec']:.1f}")
+            if at_eval:
+                results = validate(step, state)
+                if pbar is not None:
+                    pbar.write(f"step {step}: PSNR cfm {results['val/cfm_psnr']:.2f} dB vs bicubic "
+                               f"{results['val/bicubic_psnr']:.2f} dB | SSIM cfm {results['val/cfm_ssim']:.4f} "
+                               f"vs bicubic {results['val/bicubic_ssim']:.4f}")
+            if at_ckpt or stop.received:
+                save(step, state)
+            if pbar is not None:
+                pbar.update(1)
+            if stop.received:
+                log.warning("Received %s: saved a checkpoint at step %d, stopping.", stop.received, step)
+                summary["stopped_by"] = stop.received
+                break
+    if pbar is not None:
+        pbar.close()
+    manager.close()
+    writer.close()
+    summary["final_step"] = step
+    summary["num_traces"] = train_step.num_traces()
+    if is_main:
+        with open(os.path.join(workdir, "train_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def _load_weights(state: TrainState, path: str, mesh) -> TrainState:
+    """Non-strict weights-only start (``--load_weights``): EMA weights of another checkpoint."""
+    source = checkpointing.read_params(path, use_ema=True)
+    host_params = jax.device_get(state.params)
+    params, loaded, missing, mismatched = checkpointing.merge_weights(host_params, source)
+    if not loaded:
+        raise ValueError(f"--load_weights={path}: no parameter of the checkpoint matches this model "
+                         f"(missing {len(missing)}, wrong shape {len(mismatched)}).")
+    log.warning("--load_weights: loaded %d tensors, %d missing (kept at init), %d with another shape "
+                "(kept at init)%s", len(loaded), len(missing), len(mismatched),
+                (": " + "; ".join(mismatched[:5])) if mismatched else ".")
+    params = jax.device_put(params, sharding.replicated(mesh))
+    return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+
+
+__all__ = ["TrainState", "TrainingDiverged", "Validator", "create_train_state", "make_train_step",
+           "split_microbatches", "train"]

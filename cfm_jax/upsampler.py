@@ -1,0 +1,126 @@
+"""The CFM upsampler: network + coupling + first stage + flow, assembled from a config.
+
+This is the one place that knows how a batch becomes a loss and how a low-res
+latent becomes a high-res image; the trainer, ``eval.py`` and the benchmarks all
+go through it.
+
+Batch keys (NHWC): ``image`` (high-res image in [-1, 1]), ``latent`` (its latent,
+*unscaled*, like the original's records), ``latent_lowres`` (the low-res latent,
+unscaled, either on the low-res grid or already PSU-up-sampled to the high-res
+grid). Latents are multiplied by ``first_stage.scale_factor`` on the way in.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from cfm_jax import flow, sampling
+from cfm_jax.coupling import Coupling
+from cfm_jax.first_stage import build_first_stage
+from cfm_jax.models.unet import EfficientUNet
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"Unknown dtype {name!r}; choose one of {sorted(DTYPES)}.")
+    return DTYPES[name]
+
+
+def build_unet(cfg) -> EfficientUNet:
+    """The EfficientUNet of config section ``model``."""
+    return EfficientUNet(
+        in_channels=cfg.in_channels, model_channels=cfg.model_channels, out_channels=cfg.out_channels,
+        num_res_blocks=cfg.num_res_blocks, attention_resolutions=tuple(cfg.attention_resolutions),
+        dropout=cfg.dropout, channel_mult=tuple(cfg.channel_mult), conv_resample=cfg.conv_resample,
+        dim_head=cfg.dim_head, num_heads=cfg.num_heads, use_linear_attn=cfg.use_linear_attn,
+        use_scale_shift_norm=cfg.use_scale_shift_norm, pool_factor=cfg.pool_factor,
+        dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype))
+
+
+class CFMUpsampler:
+    """Everything needed to train and sample a Coupling Flow Matching upsampler."""
+
+    def __init__(self, config, first_stage: Any | None = None):
+        self.config = config
+        self.model = build_unet(config.model)
+        self.coupling = Coupling.from_config(config.coupling)
+        self.first_stage = build_first_stage(config) if first_stage is None else first_stage
+        flow.check_schedule(config.flow.schedule, config.flow.sigma_min)
+        c = self.first_stage.latent_channels
+        expected_in = c * (2 if self.coupling.uses_context else 1)
+        if config.model.in_channels != expected_in or config.model.out_channels != c:
+            raise ValueError(
+                f"model.in_channels={config.model.in_channels}, model.out_channels={config.model.out_channels} "
+                f"do not fit the {c}-channel latents of first stage {self.first_stage.name!r} "
+                f"{'with' if self.coupling.uses_context else 'without'} concatenated context: "
+                f"use in_channels={expected_in}, out_channels={c}.")
+
+    # --- shapes -----------------------------------------------------------------
+    def latent_size(self, image_size: int) -> int:
+        f = self.first_stage.downsample_factor
+        if image_size % f:
+            raise ValueError(f"Image size {image_size} is not divisible by the first stage's factor {f}.")
+        return image_size // f
+
+    def init(self, rng: jax.Array, latent_size: int, batch_size: int = 1):
+        """Parameters for latents of ``latent_size``² (float32 or ``param_dtype``)."""
+        c = self.first_stage.latent_channels
+        x = jnp.zeros((batch_size, latent_size, latent_size, c), jnp.float32)
+        ctx = x if self.coupling.uses_context else None
+        return self.model.init({"params": rng}, x, jnp.zeros((batch_size,)), ctx)["params"]
+
+    # --- training ---------------------------------------------------------------
+    def scaled_latents(self, batch: dict) -> tuple[jax.Array, jax.Array]:
+        s = self.first_stage.scale_factor
+        return (batch["latent"].astype(jnp.float32) * s, batch["latent_lowres"].astype(jnp.float32) * s)
+
+    def velocity(self, params, x, t, context, *, train: bool = False, dropout_rng=None) -> jax.Array:
+        """The network's velocity at ``x`` [B,H,W,C] and times ``t`` ([B] or scalar), float32."""
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        rngs = {"dropout": dropout_rng} if (train and dropout_rng is not None) else None
+        out = self.model.apply({"params": params}, x, t, context, train=train, rngs=rngs)
+        return out.astype(jnp.float32)
+
+    def loss(self, params, batch: dict, rng: jax.Array, *, train: bool = True) -> jax.Array:
+        """Per-example flow matching loss [B] on a batch (coupling drawn with ``rng``)."""
+        x1, lowres = self.scaled_latents(batch)
+        couple_rng, flow_rng, drop_rng = jax.random.split(rng, 3)
+        x0, context = self.coupling.source_and_context(lowres, size=x1.shape[1],
+                                                       first_stage=self.first_stage, rng=couple_rng)
+
+        def velocity_fn(xt, t):
+            return self.velocity(params, xt, t, context, train=train, dropout_rng=drop_rng)
+
+        return flow.velocity_loss(velocity_fn, x0=x0, x1=x1, rng=flow_rng,
+                                  schedule=self.config.flow.schedule, sigma_min=self.config.flow.sigma_min)
+
+    # --- sampling ---------------------------------------------------------------
+    def _ode_velocity(self, t, x, args):
+        return self.velocity(args["params"], x, t, args["context"])
+
+    def sample_latents(self, params, lowres: jax.Array, rng: jax.Array, *, size: int,
+                       method: str = "rk4", num_steps: int = 40, atol: float = 1e-6,
+                       rtol: float = 1e-3, max_steps: int = 4096,
+                       num_intermediates: int = 0) -> sampling.SampleResult:
+        """Integrates the flow from the coupling's source to a high-res latent (scaled)."""
+        x0, context = self.coupling.source_and_context(lowres, size=size, first_stage=self.first_stage,
+                                                       rng=rng)
+        return sampling.solve_flow(self._ode_velocity, x0, {"params": params, "context": context},
+                                   method=method, num_steps=num_steps, atol=atol, rtol=rtol,
+                                   max_steps=max_steps, num_intermediates=num_intermediates)
+
+    def predict_images(self, params, batch: dict, rng: jax.Array, **sample_kwargs):
+        """``(images [B,H,W,3] in [-1,1], SampleResult)`` for a batch with ``latent_lowres``."""
+        x1, lowres = self.scaled_latents(batch)
+        result = self.sample_latents(params, lowres, rng, size=x1.shape[1], **sample_kwargs)
+        images = jnp.clip(self.first_stage.decode(result.x), -1.0, 1.0)
+        return images, result
+
+    def make_predict_fn(self, **sample_kwargs):
+        """One jitted function ``(params, batch, rng) -> (images, SampleResult)``."""
+        return jax.jit(functools.partial(self.predict_images, **sample_kwargs))

@@ -1,0 +1,79 @@
+"""The full set of cfm-jax settings with their defaults; experiment configs start here.
+
+Every knob a user may turn lives in this tree. Config files call
+:func:`base_config` and change what differs; the command line overrides any leaf
+with ``--config.section.key=value``. The tree is locked, so a misspelt key is an
+error, not a silently ignored setting.
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # The EfficientUNet (cfm_jax/models/unet.py); fields as in the original.
+    c.model = ml_collections.ConfigDict(dict(
+        in_channels=8, model_channels=128, out_channels=4, num_res_blocks=3,
+        channel_mult=(1, 2, 4, 8), attention_resolutions=(8, 16), dropout=0.0,
+        conv_resample=True, dim_head=64, num_heads=4, use_linear_attn=False,
+        use_scale_shift_norm=True, pool_factor=-1,
+        dtype="bfloat16",        # compute dtype; params stay in param_dtype
+        param_dtype="float32",
+    ))
+
+    # Probability path (cfm_jax/flow.py).
+    c.flow = ml_collections.ConfigDict(dict(schedule="linear", sigma_min=0.0))
+
+    # Source and context of the flow (cfm_jax/coupling.py).
+    c.coupling = ml_collections.ConfigDict(dict(
+        upsampling_mode="psu", upsampling_mode_context="", start_from_noise=False,
+        noising_step=400, concat_context=True,
+    ))
+
+    # The frozen autoencoder between pixels and latents (cfm_jax/first_stage.py).
+    c.first_stage = ml_collections.ConfigDict(dict(name="identity", scale_factor=1.0))
+
+    # Data: `photos` = random crops of the photos bundled with scikit-image.
+    c.data = ml_collections.ConfigDict(dict(
+        name="photos",
+        image_size=64,        # high-res crop, pixels
+        lowres_size=32,       # low-res image, pixels
+        batch_size=16,        # global batch (all devices) per optimizer update
+        num_val_images=16,    # validation crops (fixed set, held-out photos)
+    ))
+
+    # Optimizer (cfm_jax/optim.py). `adam` = torch.optim.Adam semantics (L2 decay).
+    c.optim = ml_collections.ConfigDict(dict(
+        name="adam", lr=3e-5, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+        schedule="constant", warmup_steps=1000, total_steps=0, min_lr_ratio=0.0,
+        grad_clip_norm=0.0,   # 0: no clipping
+        grad_accum_steps=1,   # micro-batches per optimizer update
+    ))
+
+    # EMA with ema-pytorch semantics (cfm_jax/ema.py).
+    c.ema = ml_collections.ConfigDict(dict(
+        beta=0.999, power=0.75, inv_gamma=1.0, min_value=0.0, update_every=1,
+        update_after_step=1000,
+    ))
+
+    # ODE sampling for validation and evaluation (cfm_jax/sampling.py).
+    c.sample = ml_collections.ConfigDict(dict(
+        method="rk4", num_steps=40, atol=1e-6, rtol=1e-3, max_steps=4096, use_ema=True,
+    ))
+
+    # The training loop (cfm_jax/trainer.py).
+    c.train = ml_collections.ConfigDict(dict(
+        num_steps=100_000,
+        log_every=50,
+        eval_every=5000,
+        checkpoint_every=10_000,
+        keep_checkpoints=3,
+        num_grid_images=8,
+    ))
+
+    c.logging = ml_collections.ConfigDict(dict(
+        csv=True, tensorboard=True, wandb=False, wandb_project="cfm-jax", wandb_name="",
+        progress_bar=True,
+    ))
+    return c
