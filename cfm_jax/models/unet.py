@@ -1,0 +1,290 @@
+"""EfficientUNet of "Boosting Latent Diffusion with Flow Matching", in Flax Linen, NHWC.
+
+Reproduces the computation of `fmboost/models/unet` (CompVis/fm-boosting, PyTorch,
+NCHW) so that original checkpoints load through `cfm_jax.convert.fmboost_unet` and
+give the same numbers. Submodules are named after the PyTorch module tree with
+`.` replaced by `_` (`input_blocks.1.0.in_layers.2` -> `input_blocks_1_0/in_layers_2`);
+the only exceptions are `pool` and `un_pool`, which hold the convolutions PyTorch
+names `pool.down_conv` and `un_pool.up_conv`.
+
+Mixed precision: `dtype` is the compute dtype of convolutions, dense layers and
+attention, `param_dtype` the storage dtype of the parameters. The sinusoidal
+timestep embedding, GroupNorm statistics and attention softmaxes are computed in
+float32 whatever `dtype` is; with `dtype=float32` the math is the original's.
+"""
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_NUM_GROUPS = 32
+_NORM_EPS = 1e-5
+_POOL_FACTORS = (2, 4, 8)
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+    """Sinusoidal embedding `[cos(t * f), sin(t * f)]` of `t` [B] -> [B, dim], float32.
+
+    `t` is used as given (the flow's t in [0, 1] is not multiplied by 1000);
+    frequencies `f_i = max_period ** (-i / (dim // 2))`; one zero column is
+    appended when `dim` is odd.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]  # [B, half]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def _group_norm(dtype, param_dtype, name):
+    # Statistics in float32 (flax promotes), exact two-pass variance like PyTorch.
+    return nn.GroupNorm(num_groups=_NUM_GROUPS, epsilon=_NORM_EPS, use_fast_variance=False,
+                        dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def _conv3x3(features, dtype, param_dtype, name, *, strides=1, zero=False):
+    # PyTorch `Conv2d(.., 3, padding=1)`: explicit padding, not 'SAME' (differs at stride 2).
+    extra = dict(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros) if zero else {}
+    return nn.Conv(features, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)),
+                   dtype=dtype, param_dtype=param_dtype, name=name, **extra)
+
+
+class ResBlock(nn.Module):
+    """ADM residual block conditioned on the timestep embedding (torch `ResBlock`)."""
+
+    out_channels: int
+    dropout: float = 0.0
+    use_scale_shift_norm: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, emb, *, train: bool = False):
+        # x: [B, H, W, Cin], emb: [B, E]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c_out = self.out_channels
+        h = _group_norm(self.dtype, self.param_dtype, "in_layers_0")(x)
+        h = _conv3x3(c_out, name="in_layers_2", **kw)(nn.silu(h))  # [B, H, W, Cout]
+
+        n_emb = 2 * c_out if self.use_scale_shift_norm else c_out
+        emb_out = nn.Dense(n_emb, name="emb_layers_1", **kw)(nn.silu(emb))
+        emb_out = emb_out.astype(h.dtype)[:, None, None, :]  # [B, 1, 1, n_emb]
+
+        out_norm = _group_norm(self.dtype, self.param_dtype, "out_layers_0")
+        if self.use_scale_shift_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)  # scale first, as torch.chunk
+            h = out_norm(h) * (1 + scale) + shift
+        else:
+            h = out_norm(h + emb_out)
+        h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+        h = _conv3x3(c_out, name="out_layers_3", zero=True, **kw)(h)
+
+        if x.shape[-1] == c_out:
+            skip = x
+        else:
+            skip = nn.Conv(c_out, (1, 1), name="skip_connection", **kw)(x)
+        return skip + h
+
+
+class SpatialSelfAttention(nn.Module):
+    """Multi-head self-attention over all positions, with residual (torch `SpatialSelfAttention`).
+
+    The original works channels-first and *reshapes* (reinterprets memory, not
+    transposes) its qkv tensor [B, 3*inner, L] to [B, heads, L, 3*dim_head], then
+    splits q, k, v on the last axis; the result [B, heads, L, dim_head] is reshaped
+    back to [B, inner, L]. A textbook head split gives different outputs with the
+    same weights, so this module reproduces the reinterpretation exactly.
+    """
+
+    num_heads: int = 4
+    dim_head: int = 64
+    use_linear: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, hgt, wid, c = x.shape
+        L = hgt * wid
+        heads, dh = self.num_heads, self.dim_head
+        inner = heads * dh
+
+        h = _group_norm(self.dtype, self.param_dtype, "norm")(x).reshape(b, L, c)  # l = y*W + x
+        qkv = nn.Dense(3 * inner, name="qkv", **kw)(h)  # [B, L, 3*inner]
+        # The reshape quirk: go to the original's channels-first layout, reinterpret.
+        qkv = jnp.transpose(qkv, (0, 2, 1)).reshape(b, heads, L, 3 * dh)
+        q, k, v = jnp.split(qkv, 3, axis=-1)  # [B, heads, L, dh] each
+
+        scale = 1.0 / math.sqrt(dh)
+        if self.use_linear:
+            # Linear attention (arXiv:1812.01243): softmax q over features, k over positions.
+            q = jax.nn.softmax(q.astype(jnp.float32), axis=-1).astype(v.dtype) * scale
+            k = jax.nn.softmax(k.astype(jnp.float32), axis=-2).astype(v.dtype)
+            context = jnp.einsum("bhnd,bhne->bhde", k, v)  # [B, heads, dh, dh]
+            out = jnp.einsum("bhnd,bhde->bhne", q, context)  # [B, heads, L, dh]
+        else:
+            logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale  # [B, heads, L, L]
+            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+            out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)  # [B, heads, L, dh]
+
+        # Inverse quirk: reinterpret [B, heads, L, dh] as [B, inner, L], back to NHWC.
+        out = jnp.transpose(out.reshape(b, inner, L), (0, 2, 1))  # [B, L, inner]
+        out = nn.Dense(c, name="proj_out", kernel_init=nn.initializers.zeros, **kw)(out)
+        return x + out.reshape(b, hgt, wid, c)
+
+
+class Downsample(nn.Module):
+    """Halve H and W: 3x3 stride-2 conv `op` (padding 1), or 2x2 average pooling."""
+
+    use_conv: bool
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if self.use_conv:
+            return _conv3x3(x.shape[-1], self.dtype, self.param_dtype, "op", strides=2)(x)
+        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest neighbour, then an optional 3x3 conv `conv`."""
+
+    use_conv: bool
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # [B, 2H, 2W, C]
+        if self.use_conv:
+            x = _conv3x3(x.shape[-1], self.dtype, self.param_dtype, "conv")(x)
+        return x
+
+
+class EfficientUNet(nn.Module):
+    """ADM-style UNet of fm-boosting; NHWC inputs, fields as the PyTorch constructor.
+
+    `attention_resolutions` holds downsampling rates (1 = input resolution, after
+    the optional `pool`) at which each res block is followed by attention.
+    `in_channels` counts the channels of `x` and `context` together.
+    """
+
+    in_channels: int
+    model_channels: int
+    out_channels: int
+    num_res_blocks: int
+    attention_resolutions: Sequence[int]
+    dropout: float = 0.0
+    channel_mult: Sequence[int] = (1, 2, 3, 4)
+    conv_resample: bool = True
+    dim_head: int = 64
+    num_heads: int = 4
+    use_linear_attn: bool = True
+    use_scale_shift_norm: bool = True
+    pool_factor: int = -1
+    dtype: Any = jnp.float32  # compute dtype
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, t, context: Optional[jax.Array] = None, *, train: bool = False):
+        """Velocity for `x` [B, H, W, C] at times `t` [B] (or a scalar) -> [B, H, W, out_channels].
+
+        `context` [B, H, W, Cc] is concatenated to `x` on channels (so C + Cc must
+        equal `in_channels`). Dropout, when `train` and `dropout > 0`, draws from
+        the 'dropout' rng. The output is float32 whatever the compute dtype.
+        """
+        if self.pool_factor > 1 and self.pool_factor not in _POOL_FACTORS:
+            raise ValueError(f"pool_factor must be <= 1 or one of {_POOL_FACTORS}, got {self.pool_factor}")
+        if context is not None:
+            if context.shape[:-1] != x.shape[:-1]:
+                raise ValueError(f"context shape {context.shape} does not match x shape {x.shape} "
+                                 "outside the channel axis (both NHWC)")
+            x = jnp.concatenate([x, context.astype(x.dtype)], axis=-1)
+        if x.shape[-1] != self.in_channels:
+            raise ValueError(
+                f"EfficientUNet expects in_channels={self.in_channels} channels (x and context "
+                f"concatenated, NHWC), got {x.shape[-1]} (x {x.shape}, context "
+                f"{None if context is None else context.shape})")
+
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        mc = self.model_channels
+        b = x.shape[0]
+        res_kw = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm, **kw)
+        attn_kw = dict(num_heads=self.num_heads, dim_head=self.dim_head, **kw)
+
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+        emb = timestep_embedding(t, mc)  # [B, mc], float32
+        emb = nn.Dense(4 * mc, name="time_embed_0", **kw)(emb)
+        emb = nn.Dense(4 * mc, name="time_embed_2", **kw)(nn.silu(emb))  # [B, 4*mc]
+
+        h = x.astype(self.dtype)
+        if self.pool_factor > 1:
+            p = self.pool_factor
+            h = nn.Conv(mc, (p, p), strides=(p, p), padding="VALID", name="pool", **kw)(h)
+
+        # Encoder. Block i of torch's `input_blocks` is named `input_blocks_{i}_{j}`.
+        h = _conv3x3(mc, name="input_blocks_0_0", **kw)(h)
+        hs = [h]
+        block, ds = 1, 1
+        for level, mult in enumerate(self.channel_mult):
+            for _ in range(self.num_res_blocks):
+                h = ResBlock(mult * mc, name=f"input_blocks_{block}_0", **res_kw)(h, emb, train=train)
+                if ds in self.attention_resolutions:
+                    h = SpatialSelfAttention(use_linear=self.use_linear_attn,
+                                             name=f"input_blocks_{block}_1", **attn_kw)(h)
+                hs.append(h)
+                block += 1
+            if level != len(self.channel_mult) - 1:
+                h = Downsample(self.conv_resample, name=f"input_blocks_{block}_0", **kw)(h)
+                hs.append(h)
+                block += 1
+                ds *= 2
+
+        ch = h.shape[-1]
+        h = ResBlock(ch, name="middle_block_0", **res_kw)(h, emb, train=train)
+        h = SpatialSelfAttention(use_linear=False, name="middle_block_1", **attn_kw)(h)
+        h = ResBlock(ch, name="middle_block_2", **res_kw)(h, emb, train=train)
+
+        # Decoder: each block consumes one skip, concatenated after h (torch.cat([h, skip])).
+        block = 0
+        for level, mult in list(enumerate(self.channel_mult))[::-1]:
+            for i in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, hs.pop()], axis=-1)
+                j = 0
+                h = ResBlock(mult * mc, name=f"output_blocks_{block}_{j}", **res_kw)(h, emb, train=train)
+                if ds in self.attention_resolutions:
+                    j += 1
+                    h = SpatialSelfAttention(use_linear=self.use_linear_attn,
+                                             name=f"output_blocks_{block}_{j}", **attn_kw)(h)
+                if level and i == self.num_res_blocks:
+                    j += 1
+                    h = Upsample(self.conv_resample, name=f"output_blocks_{block}_{j}", **kw)(h)
+                    ds //= 2
+                block += 1
+
+        h = nn.silu(_group_norm(self.dtype, self.param_dtype, "out_0")(h))
+        if self.pool_factor > 1:
+            p = self.pool_factor
+            h = _conv3x3(mc, name="out_2", **kw)(h)  # not zero-initialised here, as the original
+            h = nn.ConvTranspose(self.out_channels, (p, p), strides=(p, p), padding="VALID",
+                                 name="un_pool", **kw)(h)
+        else:
+            h = _conv3x3(self.out_channels, name="out_2", zero=True, **kw)(h)
+        return h.astype(jnp.float32)
+
+
+def count_params(model: nn.Module, input_hw: Sequence[int] = (16, 16)) -> int:
+    """Number of parameters of `model` (an EfficientUNet), from shapes only (no allocation).
+
+    `input_hw` must be divisible by the total downsampling of the model.
+    """
+    x = jax.ShapeDtypeStruct((1, *input_hw, model.in_channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t)
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(shapes["params"]))
