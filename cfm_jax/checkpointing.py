@@ -78,7 +78,11 @@ def read_params(path: str, *, use_ema: bool = True, step: int | None = None) -> 
             raise FileNotFoundError(f"No checkpoint for step {chosen} in {path}; available: {steps}.")
         state_dir = os.path.join(path, str(chosen), "state")
     with ocp.PyTreeCheckpointer() as ckptr:
-        tree = ckptr.restore(state_dir)
+        # restore as host numpy arrays: works whatever devices or mesh wrote the checkpoint
+        meta = ckptr.metadata(state_dir)
+        structure = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), structure)
+        tree = ckptr.restore(state_dir, restore_args=args)
     key = "ema_params" if use_ema else "params"
     if key not in tree:
         raise ValueError(f"{state_dir} holds no '{key}'; is it a cfm-jax train state?")

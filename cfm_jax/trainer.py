@@ -124,9 +124,9 @@ def make_train_step(upsampler: CFMUpsampler, tx: optax.GradientTransformation,
         ema_params = ema_update(state.ema_params, state.params, state.step, ema_cfg)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
-            "update_norm": optax.global_norm(updates),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
+            "update_norm": optax.tree.norm(updates),
             "lr": schedule(state.step),
         }
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,

@@ -1,0 +1,194 @@
+"""End-to-end training on a tiny model: loss goes down, resume is exact, no retrace, NaN stops,
+gradient accumulation, weights-only start, 1 vs 2 devices, config typos, eval.py."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from cfm_jax import checkpointing, sharding
+from cfm_jax.data import photos
+from cfm_jax.ema import EMAConfig
+from cfm_jax.trainer import TrainingDiverged, create_train_state, make_train_step, train
+from cfm_jax.upsampler import CFMUpsampler
+from configs.quickstart import get_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**train_kw):
+    c = get_config()
+    c.model.update(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                   num_heads=1, dim_head=32)
+    c.data.update(image_size=16, lowres_size=8, batch_size=4, num_val_images=4)
+    c.optim.update(lr=2e-3, warmup_steps=2, schedule="constant", grad_clip_norm=1.0)
+    c.ema.update(update_after_step=2)
+    c.sample.update(method="euler", num_steps=3)
+    c.train.update(num_steps=6, log_every=1, eval_every=0, checkpoint_every=3, keep_checkpoints=5,
+                   num_grid_images=2)
+    c.logging.update(progress_bar=False, tensorboard=False)
+    c.train.update(**train_kw)
+    return c
+
+
+def read_state(workdir, step):
+    path = os.path.join(checkpointing.checkpoint_dir(workdir), str(step), "state")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return jax.tree.map(np.asarray, ckptr.restore(path))
+
+
+def losses(workdir):
+    import csv
+    with open(os.path.join(workdir, "metrics.csv")) as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    summary = train(tiny_config(eval_every=6), workdir)
+    return workdir, summary
+
+
+def test_run_writes_outputs_and_never_retraces(straight_run):
+    workdir, summary = straight_run
+    assert summary["final_step"] == 6
+    assert summary["num_traces"] == 1  # the jitted step compiled once for 6 steps
+    for name in ("config.json", "metrics.csv", "train_summary.json", "samples/val_0000006.png"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    assert checkpointing.make_manager(workdir, read_only=True).all_steps() == [3, 6]
+    val = summary["validation"]
+    for k in ("val/cfm_psnr", "val/cfm_ssim", "val/bicubic_psnr", "val/bicubic_ssim"):
+        assert np.isfinite(val[k])
+    assert val["val/nfe"] == 2  # euler on 3 grid points
+
+
+def test_resume_continues_with_identical_state(straight_run, tmp_path):
+    workdir_a, _ = straight_run
+    workdir_b = str(tmp_path / "resumed")
+    first = train(tiny_config(num_steps=3), workdir_b)
+    assert first["final_step"] == 3
+    second = train(tiny_config(num_steps=6), workdir_b)
+    assert second["start_step"] == 3 and second["final_step"] == 6
+    a, b = read_state(workdir_a, 6), read_state(workdir_b, 6)
+    jax.tree.map(np.testing.assert_array_equal, a, b)  # params, opt state, EMA, step, rng
+    assert int(b["step"]) == 6
+    np.testing.assert_array_equal(losses(workdir_a), losses(workdir_b))
+
+
+def test_loss_decreases(tmp_path):
+    summary = train(tiny_config(num_steps=40, checkpoint_every=40), str(tmp_path))
+    trace = losses(str(tmp_path))
+    assert len(trace) == 40 and summary["num_traces"] == 1
+    assert np.mean(trace[-8:]) < 0.6 * np.mean(trace[:8]), trace
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real = photos.PhotoCrops.batch_at
+
+    def poisoned(self, step):
+        batch = real(self, step)
+        if self.split == "train" and step == 4:
+            batch = {k: np.full_like(v, np.nan) for k, v in batch.items()}
+        return batch
+
+    monkeypatch.setattr(photos.PhotoCrops, "batch_at", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"became nan at step 5.*newest good checkpoint is step 3"):
+        train(tiny_config(num_steps=6), str(tmp_path))
+    assert checkpointing.make_manager(str(tmp_path), read_only=True).all_steps() == [3]
+
+
+def test_gradient_accumulation_averages_micro_batch_gradients():
+    config = tiny_config()
+    up = CFMUpsampler(config)
+    mesh = sharding.make_data_mesh()
+    tx = optax.sgd(1.0)  # update = -grad, so the parameter change exposes the gradient
+    state = create_train_state(up, tx, jax.random.PRNGKey(0), 16, mesh)
+    params0 = jax.device_get(state.params)
+    rng0 = jax.device_get(state.rng)
+    batch = photos.PhotoCrops("train", 16, 8, 4, seed=0).batch_at(0)
+    step = make_train_step(up, tx, lambda s: 1.0, EMAConfig(), mesh, grad_accum_steps=2)
+    new_state, metrics = step(state, sharding.shard_batch(batch, mesh))
+    got = jax.tree.map(lambda a, b: np.asarray(b) - np.asarray(a), params0, jax.device_get(new_state.params))
+
+    rng = jax.random.fold_in(rng0, 0)
+    grads, loss_sum = [], 0.0
+    for i in range(2):  # micro-batch i holds examples i, i + 2
+        mb = {k: v[i::2] for k, v in batch.items()}
+        loss, g = jax.value_and_grad(lambda p: jnp.mean(up.loss(p, mb, jax.random.fold_in(rng, i))))(params0)
+        grads.append(g)
+        loss_sum += float(loss)
+    expected = jax.tree.map(lambda a, b: -(a + b) / 2, *grads)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7), got, expected)
+    assert float(metrics["loss"]) == pytest.approx(loss_sum / 2, rel=1e-5)
+
+
+def test_load_weights_starts_from_other_runs_ema(straight_run, tmp_path):
+    workdir_a, _ = straight_run
+    ema_a = checkpointing.read_params(workdir_a, use_ema=True)
+    workdir_c = str(tmp_path / "finetune")
+    train(tiny_config(num_steps=1, checkpoint_every=1), workdir_c, load_weights=workdir_a)
+    # after one update the EMA (warm-up copy of the pre-update weights) equals the loaded weights
+    ema_c = checkpointing.read_params(workdir_c, use_ema=True)
+    jax.tree.map(np.testing.assert_array_equal, ema_a, ema_c)
+
+
+def run_cli(args, env=None, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+
+
+def test_config_typo_is_rejected(tmp_path):
+    proc = run_cli(["train.py", "--config", "configs/quickstart.py", "--config.optim.lrr=1e-4",
+                    "--workdir", str(tmp_path)])
+    assert proc.returncode != 0
+    assert "lrr" in proc.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+TWO_DEVICE_SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, {root!r})
+from tests.test_trainer import tiny_config
+from cfm_jax import checkpointing
+from cfm_jax.trainer import train
+assert jax.device_count() == {n}, jax.devices()
+train(tiny_config(num_steps=3, checkpoint_every=3), {workdir!r})
+"""
+
+
+def test_two_devices_match_one_device(tmp_path):
+    results = {}
+    for n in (1, 2):
+        workdir = str(tmp_path / f"dev{n}")
+        proc = run_cli(["-c", TWO_DEVICE_SCRIPT.format(root=ROOT, n=n, workdir=workdir)],
+                       env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[n] = (losses(workdir), checkpointing.read_params(workdir, use_ema=False))
+    # the same losses (only the reduction order of the all-reduce differs) ...
+    np.testing.assert_allclose(results[1][0], results[2][0], rtol=1e-5)
+    # ... and the same parameters after 3 Adam steps. Adam divides by sqrt(v), so float32
+    # rounding differences of near-zero gradients grow to ~1e-5; the bound is 1.5% of one
+    # step of size lr = 2e-3, far below any real difference.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5), results[1][1], results[2][1])
+
+
+def test_eval_cli_writes_report(straight_run):
+    workdir, _ = straight_run
+    proc = run_cli(["eval.py", "--workdir", workdir, "--method", "heun", "--num_steps", "3"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+        record = json.load(f)
+    assert record["solver"] == "heun" and record["metrics"]["nfe"] == 4
+    for k in ("cfm_psnr", "cfm_ssim", "cfm_mse", "bicubic_psnr", "bicubic_ssim", "bilinear_psnr"):
+        assert np.isfinite(record["metrics"][k]), k
+    for name in ("metrics.csv", "report.md", "grid.png"):
+        assert os.path.exists(os.path.join(workdir, "eval", name))
+    assert "bicubic" in proc.stdout
