@@ -1,0 +1,79 @@
+"""Configs: the paper configuration builds the paper's model, overrides and typos behave."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from cfm_jax.first_stage import IdentityFirstStage
+from cfm_jax.models.unet import count_params
+from cfm_jax.upsampler import CFMUpsampler, build_unet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(relpath):
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, relpath))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_paper_config_builds_the_paper_model_and_passes_shape_check():
+    c = load_config("configs/flow400_64-128/unet_base_psu.py")
+    assert (c.coupling.upsampling_mode, c.coupling.noising_step, c.coupling.concat_context) == ("psu", 400, True)
+    assert (c.optim.lr, c.optim.warmup_steps, c.ema.beta, c.ema.update_after_step) == (3e-5, 1000, 0.999, 1000)
+    assert c.first_stage.scale_factor == 0.18215
+    model = build_unet(c.model)
+    assert model.dtype == jnp.bfloat16 and model.param_dtype == jnp.float32
+    assert count_params(model, (128, 128)) == 305_806_340
+    # 512 px -> 1024 px: 4-channel latents at 128², context concatenated (8 input channels)
+    stand_in = IdentityFirstStage(latent_channels=4, downsample_factor=8, scale_factor=0.18215, name="stand-in")
+    up = CFMUpsampler(c, first_stage=stand_in)
+    assert up.latent_size(c.data.image_size) == 128
+    x = jax.ShapeDtypeStruct((2, 128, 128, 4), jnp.float32)
+    params = jax.eval_shape(lambda: up.init(jax.random.PRNGKey(0), 128))
+    out = jax.eval_shape(lambda p, x: up.velocity(p, x, jnp.zeros(2), x), params, x)
+    assert out.shape == (2, 128, 128, 4) and out.dtype == jnp.float32
+    loss = jax.eval_shape(lambda p: up.loss(p, {"latent": jnp.zeros(x.shape), "latent_lowres": jnp.zeros(x.shape)},
+                                            jax.random.PRNGKey(0)), params)
+    assert loss.shape == (2,)
+
+
+def test_paper_config_says_clearly_that_the_vae_is_not_here_yet():
+    c = load_config("configs/flow400_64-128/unet_base_psu.py")
+    with pytest.raises(ValueError, match="autoencoder"):
+        CFMUpsampler(c)
+
+
+def test_quickstart_config_is_consistent():
+    c = load_config("configs/quickstart.py")
+    up = CFMUpsampler(c)
+    assert up.first_stage.name == "identity" and c.model.in_channels == 6
+    with pytest.raises(AttributeError):  # locked-in keys: a typo in code fails too
+        c.lock()
+        c.optim.lrr = 1.0
+
+
+def test_channel_mismatch_is_explained():
+    c = load_config("configs/quickstart.py")
+    c.model.in_channels = 3
+    with pytest.raises(ValueError, match="use in_channels=6, out_channels=3"):
+        CFMUpsampler(c)
+
+
+def test_bench_script_prints_json():
+    proc = subprocess.run(
+        [sys.executable, "bench/bench_train.py", "--config", "configs/quickstart.py", "--latent_size", "16",
+         "--batch_size", "2", "--steps", "1", "--sampler_grid", "3",
+         "--config.model.channel_mult=(1,2)", "--config.model.attention_resolutions=(2,)"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert result["sampler_nfe"] == 2 and result["global_batch"] == 2
+    for k in ("train_examples_per_s", "train_step_compile_s", "sampler_s_per_nfe", "peak_rss_mib"):
+        assert result[k] > 0, k
