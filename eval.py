@@ -27,6 +27,8 @@ _OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/eval)
 
 def main(argv):
     del argv
+    import logging
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax metadata chatter
     import jax
     import ml_collections
     from PIL import Image

@@ -192,3 +192,31 @@ def test_eval_cli_writes_report(straight_run):
     for name in ("metrics.csv", "report.md", "grid.png"):
         assert os.path.exists(os.path.join(workdir, "eval", name))
     assert "bicubic" in proc.stdout
+
+
+def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
+    """SIGTERM mid-training: a checkpoint at the step boundary, a clean exit, then resume to the end."""
+    import signal
+    import time
+    workdir = str(tmp_path)
+    script = (f"import sys; sys.path.insert(0, {ROOT!r})\n"
+              "from tests.test_trainer import tiny_config\n"
+              "from cfm_jax.trainer import train\n"
+              "import json\n"
+              f"s = train(tiny_config(num_steps=100000, checkpoint_every=100000), {workdir!r})\n"
+              "print('SUMMARY', json.dumps({'final': s['final_step'], 'by': s.get('stopped_by')}))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    csv_path = os.path.join(workdir, "metrics.csv")
+    deadline = time.time() + 240
+    while time.time() < deadline and len(losses(workdir) if os.path.exists(csv_path) else []) < 3:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out.split("SUMMARY", 1)[1])
+    assert summary["by"] == "SIGTERM" and summary["final"] >= 3
+    steps = checkpointing.make_manager(workdir, read_only=True).all_steps()
+    assert steps == [summary["final"]]
+    resumed = train(tiny_config(num_steps=summary["final"] + 2), workdir)
+    assert resumed["start_step"] == summary["final"] and resumed["final_step"] == summary["final"] + 2
