@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cfm_jax.data import photos
 from cfm_jax.data.photos import (
     PhotoCrops,
     downsample,

@@ -19,6 +19,9 @@ from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 
+from cfm_jax.convert.state_dict_io import flatten as _flatten, strip_collection as _strip_collection
+from cfm_jax.convert.state_dict_io import unflatten as _unflatten
+
 # Top-level Flax module names whose PyTorch module holds the layer one level deeper.
 _ALIASES = {"pool": "pool.down_conv", "un_pool": "un_pool.up_conv"}
 _CONV1D_MODULES = ("qkv", "proj_out")
@@ -73,31 +76,6 @@ def _from_torch_layout(kind: str, a: np.ndarray) -> np.ndarray:
 
 def _torch_shape(kind: str, shape: Tuple[int, ...]) -> Tuple[int, ...]:
     return _to_torch_layout(kind, np.empty(shape, dtype=np.uint8)).shape
-
-
-def _flatten(tree: Mapping, prefix: Tuple[str, ...] = ()) -> Dict[Tuple[str, ...], Any]:
-    flat = {}
-    for name, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, prefix + (name,)))
-        else:
-            flat[prefix + (name,)] = value
-    return flat
-
-
-def _unflatten(flat: Mapping[Tuple[str, ...], Any]) -> Dict[str, Any]:
-    tree: Dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = value
-    return tree
-
-
-def _strip_collection(path: Tuple[str, ...]) -> Tuple[str, ...]:
-    # Accept both the params tree and the {'params': ...} variables tree.
-    return path[1:] if path and path[0] == "params" else path
 
 
 def unet_params_from_torch(state_dict: Mapping[str, Any], target: Mapping) -> Dict[str, Any]:

@@ -77,7 +77,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 from PIL import Image

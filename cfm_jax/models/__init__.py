@@ -1,4 +1,5 @@
-"""Networks: the EfficientUNet of fm-boosting."""
+"""Networks: the EfficientUNet of fm-boosting and the KL autoencoder (first stage)."""
+from cfm_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from cfm_jax.models.unet import EfficientUNet, count_params, timestep_embedding
 
-__all__ = ["EfficientUNet", "count_params", "timestep_embedding"]
+__all__ = ["AutoencoderKL", "DiagonalGaussian", "EfficientUNet", "count_params", "timestep_embedding"]
