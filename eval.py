@@ -34,7 +34,7 @@ def main(argv):
     from PIL import Image
 
     from cfm_jax import checkpointing, sharding
-    from cfm_jax.trainer import Validator, make_data
+    from cfm_jax.trainer import Validator, batch_preparer, make_data
     from cfm_jax.upsampler import CFMUpsampler
 
     workdir = _WORKDIR.value
@@ -59,7 +59,8 @@ def main(argv):
     upsampler = CFMUpsampler(config)
     params = jax.device_put(params, sharding.replicated(mesh))
     _, val_batches = make_data(config)
-    validator = Validator(upsampler, val_batches, mesh, config.sample, config.seed)
+    validator = Validator(upsampler, val_batches, mesh, config.sample, config.seed,
+                          prepare=batch_preparer(upsampler))
     results, grid = validator.run(params, num_grid=config.train.num_grid_images)
 
     out = _OUT.value or os.path.join(workdir, "eval")

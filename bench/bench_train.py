@@ -55,7 +55,7 @@ def main(argv):
     try:
         first_stage = build_first_stage(config)
         stand_in = False
-    except ValueError:  # the SD VAE is not available yet: shapes only
+    except (OSError, ValueError):  # no VAE checkpoint on this machine: shapes only
         first_stage = IdentityFirstStage(latent_channels=config.model.out_channels, downsample_factor=8,
                                          scale_factor=config.first_stage.scale_factor, name="shape-stand-in")
         stand_in = True

@@ -1,32 +1,51 @@
 """The first stage: the frozen autoencoder between pixels and the latents the flow works on.
 
-The paper uses the Stable Diffusion KL-f8 autoencoder (latents scaled by 0.18215);
-that one plugs in here as another ``FirstStage`` (autoencoder issue). The quick
-start works in pixel space with :class:`IdentityFirstStage`, where "latents" are
-the images themselves and PSU (decode, bilinear up-sampling in pixel space, encode)
-reduces to bilinear up-sampling.
+Two kinds, both ``flax.struct`` pytrees so that they can be passed *into* jitted
+functions (the autoencoder's weights then travel as arguments, not as constants
+baked into the compiled program):
 
-Interface (all arrays NHWC, images in [-1, 1]):
-  ``encode(images) -> latents`` (already multiplied by ``scale_factor``),
-  ``decode(latents) -> images`` (divides by ``scale_factor`` first),
-  ``downsample_factor`` (pixels per latent cell), ``latent_channels``,
-  ``scale_factor`` (what the records' unscaled latents are multiplied by).
+* :class:`IdentityFirstStage`: pixel space. "Latents" are the images; PSU (decode,
+  bilinear up-sampling in pixel space, encode) reduces to bilinear up-sampling.
+* :class:`AutoencoderFirstStage`: the Stable Diffusion KL-f8 autoencoder (or any
+  LDM ``AutoencoderKL``). ``encode`` takes the posterior *mode* like the original
+  and returns ``(z - shift_factor) * scale_factor`` (scale 0.18215 for SD 1.x/2.x,
+  0.13025 for the SDXL VAE; shift 0 for both); ``decode`` inverts that first.
+  Large inputs can be encoded and decoded in overlapping, blended tiles
+  (``tile_size`` latent cells, ``tile_overlap`` of them shared by neighbours) so
+  that memory stays bounded; see :func:`tiled_map` for the error this causes.
+
+Interface (arrays NHWC, images in [-1, 1]): ``encode(images) -> scaled latents``,
+``decode(latents) -> images``, ``encode_unscaled`` (the latent as records store it),
+``latent_channels``, ``downsample_factor``, ``scale_factor``, ``name``.
 """
 from __future__ import annotations
 
-import dataclasses
+import json
+import os
+from typing import Any, Callable
 
+import flax
 import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cfm_jax.models.autoencoder import AutoencoderKL
+
+SD_SCALE_FACTOR = 0.18215
+CONVERTED_KIND = "cfm_jax.autoencoder_kl"
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class IdentityFirstStage:
     """Pixel space: latents are images, nothing is learned or scaled."""
 
-    latent_channels: int = 3
-    downsample_factor: int = 1
-    scale_factor: float = 1.0
-    name: str = "identity"
+    latent_channels: int = flax.struct.field(pytree_node=False, default=3)
+    downsample_factor: int = flax.struct.field(pytree_node=False, default=1)
+    scale_factor: float = flax.struct.field(pytree_node=False, default=1.0)
+    name: str = flax.struct.field(pytree_node=False, default="identity")
+
+    def encode_unscaled(self, images: jax.Array) -> jax.Array:
+        return images
 
     def encode(self, images: jax.Array) -> jax.Array:
         return images
@@ -35,17 +54,178 @@ class IdentityFirstStage:
         return latents
 
 
-def build_first_stage(config) -> IdentityFirstStage:
-    """The first stage named by ``config.first_stage`` (a ConfigDict with ``name``)."""
-    name = config.first_stage.name
-    if name == "identity":
-        if config.first_stage.scale_factor != 1.0:
+# --------------------------------------------------------------------------- tiling
+def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    starts = list(range(0, max(size - tile, 0) + 1, stride))
+    if starts[-1] + tile < size:
+        starts.append(size - tile)
+    return starts
+
+
+def _ramp(n: int, ramp: int) -> np.ndarray:
+    """1-D blending weight of a tile of length ``n``: linear over ``ramp`` cells at both ends."""
+    i = np.arange(n)
+    return np.minimum(np.minimum(i + 1, n - i), max(ramp, 1)).astype(np.float32) / max(ramp, 1)
+
+
+def tiled_map(fn: Callable[[jax.Array], jax.Array], x: jax.Array, *, tile: int, overlap: int,
+              scale: float) -> jax.Array:
+    """Applies ``fn`` ([B, tile, tile, C] -> [B, tile*scale, tile*scale, C']) to overlapping
+    tiles of ``x`` [B, H, W, C] and blends the outputs with linear ramps over the overlaps.
+
+    Tiles are processed one after another (``lax.map``), so peak activation memory is that
+    of one tile whatever the image size. Each output pixel is the normalised weighted sum of
+    the tiles covering it. The result differs from ``fn(x)`` because every tile sees only its
+    own context (zero padding at tile edges, GroupNorm statistics per tile); the overlap
+    hides the seams. ``tests/test_first_stage.py`` measures the difference.
+    """
+    b, h, w, c = x.shape
+    if h <= tile and w <= tile:
+        return fn(x)
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile_overlap ({overlap}) must be >= 0 and smaller than tile_size ({tile}).")
+    th, tw = min(tile, h), min(tile, w)
+    ys, xs = _tile_starts(h, th, th - overlap), _tile_starts(w, tw, tw - overlap)
+    coords = [(y, xx) for y in ys for xx in xs]
+    tiles = jnp.stack([jax.lax.dynamic_slice(x, (0, y, xx, 0), (b, th, tw, c)) for y, xx in coords])
+    outs = jax.lax.map(fn, tiles)  # [T, B, th*s, tw*s, C']
+    oth, otw = outs.shape[2], outs.shape[3]
+    if oth != round(th * scale) or otw != round(tw * scale):
+        raise ValueError(f"tiled_map: fn maps {th}x{tw} tiles to {oth}x{otw}, expected scale {scale}.")
+    weight = jnp.asarray(np.outer(_ramp(oth, round(overlap * scale)), _ramp(otw, round(overlap * scale))))
+    out_h, out_w = round(h * scale), round(w * scale)
+    acc = jnp.zeros((b, out_h, out_w, outs.shape[-1]), jnp.float32)
+    norm = jnp.zeros((out_h, out_w), jnp.float32)
+    for i, (y, xx) in enumerate(coords):
+        oy, ox = round(y * scale), round(xx * scale)
+        acc = acc.at[:, oy:oy + oth, ox:ox + otw].add(outs[i].astype(jnp.float32) * weight[None, :, :, None])
+        norm = norm.at[oy:oy + oth, ox:ox + otw].add(weight)
+    return acc / norm[None, :, :, None]
+
+
+# --------------------------------------------------------------------------- autoencoder
+@flax.struct.dataclass
+class AutoencoderFirstStage:
+    """A frozen KL autoencoder with its latent scale (and optional shift)."""
+
+    params: Any
+    model: AutoencoderKL = flax.struct.field(pytree_node=False)
+    scale_factor: float = flax.struct.field(pytree_node=False, default=SD_SCALE_FACTOR)
+    shift_factor: float = flax.struct.field(pytree_node=False, default=0.0)
+    tile_size: int = flax.struct.field(pytree_node=False, default=0)  # latent cells; 0: untiled
+    tile_overlap: int = flax.struct.field(pytree_node=False, default=8)
+    name: str = flax.struct.field(pytree_node=False, default="autoencoder_kl")
+
+    @property
+    def latent_channels(self) -> int:
+        return self.model.embed_dim
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.model.downsample_factor
+
+    def _encode_mode(self, images):
+        return self.model.apply({"params": self.params}, images, method=AutoencoderKL.encode).mode()
+
+    def _decode(self, z):
+        return self.model.apply({"params": self.params}, z, method=AutoencoderKL.decode)
+
+    def encode_unscaled(self, images: jax.Array) -> jax.Array:
+        """Posterior mode [B, H/f, W/f, C] of images [B, H, W, 3], unscaled (as records store it)."""
+        f = self.downsample_factor
+        if self.tile_size:
+            return tiled_map(self._encode_mode, images, tile=self.tile_size * f,
+                             overlap=self.tile_overlap * f, scale=1.0 / f)
+        return self._encode_mode(images)
+
+    def encode(self, images: jax.Array) -> jax.Array:
+        return (self.encode_unscaled(images) - self.shift_factor) * self.scale_factor
+
+    def decode(self, latents: jax.Array) -> jax.Array:
+        z = latents / self.scale_factor + self.shift_factor
+        if self.tile_size:
+            return tiled_map(self._decode, z, tile=self.tile_size, overlap=self.tile_overlap,
+                             scale=float(self.downsample_factor))
+        return self._decode(z)
+
+
+# --------------------------------------------------------------------------- loading
+def save_converted(out_dir: str, model: AutoencoderKL, params, *, scale_factor: float, source: str) -> None:
+    """Writes a converted autoencoder: ``config.json`` plus an orbax ``params`` folder."""
+    import orbax.checkpoint as ocp
+
+    os.makedirs(out_dir, exist_ok=True)
+    fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model_fields(model).items()}
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump({"kind": CONVERTED_KIND, "model": fields, "scale_factor": scale_factor, "source": source},
+                  f, indent=2)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(os.path.abspath(out_dir), "params"), jax.tree.map(np.asarray, params),
+                   force=True)
+
+
+def model_fields(model: AutoencoderKL) -> dict:
+    return {k: getattr(model, k) for k in ("ch", "ch_mult", "num_res_blocks", "z_channels", "embed_dim",
+                                            "attn_resolutions", "resolution", "dropout", "in_channels",
+                                            "out_ch", "double_z")}
+
+
+def is_converted_dir(path: str) -> bool:
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        return False
+    with open(cfg) as f:
+        try:
+            return json.load(f).get("kind") == CONVERTED_KIND
+        except (json.JSONDecodeError, AttributeError):
+            return False
+
+
+def load_autoencoder(path: str, *, dtype=jnp.float32) -> tuple[AutoencoderKL, Any, float]:
+    """``(model, params, scale_factor)`` from a converted folder, an LDM/SD checkpoint file
+    (``sd_ae.ckpt``, ``.safetensors``) or a diffusers VAE folder."""
+    from cfm_jax.convert.vae import load_pretrained
+    from cfm_jax.models.autoencoder import abstract_params
+
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"first_stage.path={path!r} does not exist. Point it at the SD autoencoder: the original's "
+            "`sd_ae.ckpt`, a full SD checkpoint, a diffusers VAE folder (config.json + "
+            "diffusion_pytorch_model.safetensors), or a folder written by `python -m cfm_jax.convert vae`.")
+    if os.path.isdir(path) and is_converted_dir(path):
+        import orbax.checkpoint as ocp
+
+        with open(os.path.join(path, "config.json")) as f:
+            meta = json.load(f)
+        model = AutoencoderKL(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["model"].items()},
+                              dtype=dtype)
+        target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(model))
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(os.path.join(os.path.abspath(path), "params"), target)
+        return model, params, float(meta["scale_factor"])
+    model, params, scale = load_pretrained(path, dtype=dtype)
+    return model, params, scale
+
+
+def build_first_stage(config):
+    """The first stage named by ``config.first_stage``."""
+    fs = config.first_stage
+    if fs.name == "identity":
+        if fs.scale_factor not in (1.0, -1.0):
             raise ValueError("The identity first stage cannot use a scale_factor other than 1.0 "
-                             f"(got {config.first_stage.scale_factor}); set first_stage.scale_factor=1.0.")
+                             f"(got {fs.scale_factor}); set first_stage.scale_factor=1.0.")
         return IdentityFirstStage()
-    if name in ("sd_vae", "kl_f8"):
-        raise ValueError(
-            f"first_stage.name={name!r}: the SD KL-f8 autoencoder is not part of this version of cfm-jax "
-            "yet (it arrives with the autoencoder issue). Train on records whose latents are already "
-            "computed, or use first_stage.name='identity' for pixel space.")
-    raise ValueError(f"Unknown first_stage.name={name!r}; choose 'identity'.")
+    if fs.name == "autoencoder":
+        if not fs.path:
+            raise ValueError("first_stage.name='autoencoder' needs first_stage.path: the SD VAE checkpoint "
+                             "(e.g. --config.first_stage.path=checkpoints/sd_ae.ckpt).")
+        dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+        if fs.dtype not in dtypes:
+            raise ValueError(f"first_stage.dtype={fs.dtype!r}; choose one of {sorted(dtypes)}.")
+        model, params, file_scale = load_autoencoder(fs.path, dtype=dtypes[fs.dtype])
+        scale = file_scale if fs.scale_factor == -1.0 else float(fs.scale_factor)
+        return AutoencoderFirstStage(params=jax.tree.map(jnp.asarray, params), model=model, scale_factor=scale,
+                                     shift_factor=float(fs.shift_factor), tile_size=int(fs.tile_size),
+                                     tile_overlap=int(fs.tile_overlap), name=os.path.basename(fs.path.rstrip("/")))
+    raise ValueError(f"Unknown first_stage.name={fs.name!r}; choose 'identity' or 'autoencoder'.")

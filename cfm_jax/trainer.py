@@ -150,9 +150,11 @@ def image_grid(high: np.ndarray, low_up: np.ndarray, pred: np.ndarray) -> np.nda
 class Validator:
     """PSNR/SSIM of the CFM prediction and of bicubic up-sampling on fixed held-out crops."""
 
-    def __init__(self, upsampler: CFMUpsampler, batches: list[dict], mesh, sample_cfg, seed: int):
+    def __init__(self, upsampler: CFMUpsampler, batches: list[dict], mesh, sample_cfg, seed: int,
+                 prepare: Callable[[dict], dict] | None = None):
         self.upsampler = upsampler
         self.batches = batches
+        self.prepare = prepare or (lambda b: b)
         self.mesh = mesh
         self.rng = jax.random.PRNGKey(seed + 1_000_003)
         self.predict = upsampler.make_predict_fn(
@@ -171,7 +173,7 @@ class Validator:
         grid_parts = ([], [], [])
         nfe = 0
         for i, batch in enumerate(self.batches):
-            gbatch = sharding.shard_batch(batch, self.mesh)
+            gbatch = self.prepare(sharding.shard_batch(batch, self.mesh))
             pred, result = self.predict(params, gbatch, jax.random.fold_in(self.rng, i))
             if not bool(np.all(np.asarray(result.success))):
                 raise RuntimeError("The adaptive ODE solver did not finish during validation; raise "
@@ -194,6 +196,15 @@ class Validator:
 
 
 # --------------------------------------------------------------------------- 4. the loop
+def batch_preparer(upsampler: CFMUpsampler):
+    """``None`` when batches already carry the latents the flow needs; else a jitted function
+    adding them (the bundled photos hold pixels: with an autoencoder first stage their latents
+    are encoded on the fly, each step)."""
+    if upsampler.first_stage.name == "identity":
+        return None
+    return upsampler.make_latents_fn()
+
+
 def make_data(config):
     """Train source and validation batches for ``config.data``."""
     d = config.data
@@ -275,7 +286,8 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
                           wandb_name=config.logging.wandb_name, config_dict=config.to_dict())
     train_step = make_train_step(upsampler, tx, schedule, ema_cfg, mesh,
                                  grad_accum_steps=config.optim.grad_accum_steps)
-    validator = Validator(upsampler, val_batches, mesh, config.sample, config.seed)
+    prepare = batch_preparer(upsampler) or (lambda b: b)
+    validator = Validator(upsampler, val_batches, mesh, config.sample, config.seed, prepare=prepare)
     t_cfg = config.train
     num_steps = t_cfg.num_steps
     step = int(state.step)
@@ -304,7 +316,7 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
     first_step_time = None
     with _StopSignal() as stop:
         while step < num_steps:
-            batch = sharding.shard_batch(train_source.batch_at(step), mesh)
+            batch = prepare(sharding.shard_batch(train_source.batch_at(step), mesh))
             state, metrics = train_step(state, batch)
             step += 1
             pending.append(metrics)

@@ -11,14 +11,13 @@ grid). Latents are multiplied by ``first_stage.scale_factor`` on the way in.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from cfm_jax import flow, sampling
-from cfm_jax.coupling import Coupling
+from cfm_jax.coupling import Coupling, resize_bilinear
 from cfm_jax.first_stage import build_first_stage
 from cfm_jax.models.unet import EfficientUNet
 
@@ -86,12 +85,13 @@ class CFMUpsampler:
         out = self.model.apply({"params": params}, x, t, context, train=train, rngs=rngs)
         return out.astype(jnp.float32)
 
-    def loss(self, params, batch: dict, rng: jax.Array, *, train: bool = True) -> jax.Array:
+    def loss(self, params, batch: dict, rng: jax.Array, *, train: bool = True, first_stage=None) -> jax.Array:
         """Per-example flow matching loss [B] on a batch (coupling drawn with ``rng``)."""
+        first_stage = self.first_stage if first_stage is None else first_stage
         x1, lowres = self.scaled_latents(batch)
         couple_rng, flow_rng, drop_rng = jax.random.split(rng, 3)
         x0, context = self.coupling.source_and_context(lowres, size=x1.shape[1],
-                                                       first_stage=self.first_stage, rng=couple_rng)
+                                                       first_stage=first_stage, rng=couple_rng)
 
         def velocity_fn(xt, t):
             return self.velocity(params, xt, t, context, train=train, dropout_rng=drop_rng)
@@ -105,22 +105,39 @@ class CFMUpsampler:
 
     def sample_latents(self, params, lowres: jax.Array, rng: jax.Array, *, size: int,
                        method: str = "rk4", num_steps: int = 40, atol: float = 1e-6,
-                       rtol: float = 1e-3, max_steps: int = 4096,
-                       num_intermediates: int = 0) -> sampling.SampleResult:
+                       rtol: float = 1e-3, max_steps: int = 4096, num_intermediates: int = 0,
+                       first_stage=None) -> sampling.SampleResult:
         """Integrates the flow from the coupling's source to a high-res latent (scaled)."""
-        x0, context = self.coupling.source_and_context(lowres, size=size, first_stage=self.first_stage,
-                                                       rng=rng)
+        first_stage = self.first_stage if first_stage is None else first_stage
+        x0, context = self.coupling.source_and_context(lowres, size=size, first_stage=first_stage, rng=rng)
         return sampling.solve_flow(self._ode_velocity, x0, {"params": params, "context": context},
                                    method=method, num_steps=num_steps, atol=atol, rtol=rtol,
                                    max_steps=max_steps, num_intermediates=num_intermediates)
 
-    def predict_images(self, params, batch: dict, rng: jax.Array, **sample_kwargs):
+    def predict_images(self, params, batch: dict, rng: jax.Array, *, first_stage=None, **sample_kwargs):
         """``(images [B,H,W,3] in [-1,1], SampleResult)`` for a batch with ``latent_lowres``."""
+        first_stage = self.first_stage if first_stage is None else first_stage
         x1, lowres = self.scaled_latents(batch)
-        result = self.sample_latents(params, lowres, rng, size=x1.shape[1], **sample_kwargs)
-        images = jnp.clip(self.first_stage.decode(result.x), -1.0, 1.0)
+        result = self.sample_latents(params, lowres, rng, size=x1.shape[1], first_stage=first_stage,
+                                     **sample_kwargs)
+        images = jnp.clip(first_stage.decode(result.x), -1.0, 1.0)
         return images, result
 
     def make_predict_fn(self, **sample_kwargs):
-        """One jitted function ``(params, batch, rng) -> (images, SampleResult)``."""
-        return jax.jit(functools.partial(self.predict_images, **sample_kwargs))
+        """One jitted function ``(params, batch, rng) -> (images, SampleResult)``; the first
+        stage (and its weights) enters as an argument, not as a compiled-in constant."""
+        jitted = jax.jit(lambda params, fs, batch, rng: self.predict_images(params, batch, rng, first_stage=fs,
+                                                                            **sample_kwargs))
+        return lambda params, batch, rng: jitted(params, self.first_stage, batch, rng)
+
+    def make_latents_fn(self):
+        """Jitted ``batch -> batch`` that adds ``latent`` and ``latent_lowres`` (unscaled, like
+        records) computed with the first stage from ``image`` and ``image_lowres``: the PSU
+        latent of the low-res image (bilinear to the high-res size in pixels, then encode)."""
+        def add_latents(fs, batch):
+            image = batch["image"]
+            up = resize_bilinear(batch["image_lowres"], image.shape[1:3])
+            return {**batch, "latent": fs.encode_unscaled(image), "latent_lowres": fs.encode_unscaled(up)}
+
+        jitted = jax.jit(add_latents)
+        return lambda batch: jitted(self.first_stage, batch)

@@ -32,7 +32,14 @@ def base_config() -> ml_collections.ConfigDict:
     ))
 
     # The frozen autoencoder between pixels and latents (cfm_jax/first_stage.py).
-    c.first_stage = ml_collections.ConfigDict(dict(name="identity", scale_factor=1.0))
+    # name: 'identity' (pixel space) or 'autoencoder' (an LDM/SD KL autoencoder at `path`:
+    # sd_ae.ckpt, a full SD checkpoint, a diffusers VAE folder or a converted folder).
+    # scale_factor -1: take it from the checkpoint (diffusers config; 0.18215 for LDM files).
+    c.first_stage = ml_collections.ConfigDict(dict(
+        name="identity", path="", scale_factor=1.0, shift_factor=0.0, dtype="float32",
+        tile_size=0,      # latent cells per tile for encode/decode; 0: untiled
+        tile_overlap=8,   # latent cells shared by neighbouring tiles
+    ))
 
     # Data: `photos` = random crops of the photos bundled with scikit-image.
     c.data = ml_collections.ConfigDict(dict(

@@ -15,6 +15,7 @@ from cfm_jax.convert.vae import (config_from_diffusers_json, detect_format, infe
                                  load_pretrained, load_state_dict, vae_params_from_diffusers,
                                  vae_params_from_ldm, vae_params_to_ldm)
 from cfm_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian, abstract_params
+from tests.random_weights import random_params
 
 # fp32 parity tolerance: XLA and ATen sum convolutions, GroupNorm statistics and the
 # attention products in different orders.
@@ -52,20 +53,7 @@ def _torch_vae(name, seed=0):
 
 def _random_params(model, seed=0):
     """Our params with every leaf drawn at random (not flax's init)."""
-    rng = np.random.default_rng(seed)
-    flat = jax.tree_util.tree_flatten_with_path(abstract_params(model))
-
-    def draw(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            a = rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-        elif name == "scale":
-            a = 1.0 + 0.2 * rng.standard_normal(leaf.shape)
-        else:
-            a = 0.1 * rng.standard_normal(leaf.shape)
-        return a.astype(np.float32)
-
-    return jax.tree_util.tree_unflatten(flat[1], [draw(p, l) for p, l in flat[0]])
+    return random_params(abstract_params(model), seed)
 
 
 def _nchw(a):

@@ -44,9 +44,10 @@ def test_paper_config_builds_the_paper_model_and_passes_shape_check():
     assert loss.shape == (2,)
 
 
-def test_paper_config_says_clearly_that_the_vae_is_not_here_yet():
+def test_paper_config_without_the_vae_file_says_where_to_get_it(tmp_path):
     c = load_config("configs/flow400_64-128/unet_base_psu.py")
-    with pytest.raises(ValueError, match="autoencoder"):
+    c.first_stage.path = str(tmp_path / "missing" / "sd_ae.ckpt")
+    with pytest.raises(FileNotFoundError, match="sd_ae.ckpt.*diffusers VAE folder"):
         CFMUpsampler(c)
 
 

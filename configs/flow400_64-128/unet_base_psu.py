@@ -6,9 +6,9 @@ EfficientUNet with 305,806,340 parameters, Adam lr 3e-5 with 1000 warm-up steps,
 EMA 0.999 (power 3/4) after 1000 steps, bf16 compute, checkpoints every 10k steps,
 validation every 5k (rk4, 40 grid points).
 
-The first stage is the SD KL-f8 autoencoder (scale 0.18215); it and the latent
-records it needs arrive with the autoencoder and data issues. Until then this
-config builds the model and passes the shape check in tests/test_configs.py.
+The first stage is the SD KL-f8 autoencoder (scale 0.18215) read from
+``checkpoints/sd_ae.ckpt`` (override with ``--config.first_stage.path``; a diffusers
+VAE folder or a folder from ``python -m cfm_jax.convert vae`` work too).
 """
 from configs.common import base_config
 
@@ -16,7 +16,7 @@ from configs.common import base_config
 def get_config(arg=None):
     del arg
     c = base_config()  # the defaults *are* the paper's model, flow, coupling, optimizer and EMA
-    c.first_stage.update(name="sd_vae", scale_factor=0.18215)
+    c.first_stage.update(name="autoencoder", path="checkpoints/sd_ae.ckpt", scale_factor=0.18215)
     c.data.update(name="records", image_size=1024, lowres_size=512, batch_size=64)
     c.train.update(num_steps=1_000_000, eval_every=5000, checkpoint_every=10_000, keep_checkpoints=5)
     return c
