@@ -379,9 +379,14 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
 
 
 def _load_weights(state: TrainState, path: str, mesh) -> TrainState:
-    """Non-strict weights-only start (``--load_weights``): EMA weights of another checkpoint."""
-    source = checkpointing.read_params(path, use_ema=True)
+    """Non-strict weights-only start (``--load_weights``): the EMA weights of a cfm-jax run or
+    checkpoint folder, or of an original fm-boosting Lightning checkpoint file."""
     host_params = jax.device_get(state.params)
+    if os.path.isfile(path):
+        from cfm_jax.convert.fmboost_checkpoint import params_from_fmboost
+        _, source = params_from_fmboost(path, host_params)
+    else:
+        source = checkpointing.read_params(path, use_ema=True)
     params, loaded, missing, mismatched = checkpointing.merge_weights(host_params, source)
     if not loaded:
         raise ValueError(f"--load_weights={path}: no parameter of the checkpoint matches this model "

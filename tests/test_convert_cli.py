@@ -1,0 +1,118 @@
+"""Converters from the command line: original fm-boosting Lightning checkpoints and VAEs."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from cfm_jax import checkpointing
+from cfm_jax.convert.fmboost_checkpoint import params_from_fmboost
+from cfm_jax.convert.fmboost_unet import unet_params_to_torch
+from cfm_jax.convert.vae import vae_params_to_ldm
+from cfm_jax.first_stage import load_autoencoder
+from cfm_jax.models.autoencoder import AutoencoderKL, abstract_params
+from cfm_jax.upsampler import build_unet
+from configs.quickstart import get_config
+from tests.random_weights import random_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "cfm_jax.convert", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+@pytest.fixture(scope="module")
+def quickstart_unet():
+    model = build_unet(get_config().model)
+    target = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 16, 16, 6), jnp.float32),
+                            jax.ShapeDtypeStruct((1,), jnp.float32))["params"]
+    return model, target, random_params(target, seed=1), random_params(target, seed=2)
+
+
+def lightning_checkpoint(online, ema):
+    sd = {f"model.net.{k}": torch.from_numpy(v) for k, v in unet_params_to_torch(online).items()}
+    sd.update({f"ema_model.ema_model.net.{k}": torch.from_numpy(v) for k, v in unet_params_to_torch(ema).items()})
+    sd.update({"ema_model.initted": torch.tensor(True), "ema_model.step": torch.tensor(1234),
+               "first_stage.encoder.conv_in.weight": torch.zeros(8, 3, 3, 3)})
+    return {"state_dict": sd, "global_step": 1234, "epoch": 3}
+
+
+def test_fmboost_checkpoint_round_trip_and_outputs(quickstart_unet, tmp_path):
+    model, target, online, ema = quickstart_unet
+    ckpt = str(tmp_path / "last.ckpt")
+    torch.save(lightning_checkpoint(online, ema), ckpt)
+    out = str(tmp_path / "run")
+    proc = run_cli("fmboost", "--src", ckpt, "--out", out, "--config", "configs/quickstart.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got_ema = checkpointing.read_params(out, use_ema=True)
+    got_online = checkpointing.read_params(out, use_ema=False)
+    jax.tree.map(np.testing.assert_array_equal, got_ema, ema)
+    jax.tree.map(np.testing.assert_array_equal, got_online, online)
+    # back to the original's naming and layout, exactly
+    back = unet_params_to_torch(got_ema)
+    orig = unet_params_to_torch(ema)
+    assert back.keys() == orig.keys()
+    for k in orig:
+        np.testing.assert_array_equal(back[k], orig[k])
+    # the converted weights compute what the same weights compute in our model
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+    t = jnp.array([0.1, 0.8])
+    np.testing.assert_array_equal(model.apply({"params": got_ema}, x, t, x), model.apply({"params": ema}, x, t, x))
+    assert os.path.exists(os.path.join(out, "config.json"))
+
+
+def test_fmboost_checkpoint_errors(quickstart_unet):
+    model, target, online, ema = quickstart_unet
+    sd = lightning_checkpoint(online, ema)["state_dict"]
+    with pytest.raises(ValueError, match="Unexpected keys.*optimizer_junk"):
+        params_from_fmboost({**sd, "optimizer_junk.weight": torch.zeros(1)}, target)
+    with pytest.raises(ValueError, match="not an fm-boosting CFM checkpoint"):
+        params_from_fmboost({"encoder.conv_in.weight": np.zeros((1,))}, target)
+    broken = dict(sd)
+    del broken["model.net.out.2.weight"]
+    broken["ema_model.ema_model.net.input_blocks.0.0.weight"] = np.zeros((1, 2, 3, 3), np.float32)
+    with pytest.raises(ValueError, match=r"(?s)\[model.net\].*missing: out.2.weight.*\[ema_model.ema_model.net\]"
+                                         r".*wrong shape: input_blocks.0.0.weight"):
+        params_from_fmboost(broken, target)
+
+
+def test_load_weights_accepts_an_original_checkpoint_file(quickstart_unet, tmp_path):
+    from cfm_jax.trainer import train
+    _, _, online, ema = quickstart_unet
+    ckpt = str(tmp_path / "orig.ckpt")
+    torch.save(lightning_checkpoint(online, ema), ckpt)
+    c = get_config()
+    c.data.update(image_size=16, lowres_size=8, batch_size=2, num_val_images=2)
+    c.train.update(num_steps=1, eval_every=0, checkpoint_every=1, log_every=1)
+    c.logging.update(progress_bar=False, tensorboard=False)
+    train(c, str(tmp_path / "ft"), load_weights=ckpt)
+    # after one update the EMA is the warm-up copy of the loaded (EMA) weights
+    jax.tree.map(np.testing.assert_array_equal, checkpointing.read_params(str(tmp_path / "ft")), ema)
+
+
+def test_vae_cli_converts_ldm_file(tmp_path):
+    import safetensors.numpy
+    model = AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1)
+    params = random_params(abstract_params(model), seed=3)
+    src = str(tmp_path / "ae.safetensors")
+    safetensors.numpy.save_file(vae_params_to_ldm(params), src)
+    out = str(tmp_path / "ae_flax")
+    proc = run_cli("vae", "--src", src, "--out", out, "--scale_factor", "0.13025")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "scale_factor 0.13025" in proc.stdout
+    m, p, scale = load_autoencoder(out)
+    assert scale == pytest.approx(0.13025) and m.ch == 32
+    jax.tree.map(np.testing.assert_array_equal, p, params)
+
+
+def test_cli_usage_errors(tmp_path):
+    proc = run_cli("unet", "--src", "x", "--out", str(tmp_path))
+    assert proc.returncode != 0 and "usage" in proc.stderr
+    proc = run_cli("vae", "--src", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "o"))
+    assert proc.returncode != 0 and "does not exist" in proc.stderr
