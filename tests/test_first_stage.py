@@ -130,3 +130,19 @@ def test_paper_config_runs_end_to_end_on_latents(tiny_ae, tmp_path):
     val = summary["validation"]
     assert np.isfinite(val["val/cfm_psnr"]) and val["val/nfe"] == 2
     assert build_first_stage(c).scale_factor == 0.18215
+
+
+def test_bench_vae_prints_json_rows():
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "bench/bench_vae.py", "--small", "--sizes", "32", "--tiles", "0,8",
+                           "--overlap", "2", "--repeats", "1"], cwd=root, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["tile_latent"] for r in rows] == [0, 8]
+    for r in rows:
+        assert r["encode_images_per_s"] > 0 and r["decode_images_per_s"] > 0
+    assert rows[1]["decode_max_abs_err"] >= rows[1]["decode_mean_abs_err"] > 0
