@@ -210,7 +210,8 @@ def make_data(config):
     d = config.data
     if d.name != "photos":
         raise ValueError(f"data.name={d.name!r}: only the bundled 'photos' are available in this version "
-                         "(TFDS latent records arrive with the data issue).")
+                         "(TFDS latent records arrive with the data issue); use --config.data.name=photos, which "
+                         "encodes the photo crops with the first stage on the fly.")
     n_proc = jax.process_count()
     if d.batch_size % n_proc:
         raise ValueError(f"data.batch_size={d.batch_size} is not divisible by the {n_proc} processes.")
