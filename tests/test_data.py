@@ -124,8 +124,8 @@ def test_validation_crops_are_native_pixels(val_src):
 
 
 def test_train_flips(train_src):
-    no_flip = PhotoCrops("train", 64, 32, 8, seed=1, flip=False).batch_at(2)["image"]
-    flip = train_src.batch_at(2)["image"]
+    no_flip = PhotoCrops("train", 64, 32, 8, seed=1, flip=False, augment=False).batch_at(2)["image"]
+    flip = PhotoCrops("train", 64, 32, 8, seed=1, augment=False).batch_at(2)["image"]
     flipped = 0
     for a, b in zip(no_flip, flip):
         if np.array_equal(a, b[:, ::-1]) and not np.array_equal(a, b):
@@ -133,6 +133,20 @@ def test_train_flips(train_src):
         else:
             np.testing.assert_array_equal(a, b)
     assert 0 < flipped < len(flip)
+
+
+def test_train_augmentation_rotates_and_permutes_channels():
+    plain = PhotoCrops("train", 32, 16, 16, seed=3, augment=False).batch_at(5)["image"]
+    augmented = PhotoCrops("train", 32, 16, 16, seed=3).batch_at(5)["image"]
+    changed = 0
+    for a, b in zip(plain, augmented):
+        # b is a rotation of a by a multiple of 90 degrees with its channels permuted
+        matches = [np.array_equal(np.rot90(a, k)[:, :, list(p)], b)
+                   for k in range(4) for p in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))]
+        assert any(matches)
+        changed += not np.array_equal(a, b)
+    assert changed > 8
+    assert PhotoCrops("validation", 32, 16, 4).augment is False
 
 
 def test_crop_larger_than_some_photos():

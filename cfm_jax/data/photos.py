@@ -329,6 +329,9 @@ class PhotoCrops:
       max_short_side: photos with a larger short side are down-scaled to it
         first (``None``: keep native resolution).
       flip: random horizontal flips; default True for train, False for validation.
+      augment: random 90-degree rotations and colour-channel permutations (the
+        standard super-resolution augmentations: the 13 training photos are few and
+        7 of them grayscale); default True for train, False for validation.
       start_step: first step produced by ``iter(self)``.
     """
 
@@ -343,6 +346,7 @@ class PhotoCrops:
         scale_range: tuple[float, float] | None = (0.5, 1.0),
         max_short_side: int | None = 512,
         flip: bool | None = None,
+        augment: bool | None = None,
         start_step: int = 0,
     ):
         self.split = _canonical_split(split)
@@ -368,6 +372,7 @@ class PhotoCrops:
             scale_range = (lo, hi)
         self.scale_range = scale_range
         self.flip = self.train if flip is None else bool(flip)
+        self.augment = self.train if augment is None else bool(augment)
         self.start_step = int(start_step)
         self.photos = load_photos(self.split)
         self.base_scales = [
@@ -418,6 +423,10 @@ class PhotoCrops:
         crops = np.stack([self._crop(int(idx[i]), *u[i]) for i in range(b)])
         if self.flip:
             crops[flips] = crops[flips, :, ::-1]
+        if self.augment:  # drawn after the draws above, so crops and flips do not change
+            rotations = rng.integers(0, 4, size=b)
+            perms = np.stack([rng.permutation(3) for _ in range(b)])
+            crops = np.stack([np.rot90(c, k)[:, :, p] for c, k, p in zip(crops, rotations, perms)])
         image = crops.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
         lowres = downsample(image, self.factor)
         latent_lowres = np.clip(upsample_bilinear(lowres, self.image_size), -1.0, 1.0)
