@@ -137,7 +137,7 @@ def test_train_flips(train_src):
 
 def test_train_augmentation_rotates_and_permutes_channels():
     plain = PhotoCrops("train", 32, 16, 16, seed=3, augment=False).batch_at(5)["image"]
-    augmented = PhotoCrops("train", 32, 16, 16, seed=3).batch_at(5)["image"]
+    augmented = PhotoCrops("train", 32, 16, 16, seed=3, augment=True).batch_at(5)["image"]
     changed = 0
     for a, b in zip(plain, augmented):
         # b is a rotation of a by a multiple of 90 degrees with its channels permuted
@@ -146,7 +146,8 @@ def test_train_augmentation_rotates_and_permutes_channels():
         assert any(matches)
         changed += not np.array_equal(a, b)
     assert changed > 8
-    assert PhotoCrops("validation", 32, 16, 4).augment is False
+    assert PhotoCrops("validation", 32, 16, 4, augment=True).augment is False
+    assert PhotoCrops("train", 32, 16, 4).augment is False
 
 
 def test_crop_larger_than_some_photos():

@@ -329,9 +329,9 @@ class PhotoCrops:
       max_short_side: photos with a larger short side are down-scaled to it
         first (``None``: keep native resolution).
       flip: random horizontal flips; default True for train, False for validation.
-      augment: random 90-degree rotations and colour-channel permutations (the
-        standard super-resolution augmentations: the 13 training photos are few and
-        7 of them grayscale); default True for train, False for validation.
+      augment: random 90-degree rotations and colour-channel permutations (standard
+        super-resolution augmentations); default False. Measured on the quick start
+        (800 steps): they lowered held-out PSNR by 0.3 dB, so they are opt-in.
       start_step: first step produced by ``iter(self)``.
     """
 
@@ -372,7 +372,7 @@ class PhotoCrops:
             scale_range = (lo, hi)
         self.scale_range = scale_range
         self.flip = self.train if flip is None else bool(flip)
-        self.augment = self.train if augment is None else bool(augment)
+        self.augment = self.train and bool(augment)
         self.start_step = int(start_step)
         self.photos = load_photos(self.split)
         self.base_scales = [
