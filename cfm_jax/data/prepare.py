@@ -1,0 +1,605 @@
+"""Prepares TFDS latent records (:mod:`cfm_jax.data.records`) from a folder of photos.
+
+Command line (the paper's data: 1024² crops, 512² low-res, SD VAE latents)::
+
+    python -m cfm_jax.data.prepare --src /data/photos --out /data/cfm_latents/1.0.0 \\
+        --image_size 1024 --lowres_size 512 --first_stage_path checkpoints/sd_ae.ckpt \\
+        --crop random --crops_per_image 2 --batch_size 8 [--with_moments] \\
+        [--num_processes 4 --process_index $HOST_INDEX]
+    python -m cfm_jax.data.prepare --src photos --out /tmp/photo_records \\
+        --image_size 64 --lowres_size 32                      # bundled photos, pixel space
+
+Read the result with ``tfds.builder_from_directory(OUT).as_data_source(split="train")``.
+
+What happens to one source image
+--------------------------------
+1. :func:`cfm_jax.data.image_io.load_image`: upright (EXIF), 8-bit RGB, alpha onto white;
+   broken, non-image and too small files (short side < ``min_size``, default
+   ``short_side``: nothing is up-scaled) are skipped and reported with the reason.
+2. The short side is resized to ``short_side`` (default ``image_size``) with PIL's
+   antialiased bicubic filter; ``crops_per_image`` squares of ``image_size`` are cut:
+   ``center`` (one crop) or ``random`` (positions drawn from
+   ``SeedSequence([seed, sha256(file name)])``: they do not depend on the other files,
+   the shard or the process).
+3. ``image_lowres``: antialiased down-sampling to ``lowres_size``: the box filter
+   ``photos.downsample`` when ``image_size / lowres_size`` is an integer (bit-exact with the
+   original's bilinear /2), PIL's area filter (``BOX``) otherwise.
+4. One jitted function per batch encodes ``latent = encode_unscaled(image)`` and
+   ``latent_lowres = encode_unscaled(bilinear_up(image_lowres, image_size))`` (PSU, the same
+   as ``CFMUpsampler.make_latents_fn``), plus the posterior moments with ``--with_moments``.
+   The identity first stage (``--first_stage_path identity``) gives pixel-space records:
+   ``latent = image / 127.5 - 1``. The first stage's weights are an argument of the jitted
+   function; batches are padded to ``batch_size`` (one compilation) and split over this
+   host's local devices.
+
+Shards, resuming, several processes
+-----------------------------------
+The sorted file list is cut into shards of ``images_per_shard`` consecutive files;
+shard ``k`` belongs to process ``k % num_processes``. Each shard is written to a
+temporary file and renamed (TFDS file name ``{name}-{split}.array_record-KKKKK-of-NNNNN``),
+then a done-marker ``OUT/_prepare/{split}/shard-KKKKK.json`` (counts, skipped files) is
+written. A re-run skips every shard with a valid marker and rewrites the others, so an
+interrupted run continues where it stopped and, because every shard is a pure function
+of the files and settings, ends with the same bytes as one uninterrupted run (given the
+same hardware and ``batch_size``). ``OUT/_prepare/{split}/plan.json`` pins the settings and
+the file list; a re-run with different ones fails instead of mixing them.
+
+The process that finds every shard of the split done writes the TFDS metadata
+(``dataset_info.json``, ``features.json``, ``metadata.json``) and ``OUT/summary_{split}.json``;
+others finish without it (run any one of them again, or call :func:`finalize`, once all
+are done). Each process saves its own summary to
+``OUT/_prepare/{split}/summary_process{I}_of{P}.json`` and prints it.
+Several splits (e.g. ``--split validation`` from another folder) can share one ``OUT``
+if their dataset-level settings (sizes, first stage, moments) agree.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cfm_jax.data import image_io, photos, records
+
+PHOTOS_SOURCE = "photos"
+FORMAT_VERSION = 1
+_CROP_MODES = ("center", "random")
+
+
+# --------------------------------------------------------------------------- sources
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The images to prepare: ``names`` in processing order (file paths relative to
+    ``root``, or ``skimage.data.<photo>`` for the bundled photos) and the ignored files."""
+
+    description: str
+    names: tuple[str, ...]
+    ignored: tuple[str, ...] = ()
+    root: str | None = None
+
+    def load(self, index: int, *, min_size: int, draft_short_side: int | None) -> image_io.LoadedImage:
+        name = self.names[index]
+        if self.root is not None:
+            return image_io.load_image(os.path.join(self.root, name), min_size=min_size,
+                                       draft_short_side=draft_short_side)
+        photo = photos.load_photos(self.description.split(":")[1])[index]
+        if min(photo.shape[:2]) < min_size:
+            return image_io.LoadedImage(skip_reason="too_small", detail=(
+                f"{photo.shape[1]}x{photo.shape[0]} (WxH), short side < min_size={min_size}"))
+        return image_io.LoadedImage(image=np.array(photo), original_size=tuple(photo.shape[:2]))
+
+
+def open_source(src: str) -> Source:
+    """``photos`` / ``photos:train`` (the bundled training photos), ``photos:validation``, or a
+    folder (listed recursively by :func:`cfm_jax.data.image_io.list_images`)."""
+    if src == PHOTOS_SOURCE or src.startswith(PHOTOS_SOURCE + ":"):
+        split = src.split(":", 1)[1] if ":" in src else "train"
+        names = photos.photo_names(split)  # validates the split name
+        split = "validation" if names == photos.VALIDATION_PHOTOS else "train"
+        return Source(description=f"{PHOTOS_SOURCE}:{split}", names=tuple(f"skimage.data.{n}" for n in names))
+    root = os.path.abspath(os.path.expanduser(src))
+    names, ignored = image_io.list_images(root)
+    return Source(description=root, names=tuple(names), ignored=tuple(ignored), root=root)
+
+
+# --------------------------------------------------------------------------- first stage
+def load_first_stage(path: str = "identity", *, scale_factor: float = -1.0, dtype: str = "float32",
+                     tile_size: int = 0, tile_overlap: int = 8):
+    """``IdentityFirstStage`` for ``'identity'``, else the autoencoder at ``path`` (any format
+    ``first_stage.load_autoencoder`` reads); ``scale_factor=-1``: the checkpoint's."""
+    import jax
+    import jax.numpy as jnp
+
+    from cfm_jax import first_stage as fs_lib
+
+    if path in ("identity", "", None):
+        return fs_lib.IdentityFirstStage()
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if dtype not in dtypes:
+        raise ValueError(f"first stage dtype {dtype!r}; choose one of {sorted(dtypes)}.")
+    model, params, file_scale = fs_lib.load_autoencoder(path, dtype=dtypes[dtype])
+    return fs_lib.AutoencoderFirstStage(
+        params=jax.tree.map(jnp.asarray, params), model=model,
+        scale_factor=file_scale if scale_factor == -1.0 else float(scale_factor),
+        tile_size=int(tile_size), tile_overlap=int(tile_overlap), name=os.path.basename(path.rstrip("/")))
+
+
+def first_stage_info(fs) -> dict:
+    """What identifies a first stage in the records' metadata (incl. a SHA-256 of its weights)."""
+    from cfm_jax import first_stage as fs_lib
+
+    info = {"name": fs.name, "scale_factor": float(fs.scale_factor),
+            "shift_factor": float(getattr(fs, "shift_factor", 0.0)),
+            "latent_channels": int(fs.latent_channels), "downsample_factor": int(fs.downsample_factor)}
+    if isinstance(fs, fs_lib.IdentityFirstStage):
+        return {**info, "kind": "identity"}
+    digest = hashlib.sha256()
+    import jax
+    for path, leaf in jax.tree_util.tree_flatten_with_path(fs.params)[0]:
+        a = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape};".encode())
+        digest.update(np.ascontiguousarray(a).tobytes())
+    model = {k: (list(v) if isinstance(v, tuple) else v) for k, v in fs_lib.model_fields(fs.model).items()}
+    return {**info, "kind": "autoencoder_kl", "model": model, "dtype": np.dtype(fs.model.dtype).name,
+            "tile_size": int(fs.tile_size), "tile_overlap": int(fs.tile_overlap),
+            "params_sha256": digest.hexdigest()}
+
+
+def posterior_moments(fs, images):
+    """Posterior ``concat(mean, logvar)`` [B, H/f, W/f, 2C] of images [B, H, W, 3] (jittable;
+    tiled like ``encode_unscaled`` when the first stage is)."""
+    import jax.numpy as jnp
+
+    from cfm_jax.first_stage import tiled_map
+    from cfm_jax.models.autoencoder import AutoencoderKL
+
+    def moments(x):
+        posterior = fs.model.apply({"params": fs.params}, x, method=AutoencoderKL.encode)
+        return jnp.concatenate([posterior.mean, posterior.logvar], axis=-1)
+
+    f = fs.downsample_factor
+    if fs.tile_size:
+        return tiled_map(moments, images, tile=fs.tile_size * f, overlap=fs.tile_overlap * f, scale=1.0 / f)
+    return moments(images)
+
+
+def encode_batch(fs, image, image_lowres, *, with_moments: bool) -> dict:
+    """Record latents of a batch (jittable): ``image`` [B, H, H, 3] and ``image_lowres``
+    [B, h, h, 3] in [-1, 1] -> ``latent``, ``latent_lowres`` (PSU), optionally ``moments``,
+    ``moments_lowres``."""
+    up = photos.upsample_bilinear(image_lowres, image.shape[1])  # [B, H, H, 3], jnp path
+    if not with_moments:
+        return {"latent": fs.encode_unscaled(image), "latent_lowres": fs.encode_unscaled(up)}
+    m, m_low = posterior_moments(fs, image), posterior_moments(fs, up)
+    c = m.shape[-1] // 2
+    return {"latent": m[..., :c], "latent_lowres": m_low[..., :c], "moments": m, "moments_lowres": m_low}
+
+
+# --------------------------------------------------------------------------- pixels
+def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> short side == ``short_side`` (PIL antialiased bicubic)."""
+    h, w = image.shape[:2]
+    if min(h, w) == short_side:
+        return image
+    if h <= w:
+        size = (max(short_side, round(w * short_side / h)), short_side)
+    else:
+        size = (short_side, max(short_side, round(h * short_side / w)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
+
+
+def crop_rng(seed: int, name: str) -> np.random.Generator:
+    key = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
+    return np.random.default_rng(np.random.SeedSequence([int(seed), key]))
+
+
+def make_crops(image: np.ndarray, *, image_size: int, crop: str, crops_per_image: int,
+               rng: np.random.Generator | None = None) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """``[(crop uint8 [S, S, 3], (top, left)), ...]`` of an image already resized."""
+    h, w = image.shape[:2]
+    out = []
+    for _ in range(crops_per_image):
+        if crop == "center":
+            y0, x0 = (h - image_size) // 2, (w - image_size) // 2
+        else:
+            y0, x0 = int(rng.integers(0, h - image_size + 1)), int(rng.integers(0, w - image_size + 1))
+        out.append((np.ascontiguousarray(image[y0:y0 + image_size, x0:x0 + image_size]), (y0, x0)))
+    return out
+
+
+def downsample_antialiased(images: np.ndarray, lowres_size: int) -> np.ndarray:
+    """float32 [B, H, H, 3] -> [B, l, l, 3]: ``photos.downsample`` (box) for an integer factor,
+    PIL's area filter (``BOX``, channel by channel in float) otherwise."""
+    size = images.shape[1]
+    if size % lowres_size == 0:
+        return photos.downsample(images, size // lowres_size).astype(np.float32, copy=False)
+    out = np.empty((images.shape[0], lowres_size, lowres_size, images.shape[-1]), np.float32)
+    for b in range(images.shape[0]):
+        for c in range(images.shape[-1]):
+            channel = Image.fromarray(np.ascontiguousarray(images[b, :, :, c], np.float32))
+            out[b, :, :, c] = np.asarray(channel.resize((lowres_size, lowres_size), Image.Resampling.BOX))
+    return out
+
+
+def to_unit_range(images_uint8: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [-1, 1], the formula of ``photos.PhotoCrops`` (computed on the host
+    so that pixel-space records equal it bit for bit)."""
+    return images_uint8.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+# --------------------------------------------------------------------------- plan and markers
+def _prepare_dir(out: str, split: str) -> str:
+    return os.path.join(out, "_prepare", split)
+
+
+def _marker_path(out: str, split: str, shard: int) -> str:
+    return os.path.join(_prepare_dir(out, split), f"shard-{shard:05d}.json")
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _valid_marker(out: str, split: str, shard: int, name: str, num_shards: int) -> dict | None:
+    """The done-marker of ``shard`` if it and its (complete) records file exist."""
+    marker = _read_json(_marker_path(out, split, shard))
+    path = os.path.join(out, records.shard_filename(name, split, shard, num_shards))
+    if marker is None or not os.path.isfile(path) or os.path.getsize(path) != marker.get("num_bytes"):
+        return None
+    return marker
+
+
+def _diff(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _check_or_write_plan(out: str, split: str, plan: dict) -> None:
+    """Pins the settings and file list of ``split`` in ``OUT/_prepare/{split}/plan.json``; a
+    re-run with other settings, or another split with other dataset-level settings, fails."""
+    prep = os.path.join(out, "_prepare")
+    for other in sorted(os.listdir(prep)) if os.path.isdir(prep) else []:
+        existing = _read_json(os.path.join(_prepare_dir(out, other), "plan.json"))
+        if existing is None:
+            continue
+        keys = _diff(existing["dataset"], plan["dataset"])
+        if other == split:
+            keys += [f"split.{k}" for k in _diff(existing["split"], plan["split"])]
+        if keys:
+            raise ValueError(
+                f"{out} already holds split {other!r} prepared with other settings ({', '.join(keys)} differ"
+                f"{'; the file list changed' if 'split.files' in keys else ''}). Use another --out, or delete "
+                f"{out} to start over.")
+    records.write_json_atomic(os.path.join(_prepare_dir(out, split), "plan.json"), plan)
+
+
+def _shard_ranges(num_files: int, images_per_shard: int) -> list[range]:
+    return [range(s, min(s + images_per_shard, num_files)) for s in range(0, num_files, images_per_shard)]
+
+
+# --------------------------------------------------------------------------- finalize
+def _split_totals(out: str, split: str) -> dict | None:
+    """Totals over every shard of ``split`` from the markers, or None while some are missing."""
+    plan = _read_json(os.path.join(_prepare_dir(out, split), "plan.json"))
+    if plan is None:
+        return None
+    name, num_shards = plan["dataset"]["name"], plan["split"]["num_shards"]
+    markers = [_valid_marker(out, split, k, name, num_shards) for k in range(num_shards)]
+    if any(m is None for m in markers):
+        return None
+    skipped: dict[str, list[str]] = {}
+    details = {}
+    for m in markers:
+        for s in m["skipped"]:
+            skipped.setdefault(s["reason"], []).append(s["file"])
+            details[s["file"]] = s["detail"]
+    return {"plan": plan, "shard_lengths": [m["num_examples"] for m in markers],
+            "num_bytes": sum(m["num_bytes"] for m in markers),
+            "num_examples": sum(m["num_examples"] for m in markers),
+            "images_written": sum(len(m["files"]) for m in markers), "skipped": skipped, "skip_details": details}
+
+
+def finalize(out: str) -> list[str]:
+    """Writes the TFDS metadata for every split of ``out`` whose shards are all done, and
+    ``OUT/summary_{split}.json`` for each; returns those splits (empty: nothing complete)."""
+    prep = os.path.join(out, "_prepare")
+    splits = sorted(os.listdir(prep)) if os.path.isdir(prep) else []
+    totals = {s: t for s in splits if (t := _split_totals(out, s)) is not None}
+    if not totals:
+        return []
+    dataset = next(iter(totals.values()))["plan"]["dataset"]
+    features = records.features_dict(image_size=dataset["image_size"], latent_size=dataset["latent_size"],
+                                     latent_channels=dataset["latent_channels"],
+                                     with_moments=dataset["with_moments"])
+    split_meta = {}
+    for split, t in totals.items():
+        settings = {k: v for k, v in t["plan"]["split"].items() if k != "files"}
+        split_meta[split] = {**settings, "num_files": len(t["plan"]["split"]["files"]),
+                             "num_examples": t["num_examples"], "images_written": t["images_written"],
+                             "images_skipped": sum(len(v) for v in t["skipped"].values())}
+        records.write_json_atomic(os.path.join(out, f"summary_{split}.json"), {
+            "split": split, **split_meta[split], "num_bytes": t["num_bytes"], "skipped": t["skipped"],
+            "skip_details": t["skip_details"]})
+    metadata = {**dataset, "format_version": FORMAT_VERSION, "splits": split_meta}
+    records.write_dataset_info(
+        out, name=dataset["name"], features=features, metadata=metadata,
+        splits={s: (t["shard_lengths"], t["num_bytes"]) for s, t in totals.items()},
+        description=("cfm-jax latent records (cfm_jax/data/records.py): high-res crops, their first-stage "
+                     f"latents and the PSU latents of their {dataset['lowres_size']}² versions."))
+    return sorted(totals)
+
+
+# --------------------------------------------------------------------------- prepare
+@dataclasses.dataclass
+class _Loaded:
+    name: str
+    crops: list  # [(uint8 [S, S, 3], (top, left))]
+    original_size: tuple[int, int] | None
+    skip_reason: str | None = None
+    detail: str = ""
+
+
+def prepare(src: str, out: str, *, image_size: int, lowres_size: int, first_stage: Any = "identity",
+            split: str = "train", name: str = "cfm_latents", short_side: int | None = None,
+            min_size: int | None = None, crop: str = "center", crops_per_image: int = 1,
+            images_per_shard: int = 64, num_processes: int = 1, process_index: int = 0, batch_size: int = 8,
+            with_moments: bool = False, seed: int = 0, num_workers: int | None = None,
+            max_shards: int | None = None, progress: bool = True) -> dict:
+    """Prepares this process's shards of ``split`` from ``src`` into ``out``; returns the summary.
+
+    ``first_stage``: ``'identity'`` (pixel space), a path for :func:`load_first_stage`, or a
+    first-stage object (``IdentityFirstStage`` / ``AutoencoderFirstStage``). ``max_shards``:
+    stop after writing that many shards in this call (a later call continues). See the
+    module docstring for the rest.
+    """
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    start = time.time()
+    image_size, lowres_size = int(image_size), int(lowres_size)
+    short_side = image_size if short_side is None else int(short_side)
+    min_size = short_side if min_size is None else int(min_size)
+    if not 0 < lowres_size <= image_size:
+        raise ValueError(f"lowres_size={lowres_size} must be in (0, image_size={image_size}].")
+    if short_side < image_size:
+        raise ValueError(f"short_side={short_side} must be >= image_size={image_size}.")
+    if crop not in _CROP_MODES:
+        raise ValueError(f"crop={crop!r}; choose one of {_CROP_MODES}.")
+    if crops_per_image < 1 or (crop == "center" and crops_per_image != 1):
+        raise ValueError(f"crops_per_image={crops_per_image}: use 1 with crop='center' (all centre crops are "
+                         "the same), or crop='random'.")
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index={process_index} must be in [0, num_processes={num_processes}).")
+    if images_per_shard < 1 or batch_size < 1:
+        raise ValueError("images_per_shard and batch_size must be >= 1.")
+    if not re.fullmatch(r"[a-z0-9_]+", split) or split == "tmp":
+        raise ValueError(f"split={split!r}: use lower-case letters, digits and '_' (e.g. 'train', 'validation').")
+    if not name.isidentifier() or name != name.lower():
+        raise ValueError(f"name={name!r}: TFDS dataset names are lower-case snake_case identifiers.")
+
+    source = open_source(src)
+    if not source.names:
+        raise ValueError(f"No images ({', '.join(image_io.IMAGE_EXTENSIONS)}) in {src!r}"
+                         f"{f' (ignored: {list(source.ignored)[:10]})' if source.ignored else ''}.")
+    fs = load_first_stage(first_stage) if isinstance(first_stage, str) else first_stage
+    if with_moments and not hasattr(fs, "params"):
+        raise ValueError("with_moments needs an autoencoder first stage (pixel space has no posterior).")
+    f = fs.downsample_factor
+    if image_size % f:
+        raise ValueError(f"image_size={image_size} is not divisible by the first stage's factor {f}.")
+    factor = image_size / lowres_size
+    dataset = {"name": name, "image_size": image_size, "lowres_size": lowres_size,
+               "downsample_factor": int(factor) if factor.is_integer() else factor,
+               "lowres_method": "box" if factor.is_integer() else "pil_box",
+               "latent_size": image_size // f, "latent_channels": int(fs.latent_channels),
+               "scale_factor": float(fs.scale_factor), "shift_factor": float(getattr(fs, "shift_factor", 0.0)),
+               "with_moments": bool(with_moments), "first_stage": first_stage_info(fs)}
+    shards = _shard_ranges(len(source.names), images_per_shard)
+    split_plan = {"source": source.description, "files": list(source.names), "short_side": short_side,
+                  "min_size": min_size, "crop": crop, "crops_per_image": crops_per_image, "seed": int(seed),
+                  "images_per_shard": images_per_shard, "num_shards": len(shards)}
+    os.makedirs(out, exist_ok=True)
+    _check_or_write_plan(out, split, {"format_version": FORMAT_VERSION, "dataset": dataset, "split": split_plan})
+
+    mine = [k for k in range(len(shards)) if k % num_processes == process_index]
+    already = [k for k in mine if _valid_marker(out, split, k, name, len(shards)) is not None]
+    todo = [k for k in mine if k not in already]
+    if max_shards is not None:
+        todo = todo[:max(0, int(max_shards))]
+
+    features = records.features_dict(image_size=image_size, latent_size=image_size // f,
+                                     latent_channels=int(fs.latent_channels), with_moments=with_moments)
+    mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
+    n_dev = mesh.devices.size
+    batch_size = math.ceil(batch_size / n_dev) * n_dev  # every device gets the same number of rows
+    rows, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+    fs_device = jax.device_put(fs, replicated)
+    encode = jax.jit(lambda fs, image, lowres: encode_batch(fs, image, lowres, with_moments=with_moments))
+
+    def load(index: int) -> _Loaded:
+        item_name = source.names[index]
+        loaded = source.load(index, min_size=min_size, draft_short_side=short_side)
+        if not loaded.ok:
+            return _Loaded(item_name, [], None, loaded.skip_reason, loaded.detail)
+        resized = resize_short_side(loaded.image, short_side)
+        rng = crop_rng(seed, item_name) if crop == "random" else None
+        return _Loaded(item_name, make_crops(resized, image_size=image_size, crop=crop,
+                                             crops_per_image=crops_per_image, rng=rng), loaded.original_size)
+
+    def encode_shard(items: list[_Loaded], on_batch) -> list[dict]:
+        """Examples (metadata + arrays) of the loaded items of one shard, in order."""
+        entries = [(item, c, crop_and_offset) for item in items for c, crop_and_offset in enumerate(item.crops)]
+        outputs: list[dict] = []
+
+        def collect(pending):
+            result, n = pending
+            host = {k: np.asarray(v)[:n] for k, v in result.items()}
+            outputs.extend({k: v[i] for k, v in host.items()} for i in range(n))
+
+        pending = None
+        for b0 in range(0, len(entries), batch_size):
+            chunk = entries[b0:b0 + batch_size]
+            crops = np.zeros((batch_size, image_size, image_size, 3), np.uint8)  # padded: one compilation
+            crops[:len(chunk)] = np.stack([e[2][0] for e in chunk])
+            image = to_unit_range(crops)
+            lowres = downsample_antialiased(image, lowres_size)
+            result = encode(fs_device, jax.device_put(image, rows), jax.device_put(lowres, rows))  # async
+            if pending is not None:
+                collect(pending)
+            pending = (result, len(chunk))
+            on_batch(sum(1 for item, c, _ in chunk if c == len(item.crops) - 1))
+        if pending is not None:
+            collect(pending)
+        examples = []
+        for (item, c, (pixels, offset)), arrays in zip(entries, outputs):
+            examples.append({"image": pixels, **arrays, "file_name": item.name,
+                             "original_size": np.asarray(item.original_size, np.int32), "crop_index": c,
+                             "crop_offset": np.asarray(offset, np.int32)})
+        return examples
+
+    def write(shard: int, items: list[_Loaded], examples: list[dict]) -> None:
+        path = os.path.join(out, records.shard_filename(name, split, shard, len(shards)))
+        count, num_bytes = records.write_shard(path, examples, features,
+                                               tmp_dir=os.path.join(out, "_prepare", "tmp"))
+        records.write_json_atomic(_marker_path(out, split, shard), {
+            "shard": shard, "num_examples": count, "num_bytes": num_bytes,
+            "files": [i.name for i in items if i.skip_reason is None],
+            "skipped": [{"file": i.name, "reason": i.skip_reason, "detail": i.detail}
+                        for i in items if i.skip_reason is not None]})
+
+    num_workers = num_workers or min(8, os.cpu_count() or 1)
+    loaders = concurrent.futures.ThreadPoolExecutor(num_workers, thread_name_prefix="prepare-load")
+    writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare-write")
+    from tqdm import tqdm
+    bar = tqdm(total=sum(len(shards[k]) for k in todo), unit="img", disable=not progress, dynamic_ncols=True,
+               desc=f"prepare {split} [{process_index + 1}/{num_processes}]", smoothing=0.1)
+    written, writing, writing_shard = [], None, -1
+    try:
+        futures = [loaders.submit(load, i) for i in shards[todo[0]]] if todo else []
+        for pos, shard in enumerate(todo):
+            current = futures
+            # Decode the next shard's images while this one is encoded.
+            futures = [loaders.submit(load, i) for i in shards[todo[pos + 1]]] if pos + 1 < len(todo) else []
+            items = [fut.result() for fut in current]
+            bar.update(sum(1 for it in items if it.skip_reason is not None))
+            examples = encode_shard(items, bar.update)
+            if writing is not None:
+                writing.result()  # at most one shard waits to be written
+                written.append(writing_shard)
+            writing, writing_shard = writer.submit(write, shard, items, examples), shard
+            bar.set_postfix(shard=f"{shard + 1}/{len(shards)}")
+        if writing is not None:
+            writing.result()
+            written.append(writing_shard)
+    finally:
+        bar.close()
+        loaders.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ summary
+    done = {k: m for k in mine if (m := _valid_marker(out, split, k, name, len(shards))) is not None}
+    skipped: dict[str, list[str]] = {}
+    details = {}
+    for m in done.values():
+        for s in m["skipped"]:
+            skipped.setdefault(s["reason"], []).append(s["file"])
+            details[s["file"]] = s["detail"]
+    seconds = time.time() - start
+    images_this_run = sum(len(shards[k]) for k in written)
+    finalized = finalize(out) if len(done) == len(mine) else []
+    summary = {
+        "out": os.path.abspath(out), "name": name, "split": split, "source": source.description,
+        "process_index": process_index, "num_processes": num_processes, "num_files": len(source.names),
+        "num_shards": len(shards), "shards_of_this_process": mine, "shards_written": written,
+        "shards_already_done": already, "shards_pending": [k for k in mine if k not in done],
+        "complete": len(done) == len(mine), "finalized": split in finalized,
+        "examples": sum(m["num_examples"] for m in done.values()),
+        "examples_written_this_run": sum(done[k]["num_examples"] for k in written),
+        "images_written": sum(len(m["files"]) for m in done.values()),
+        "images_skipped": sum(len(v) for v in skipped.values()),
+        "skipped": skipped, "skip_details": details, "ignored": list(source.ignored),
+        "num_bytes": sum(m["num_bytes"] for m in done.values()),
+        "batch_size": batch_size, "devices": n_dev, "seconds": round(seconds, 3),
+        "images_per_second": round(images_this_run / seconds, 3) if seconds > 0 else None,
+        "read_with": f"tfds.builder_from_directory({os.path.abspath(out)!r}).as_data_source(split={split!r})",
+    }
+    records.write_json_atomic(
+        os.path.join(_prepare_dir(out, split), f"summary_process{process_index}_of{num_processes}.json"), summary)
+    return summary
+
+
+# --------------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cfm_jax.data.prepare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--src", required=True, help="folder of images (recursive), or photos[:train|:validation]")
+    p.add_argument("--out", required=True, help="dataset folder to write (TFDS layout)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--name", default="cfm_latents", help="TFDS dataset name (file name prefix)")
+    p.add_argument("--image_size", type=int, required=True)
+    p.add_argument("--lowres_size", type=int, required=True)
+    p.add_argument("--short_side", type=int, default=None, help="resize the short side to this (default image_size)")
+    p.add_argument("--min_size", type=int, default=None, help="skip images with a shorter short side "
+                   "(default short_side: no up-scaling)")
+    p.add_argument("--first_stage_path", default="identity",
+                   help="'identity' (pixel space) or the autoencoder: converted folder, sd_ae.ckpt, safetensors, "
+                        "diffusers VAE folder")
+    p.add_argument("--scale_factor", type=float, default=-1.0, help="latent scale; -1: the checkpoint's")
+    p.add_argument("--first_stage_dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--tile_size", type=int, default=0, help="tiled encoding, latent cells (0: off)")
+    p.add_argument("--tile_overlap", type=int, default=8)
+    p.add_argument("--crop", default="center", choices=_CROP_MODES)
+    p.add_argument("--crops_per_image", type=int, default=1)
+    p.add_argument("--images_per_shard", type=int, default=64)
+    p.add_argument("--num_processes", type=int, default=1)
+    p.add_argument("--process_index", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--with_moments", action="store_true", help="also store posterior mean and logvar")
+    p.add_argument("--seed", type=int, default=0, help="random crop positions")
+    p.add_argument("--num_workers", type=int, default=None, help="image decoding threads (default min(8, CPUs))")
+    p.add_argument("--max_shards", type=int, default=None, help="stop after this many shards (resume later)")
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    fs = load_first_stage(args.first_stage_path, scale_factor=args.scale_factor, dtype=args.first_stage_dtype,
+                          tile_size=args.tile_size, tile_overlap=args.tile_overlap)
+    summary = prepare(
+        args.src, args.out, image_size=args.image_size, lowres_size=args.lowres_size, first_stage=fs,
+        split=args.split, name=args.name, short_side=args.short_side, min_size=args.min_size, crop=args.crop,
+        crops_per_image=args.crops_per_image, images_per_shard=args.images_per_shard,
+        num_processes=args.num_processes, process_index=args.process_index, batch_size=args.batch_size,
+        with_moments=args.with_moments, seed=args.seed, num_workers=args.num_workers, max_shards=args.max_shards,
+        progress=not args.no_progress)
+    short = {k: v for k, v in summary.items() if k not in ("skip_details", "ignored")}
+    short["ignored"] = len(summary["ignored"])
+    print(json.dumps(short, indent=2))
+    for reason, files in sorted(summary["skipped"].items()):
+        for file in files:
+            print(f"skipped ({reason}): {file}: {summary['skip_details'][file]}", file=sys.stderr)
+    status = "finalized: dataset_info.json written" if summary["finalized"] else (
+        "this process is done; metadata is written by the process that completes the last shard"
+        if summary["complete"] else "incomplete: run again to continue")
+    print(f"{summary['examples']} examples from {summary['images_written']} images, "
+          f"{summary['images_skipped']} skipped, {summary['seconds']:.1f} s; {status}.", file=sys.stderr)
+    print(f"read with: {summary['read_with']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
