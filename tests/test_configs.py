@@ -54,7 +54,7 @@ def test_paper_config_without_the_vae_file_says_where_to_get_it(tmp_path):
 def test_quickstart_config_is_consistent():
     c = load_config("configs/quickstart.py")
     up = CFMUpsampler(c)
-    assert up.first_stage.name == "identity" and c.model.in_channels == 6
+    assert up.first_stage.name == "identity" and c.model.in_channels == 3 and not up.coupling.uses_context
     with pytest.raises(AttributeError):  # locked-in keys: a typo in code fails too
         c.lock()
         c.optim.lrr = 1.0
@@ -62,8 +62,8 @@ def test_quickstart_config_is_consistent():
 
 def test_channel_mismatch_is_explained():
     c = load_config("configs/quickstart.py")
-    c.model.in_channels = 3
-    with pytest.raises(ValueError, match="use in_channels=6, out_channels=3"):
+    c.model.in_channels = 6
+    with pytest.raises(ValueError, match="use in_channels=3, out_channels=3"):
         CFMUpsampler(c)
 
 
