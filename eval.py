@@ -56,7 +56,10 @@ def main(argv):
     except FileNotFoundError as e:
         sys.exit(f"{e} Train first: python train.py --workdir {workdir}")
     mesh = sharding.make_data_mesh()
-    upsampler = CFMUpsampler(config)
+    try:
+        upsampler = CFMUpsampler(config)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        sys.exit(f"error: {e}")
     params = jax.device_put(params, sharding.replicated(mesh))
     _, val_batches = make_data(config)
     validator = Validator(upsampler, val_batches, mesh, config.sample, config.seed,

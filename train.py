@@ -37,6 +37,9 @@ def main(argv):
     except TrainingDiverged as e:
         print(f"\nTraining stopped: {e}", file=sys.stderr)
         sys.exit(1)
+    except (FileNotFoundError, ValueError, ImportError) as e:  # bad config, missing file or checkpoint
+        print(f"\nerror: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"\nTraining finished at step {summary['final_step']}. Outputs in {summary['workdir']}:")
     print("  checkpoints/  metrics.csv  tensorboard/  samples/  config.json  train_summary.json")
     val = summary.get("validation")

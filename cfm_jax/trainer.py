@@ -255,12 +255,7 @@ def _host_metrics(metrics: list[dict]) -> list[dict]:
 
 def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
     """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint). Returns a summary."""
-    os.makedirs(workdir, exist_ok=True)
-    is_main = jax.process_index() == 0
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-
+    # Everything that can reject the config runs before anything is written to workdir.
     mesh = sharding.make_data_mesh()
     sharding.check_batch_size(config.data.batch_size, mesh)
     upsampler = CFMUpsampler(config)
@@ -268,6 +263,12 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
     tx, schedule = make_optimizer(config.optim)
     ema_cfg = EMAConfig.from_config(config.ema)
     train_source, val_batches = make_data(config)
+
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
 
     manager = checkpointing.make_manager(workdir, keep=config.train.keep_checkpoints)
     start_step = manager.latest_step()

@@ -78,3 +78,14 @@ def test_bench_script_prints_json():
     assert result["sampler_nfe"] == 2 and result["global_batch"] == 2
     for k in ("train_examples_per_s", "train_step_compile_s", "sampler_s_per_nfe", "peak_rss_mib"):
         assert result[k] > 0, k
+
+
+def test_train_cli_reports_a_missing_vae_without_traceback(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "train.py", "--config", "configs/flow400_64-128/unet_base_psu.py",
+                           "--config.first_stage.path", str(tmp_path / "sd_ae.ckpt"), "--workdir", str(workdir)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 2
+    assert "error: first_stage.path=" in proc.stderr and "Traceback" not in proc.stderr
+    assert not workdir.exists()  # nothing written for a rejected config
