@@ -49,6 +49,14 @@ exactly the batches the uninterrupted one would have, including the random flips
 grain draws each record's random-map RNG from ``(seed, position)``, not from a
 running stream. The state includes the number of workers; restore with the same
 ``worker_count`` settings.
+
+Workers: grain batches *inside* each worker process, so with ``worker_count=W > 1``
+output batch ``j * W + w`` is worker ``w``'s ``j``-th batch, made of the records at
+sampler positions ``w + W * (j * batch_size + t)``. Every example (values, flip) is the
+same as with ``worker_count=0``, but batches are regrouped by that fixed permutation:
+changing ``worker_count`` changes the batches (not the data seen per epoch). Under
+pytest or scripts not started by ``absl.app.run``, grain's absl flags are marked parsed
+(with defaults) when workers are used, because grain's multiprocessing reads them.
 """
 from __future__ import annotations
 
@@ -135,6 +143,8 @@ def make_record_loader(path: str, *, split: str = "train", batch_size: int, seed
     image_size, lowres_size = int(meta["image_size"]), int(meta["lowres_size"])
     if image_size % lowres_size:
         raise ValueError(f"image_size={image_size} is not a multiple of lowres_size={lowres_size}")
+    if worker_count > 0:
+        _ensure_absl_flags_parsed()
     source = records.data_source(path, split)
     shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
     sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard, shuffle=shuffle,
@@ -147,6 +157,16 @@ def make_record_loader(path: str, *, split: str = "train", batch_size: int, seed
     operations.append(grain.transforms.Batch(batch_size=int(batch_size), drop_remainder=drop_remainder))
     return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                             worker_count=int(worker_count), worker_buffer_size=int(worker_buffer_size))
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """grain's multiprocessing reads absl flags (``--grain_*``); outside ``absl.app.run``
+    (pytest, plain scripts) they are unparsed and reading them raises
+    ``UnparsedFlagAccessError``. Marks them parsed with their defaults in that case only."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def to_global_batch(batch: Mapping[str, np.ndarray], mesh, axis: str = "data") -> dict:
