@@ -24,12 +24,10 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.abspath(os.path.join(workdir, "checkpoints"))
 
 
-def make_manager(workdir: str, *, keep: int = 3, save_every: int = 1,
-                 read_only: bool = False) -> ocp.CheckpointManager:
+def make_manager(workdir: str, *, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None, save_interval_steps=1, create=not read_only,
         read_only=read_only, enable_async_checkpointing=False, cleanup_tmp_directories=True)
-    del save_every  # the trainer decides when to save (every N steps, at the end, on a signal)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "meta"))
 
 

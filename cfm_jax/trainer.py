@@ -50,28 +50,26 @@ class TrainState:
     rng: jax.Array  # uint32 [2], folded with the step for each update
 
 
+def _init_state(upsampler: CFMUpsampler, tx: optax.GradientTransformation, rng: jax.Array,
+                latent_size: int) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    params = upsampler.init(init_rng, latent_size)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=jax.tree.map(jnp.copy, params), rng=state_rng)
+
+
 def create_train_state(upsampler: CFMUpsampler, tx: optax.GradientTransformation, rng: jax.Array,
                        latent_size: int, mesh) -> TrainState:
     """Initialises the state directly into its (replicated) sharding, inside one jit."""
-    init_rng, state_rng = jax.random.split(rng)
-
-    def init():
-        params = upsampler.init(init_rng, latent_size)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          ema_params=jax.tree.map(jnp.copy, params), rng=state_rng)
-
-    return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+    init = jax.jit(lambda r: _init_state(upsampler, tx, r, latent_size), out_shardings=sharding.replicated(mesh))
+    return init(rng)
 
 
 def abstract_train_state(upsampler, tx, latent_size: int, mesh) -> TrainState:
     """Shapes, dtypes and shardings of the state, without allocating it."""
-    def init():
-        params = upsampler.init(jax.random.PRNGKey(0), latent_size)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          ema_params=params, rng=jax.random.PRNGKey(0))
-
+    shapes = jax.eval_shape(lambda r: _init_state(upsampler, tx, r, latent_size), jax.random.PRNGKey(0))
     rep = sharding.replicated(mesh)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), jax.eval_shape(init))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
 
 
 # --------------------------------------------------------------------------- 2. update step

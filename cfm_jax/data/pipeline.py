@@ -169,22 +169,13 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def to_global_batch(batch: Mapping[str, np.ndarray], mesh, axis: str = "data") -> dict:
-    """Per-process numpy batch -> global ``jax.Array``s sharded along ``axis`` of ``mesh``
-    (``jax.make_array_from_process_local_data``; global batch = sum of local batches).
-    Non-numeric arrays (string metadata) stay as local numpy arrays."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+def to_global_batch(batch: Mapping[str, np.ndarray], mesh) -> dict:
+    """Per-process numpy batch -> global ``jax.Array``s sharded over the mesh's ``data`` axis
+    (:func:`cfm_jax.sharding.shard_batch`); non-numeric arrays (string metadata) stay local."""
+    from cfm_jax.sharding import shard_batch
 
-    sharding = NamedSharding(mesh, P(axis))
-    out = {}
-    for key, x in batch.items():
-        x = np.asarray(x)
-        if x.dtype.kind in "biuf":
-            out[key] = jax.make_array_from_process_local_data(sharding, x)
-        else:
-            out[key] = x
-    return out
+    numeric = {k: v for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
+    return {**batch, **shard_batch(numeric, mesh)}
 
 
 def iterator_state(it) -> bytes:
