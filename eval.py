@@ -61,9 +61,12 @@ def main(argv):
     except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
     params = jax.device_put(params, sharding.replicated(mesh))
-    _, val_batches = make_data(config)
+    try:
+        _, val_batches = make_data(config, upsampler.first_stage, n_devices=mesh.devices.size, train=False)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
     validator = Validator(upsampler, val_batches, mesh, config.sample, config.seed,
-                          prepare=batch_preparer(upsampler))
+                          prepare=batch_preparer(upsampler, has_latents=config.data.name == "records"))
     results, grid = validator.run(params, num_grid=config.train.num_grid_images)
 
     out = _OUT.value or os.path.join(workdir, "eval")

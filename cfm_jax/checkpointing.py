@@ -1,8 +1,9 @@
 """Orbax checkpoints of the whole train state.
 
-Layout: ``<workdir>/checkpoints/<step>/{state,meta}``: ``state`` is the train state
-pytree (params, optimizer state, EMA params, step, RNG), ``meta`` a small JSON
-record (step, config). Orbax writes each checkpoint into a temporary directory
+Layout: ``<workdir>/checkpoints/<step>/{state,meta[,data]}``: ``state`` is the train
+state pytree (params, optimizer state, EMA params, step, RNG), ``meta`` a small JSON
+record (step, config), ``data`` the position of the input pipeline's iterator when the
+run reads records (grain's checkpoint handler, one JSON file per process). Orbax writes each checkpoint into a temporary directory
 and renames it when complete, so a process killed mid-save leaves the previous
 checkpoints intact; on the next start the newest *complete* one is restored.
 
@@ -28,13 +29,36 @@ def make_manager(workdir: str, *, keep: int = 3, read_only: bool = False) -> ocp
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None, save_interval_steps=1, create=not read_only,
         read_only=read_only, enable_async_checkpointing=False, cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "meta"))
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               meta=ocp.args.JsonSave(meta)), force=True)
+ITEMS = ("state", "meta", "data")
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict, data: Any = None) -> None:
+    """Saves ``state`` and ``meta`` (and ``data``, a grain ``CheckpointSave`` of the input
+    iterator, when given) as checkpoint ``step``; returns when it is on disk."""
+    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+    if data is not None:
+        items["data"] = data
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
     manager.wait_until_finished()
+
+
+def has_item(manager: ocp.CheckpointManager, step: int, item: str) -> bool:
+    return os.path.isdir(os.path.join(str(manager.directory), str(step), item))
+
+
+def restore_data(manager: ocp.CheckpointManager, step: int, data: Any) -> None:
+    """Restores the input iterator of checkpoint ``step`` in place; ``data`` is a grain
+    ``CheckpointRestore`` of a fresh iterator of the same loader settings."""
+    try:
+        manager.restore(step, args=ocp.args.Composite(data=data))
+    except Exception as e:  # noqa: BLE001 -- grain/orbax raise several types here
+        raise ValueError(
+            f"Cannot restore the data iterator of checkpoint {step} in {manager.directory}: {type(e).__name__}: "
+            f"{e}. It is saved per process: resume with the same number of processes and the same "
+            "data.worker_count (or start a new --workdir with --load_weights).") from e
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None):

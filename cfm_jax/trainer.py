@@ -28,6 +28,7 @@ from PIL import Image
 
 from cfm_jax import checkpointing, metrics as image_metrics, sharding
 from cfm_jax.data import photos
+from cfm_jax.data.train_data import make_data
 from cfm_jax.ema import EMAConfig, ema_update
 from cfm_jax.metric_writers import MetricWriter
 from cfm_jax.optim import make_optimizer
@@ -194,32 +195,13 @@ class Validator:
 
 
 # --------------------------------------------------------------------------- 4. the loop
-def batch_preparer(upsampler: CFMUpsampler):
-    """``None`` when batches already carry the latents the flow needs; else a jitted function
-    adding them (the bundled photos hold pixels: with an autoencoder first stage their latents
+def batch_preparer(upsampler: CFMUpsampler, has_latents: bool = False):
+    """``None`` when batches already carry the latents the flow needs (records; pixel-space
+    photos); else a jitted function adding them (photo crops with an autoencoder first stage
     are encoded on the fly, each step)."""
-    if upsampler.first_stage.name == "identity":
+    if has_latents or upsampler.first_stage.name == "identity":
         return None
     return upsampler.make_latents_fn()
-
-
-def make_data(config):
-    """Train source and validation batches for ``config.data``."""
-    d = config.data
-    if d.name != "photos":
-        raise ValueError(f"data.name={d.name!r}: only the bundled 'photos' are available in this version "
-                         "(TFDS latent records arrive with the data issue); use --config.data.name=photos, which "
-                         "encodes the photo crops with the first stage on the fly.")
-    n_proc = jax.process_count()
-    if d.batch_size % n_proc:
-        raise ValueError(f"data.batch_size={d.batch_size} is not divisible by the {n_proc} processes.")
-    train = photos.PhotoCrops("train", image_size=d.image_size, lowres_size=d.lowres_size,
-                              batch_size=d.batch_size // n_proc, seed=config.seed * 1000 + jax.process_index())
-    val_bs = min(d.batch_size, d.num_val_images)
-    val = photos.PhotoCrops("validation", image_size=d.image_size, lowres_size=d.lowres_size,
-                            batch_size=val_bs, seed=12345)
-    num_val_batches = max(1, d.num_val_images // val_bs)
-    return train, [val.batch_at(i) for i in range(num_val_batches)]
 
 
 class _StopSignal:
@@ -260,7 +242,7 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
     latent_size = upsampler.latent_size(config.data.image_size)
     tx, schedule = make_optimizer(config.optim)
     ema_cfg = EMAConfig.from_config(config.ema)
-    train_source, val_batches = make_data(config)
+    train_data, val_batches = make_data(config, upsampler.first_stage, n_devices=mesh.devices.size)
 
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -273,6 +255,12 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
     if start_step is not None:
         abstract = abstract_train_state(upsampler, tx, latent_size, mesh)
         state, _ = checkpointing.restore(manager, abstract)
+        if train_data.restore_arg() is not None:
+            if checkpointing.has_item(manager, start_step, "data"):
+                checkpointing.restore_data(manager, start_step, train_data.restore_arg())
+            else:
+                log.warning("Checkpoint %d holds no data iterator (saved by a run on another data source?): "
+                            "the records are read from the start of a new epoch order.", start_step)
         log.info("Resumed from %s at step %d.", checkpointing.checkpoint_dir(workdir), int(state.step))
         if load_weights:
             log.warning("--load_weights ignored: the work directory already has checkpoints (resuming).")
@@ -286,15 +274,17 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
                           wandb_name=config.logging.wandb_name, config_dict=config.to_dict())
     train_step = make_train_step(upsampler, tx, schedule, ema_cfg, mesh,
                                  grad_accum_steps=config.optim.grad_accum_steps)
-    prepare = batch_preparer(upsampler) or (lambda b: b)
+    prepare = batch_preparer(upsampler, train_data.has_latents) or (lambda b: b)
     validator = Validator(upsampler, val_batches, mesh, config.sample, config.seed, prepare=prepare)
     t_cfg = config.train
     num_steps = t_cfg.num_steps
     step = int(state.step)
+    train_data.seek(step)
     summary = {"workdir": os.path.abspath(workdir), "start_step": step}
 
     def save(step_now: int, state_now: TrainState):
-        checkpointing.save(manager, step_now, state_now, {"step": step_now, "config": config.to_dict()})
+        checkpointing.save(manager, step_now, state_now, {"step": step_now, "config": config.to_dict()},
+                           data=train_data.save_arg())
 
     def validate(step_now: int, state_now: TrainState):
         params = state_now.ema_params if config.sample.use_ema else state_now.params
@@ -316,7 +306,7 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
     first_step_time = None
     with _StopSignal() as stop:
         while step < num_steps:
-            batch = prepare(sharding.shard_batch(train_source.batch_at(step), mesh))
+            batch = prepare(sharding.shard_batch(train_data.next_batch(), mesh))
             state, metrics = train_step(state, batch)
             step += 1
             pending.append(metrics)

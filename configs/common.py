@@ -41,9 +41,18 @@ def base_config() -> ml_collections.ConfigDict:
         tile_overlap=8,   # latent cells shared by neighbouring tiles
     ))
 
-    # Data: `photos` = random crops of the photos bundled with scikit-image.
+    # Data (cfm_jax/data/train_data.py): `records` = latent records prepared by
+    # `python -m cfm_jax.data.prepare` at `path`; `photos` = random crops of the photos
+    # bundled with scikit-image drawn on the fly.
     c.data = ml_collections.ConfigDict(dict(
         name="photos",
+        path="",              # records folder ('' with prepare_photos: runs/photo_records/<H>x<h>)
+        prepare_photos=False,  # records: prepare the bundled photos into `path` if missing
+        train_split="train",
+        val_split="validation",  # '' : no validation (train.eval_every must be 0)
+        flip=False,           # records: random horizontal flip of image and latents together
+        worker_count=0,       # records: grain worker processes (0: read in the training process)
+        worker_buffer_size=2,  # records: batches each worker prepares ahead
         image_size=64,        # high-res crop, pixels
         lowres_size=32,       # low-res image, pixels
         batch_size=16,        # global batch (all devices) per optimizer update

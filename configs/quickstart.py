@@ -5,6 +5,10 @@ Runs on a 2-core CPU in about five minutes (``make quickstart``):
     python train.py --config configs/quickstart.py --workdir runs/quickstart
     python eval.py --workdir runs/quickstart
 
+The photos are first prepared once into pixel-space records (``data.prepare_photos``,
+``runs/photo_records/64x32``; see ``cfm_jax/data/train_data.py`` for the crops) and
+then read by the same grain pipeline as any prepared dataset.
+
 Pixel space means an identity first stage: the "latents" are the images, and PSU
 (decode, bilinear up-sampling, encode) is bilinear up-sampling of the low-res crop.
 The UNet learns the velocity of the straight path from that bilinear image (the
@@ -40,7 +44,9 @@ def get_config(arg=None):
         dtype="float32",  # bf16 matmuls are slow on most CPUs
     )
     c.coupling.update(upsampling_mode="psu", noising_step=-1, concat_context=False)
-    c.data.update(image_size=64, lowres_size=32, batch_size=4, num_val_images=32)
+    # The bundled photos, prepared once into pixel-space records (runs/photo_records/64x32).
+    c.data.update(name="records", prepare_photos=True, flip=True, image_size=64, lowres_size=32,
+                  batch_size=4, num_val_images=64)
     c.optim.update(lr=1e-3, warmup_steps=100, schedule="cosine", total_steps=500, min_lr_ratio=0.05,
                    grad_clip_norm=1.0)
     c.ema.update(beta=0.999, update_after_step=100)

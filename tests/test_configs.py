@@ -89,3 +89,19 @@ def test_train_cli_reports_a_missing_vae_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "error: first_stage.path=" in proc.stderr and "Traceback" not in proc.stderr
     assert not workdir.exists()  # nothing written for a rejected config
+
+
+def test_bench_data_prints_json(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "bench/bench_data.py", "--workers", "0", "--qs_batches", "2", "--paper_examples", "4",
+         "--paper_batches", "1", "--batch_size", "2", "--train_steps", "0", "--train_examples_per_sec", "10",
+         "--tmp", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert result["prepare"][0]["crops"] == 13 * 64 and result["prepare"][0]["crops_per_sec"] > 0
+    assert result["paper_shaped_bytes_per_example"] > 3_000_000  # 1024² uint8 + 2 x 128²x4 float32
+    for key in ("quickstart_64px", "paper_1024px", "paper_1024px_with_pixels"):
+        assert result["loader"][key][0]["examples_per_sec"] > 0, key
+    rate = result["loader"]["paper_1024px"][0]["examples_per_sec"]
+    assert result["headroom_paper_vs_given_rate"]["0"] == pytest.approx(rate / 10, rel=1e-2)

@@ -296,3 +296,45 @@ def test_cli_on_the_bundled_photos(tmp_path, capsys):
     np.testing.assert_array_equal(ex["original_size"], [400, 600])
     np.testing.assert_array_equal(ex["crop_offset"], [0, 16])
     assert ex["latent_lowres"].shape == (64, 64, 3) and records.dataset_metadata(str(out))["downsample_factor"] == 4
+
+
+def test_native_size_cap_and_zoomed_out_crops():
+    """short_side=0 keeps native pixels, max_short_side caps large images, min_scale < 1 crops a
+    larger region resampled by PIL (checked against PIL directly) and stays inside the image."""
+    image = skimage.data.astronaut()  # 512 x 512
+    rng = np.random.default_rng(0)
+    native = prepare.make_crops(image, image_size=64, crop="random", crops_per_image=3, rng=rng)
+    for crop, (top, left) in native:
+        np.testing.assert_array_equal(crop, image[top:top + 64, left:left + 64])
+    zoomed = prepare.make_crops(image, image_size=64, crop="random", crops_per_image=20,
+                                rng=np.random.default_rng(1), min_scale=0.25)
+    u = np.random.default_rng(1).random((20, 3))
+    for (crop, (top, left)), (us, uy, ux) in zip(zoomed, u):
+        side = 64 / np.exp(np.log(0.25) * (1 - us))
+        assert 64 <= side <= 256 + 1e-9 and 0 <= top <= 512 - side + 0.5 and 0 <= left <= 512 - side + 0.5
+        ref = Image.fromarray(image).resize((64, 64), Image.Resampling.BICUBIC,
+                                            box=(ux * (512 - side), uy * (512 - side),
+                                                 ux * (512 - side) + side, uy * (512 - side) + side))
+        np.testing.assert_array_equal(crop, np.asarray(ref))
+    with pytest.raises(ValueError, match="min_scale"):
+        prepare.prepare("photos:validation", "/nonexistent", image_size=64, lowres_size=32, min_scale=0.5)
+    with pytest.raises(ValueError, match="max_short_side"):
+        prepare.prepare("photos:validation", "/nonexistent", image_size=64, lowres_size=32, max_short_side=32)
+
+
+def test_photos_at_native_size_with_a_cap(tmp_path):
+    out = str(tmp_path / "native")
+    s = prepare.prepare("photos:train", out, image_size=64, lowres_size=32, short_side=0, max_short_side=512,
+                        crop="random", crops_per_image=1, progress=False)
+    assert s["images_written"] == 13 and s["images_skipped"] == 0
+    source = records.data_source(out, "train")
+    rows = {source[i]["file_name"].decode(): source[i] for i in range(len(source))}
+    cam = rows["skimage.data.camera"]  # 512 x 512 gray: native pixels
+    top, left = cam["crop_offset"]
+    expected = np.repeat(skimage.data.camera()[top:top + 64, left:left + 64, None], 3, -1)
+    np.testing.assert_array_equal(cam["image"], expected)
+    retina = rows["skimage.data.retina"]  # 1411 x 1411, reduced to 512
+    top, left = retina["crop_offset"]
+    assert top + 64 <= 512 and left + 64 <= 512
+    reduced = prepare.resize_short_side(skimage.data.retina(), 512)
+    np.testing.assert_array_equal(retina["image"], reduced[top:top + 64, left:left + 64])

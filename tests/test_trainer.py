@@ -26,7 +26,9 @@ def tiny_config(**train_kw):
     c = get_config()
     c.model.update(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
                    num_heads=1, dim_head=32)
-    c.data.update(image_size=16, lowres_size=8, batch_size=4, num_val_images=4)
+    # crops drawn on the fly (fast, nothing to prepare); records: tests/test_train_records.py
+    c.data.update(name="photos", prepare_photos=False, image_size=16, lowres_size=8, batch_size=4,
+                  num_val_images=4)
     c.optim.update(lr=2e-3, warmup_steps=2, schedule="constant", grad_clip_norm=1.0)
     c.ema.update(update_after_step=2)
     c.sample.update(method="euler", num_steps=3)

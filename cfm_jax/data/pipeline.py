@@ -75,16 +75,19 @@ METADATA_KEYS = ("file_name", "original_size", "crop_index", "crop_offset")
 class RecordToExample(grain.transforms.Map):
     """One record (dict of numpy arrays) -> a float32 example of the batch convention."""
 
-    def __init__(self, factor: int, keep_metadata: bool = False):
+    def __init__(self, factor: int, keep_metadata: bool = False, with_pixels: bool = True):
         self.factor = int(factor)
         self.keep_metadata = bool(keep_metadata)
+        self.with_pixels = bool(with_pixels)
 
     def map(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        image = np.asarray(record["image"])
-        if image.dtype != np.uint8:
-            raise ValueError(f"record image must be uint8, got {image.dtype}")
-        image = image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-        out = {"image": image, "image_lowres": np.asarray(downsample(image, self.factor), np.float32)}
+        out = {}
+        if self.with_pixels:
+            image = np.asarray(record["image"])
+            if image.dtype != np.uint8:
+                raise ValueError(f"record image must be uint8, got {image.dtype}")
+            image = image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+            out = {"image": image, "image_lowres": np.asarray(downsample(image, self.factor), np.float32)}
         for key in SPATIAL_FLOAT_KEYS:
             if key in record:
                 out[key] = np.asarray(record[key], np.float32)
@@ -123,13 +126,16 @@ def make_record_loader(path: str, *, split: str = "train", batch_size: int, seed
                        num_epochs: int | None = None, flip: bool = False, worker_count: int = 0,
                        worker_buffer_size: int = 2, process_index: int | None = None,
                        process_count: int | None = None, drop_remainder: bool = True,
-                       keep_metadata: bool = False, keep_flip_marker: bool = False) -> grain.DataLoader:
+                       keep_metadata: bool = False, keep_flip_marker: bool = False,
+                       with_pixels: bool = True) -> grain.DataLoader:
     """A grain ``DataLoader`` of per-process batches from the records of ``split`` in ``path``.
 
     ``batch_size``: per process. ``num_epochs=None``: repeat forever (shuffled anew each
     epoch when ``shuffle``). ``flip``: random horizontal flip, the same for every array of
     an example (``keep_flip_marker=True`` adds a bool ``flipped`` key, for tests).
     ``worker_count``: grain worker processes (0: in the calling process).
+    ``with_pixels=False``: no ``image``/``image_lowres`` keys (the train step needs only the
+    latents; at 1024² this skips converting and down-sampling a 3 MiB image per example).
     """
     import jax
 
@@ -149,7 +155,7 @@ def make_record_loader(path: str, *, split: str = "train", batch_size: int, seed
     shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
     sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard, shuffle=shuffle,
                                           num_epochs=num_epochs, seed=int(seed))
-    operations: list = [RecordToExample(image_size // lowres_size, keep_metadata)]
+    operations: list = [RecordToExample(image_size // lowres_size, keep_metadata, with_pixels)]
     if flip:
         operations.append(RandomHorizontalFlip())
         if not keep_flip_marker:

@@ -17,7 +17,10 @@ What happens to one source image
    broken, non-image and too small files (short side < ``min_size``, default
    ``short_side``: nothing is up-scaled) are skipped and reported with the reason.
 2. The short side is resized to ``short_side`` (default ``image_size``) with PIL's
-   antialiased bicubic filter; ``crops_per_image`` squares of ``image_size`` are cut:
+   antialiased bicubic filter (``short_side=0``: no resizing, crops of native pixels), then,
+   with ``max_short_side``, larger images are reduced to that short side;
+   ``crops_per_image`` squares of ``image_size`` are cut (``min_scale < 1``: of a region
+   zoomed out by a random factor, resampled to ``image_size``):
    ``center`` (one crop) or ``random`` (positions drawn from
    ``SeedSequence([seed, sha256(file name)])``: they do not depend on the other files,
    the shard or the process).
@@ -204,15 +207,31 @@ def crop_rng(seed: int, name: str) -> np.random.Generator:
 
 
 def make_crops(image: np.ndarray, *, image_size: int, crop: str, crops_per_image: int,
-               rng: np.random.Generator | None = None) -> list[tuple[np.ndarray, tuple[int, int]]]:
-    """``[(crop uint8 [S, S, 3], (top, left)), ...]`` of an image already resized."""
+               rng: np.random.Generator | None = None, min_scale: float = 1.0
+               ) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """``[(crop uint8 [S, S, 3], (top, left)), ...]`` of an image already resized.
+
+    ``min_scale < 1`` (random crops only): each crop shows a square region of ``S / s``
+    pixels, ``s`` log-uniform in ``[min_scale, 1]`` (at least ``S / short side``), resampled
+    to ``S`` with PIL's antialiased bicubic filter: zoomed-out views, for scale diversity.
+    """
     h, w = image.shape[:2]
     out = []
+    pil = Image.fromarray(image) if min_scale < 1.0 else None
     for _ in range(crops_per_image):
         if crop == "center":
             y0, x0 = (h - image_size) // 2, (w - image_size) // 2
-        else:
+        elif pil is None:
             y0, x0 = int(rng.integers(0, h - image_size + 1)), int(rng.integers(0, w - image_size + 1))
+        else:
+            u_scale, u_y, u_x = rng.random(3)
+            scale = max(math.exp(math.log(min_scale) * (1.0 - u_scale)), image_size / min(h, w))
+            side = min(image_size / scale, h, w)
+            top, left = u_y * (h - side), u_x * (w - side)
+            region = pil.resize((image_size, image_size), Image.Resampling.BICUBIC,
+                                box=(left, top, left + side, top + side))
+            out.append((np.asarray(region), (int(round(top)), int(round(left)))))
+            continue
         out.append((np.ascontiguousarray(image[y0:y0 + image_size, x0:x0 + image_size]), (y0, x0)))
     return out
 
@@ -354,6 +373,7 @@ class _Loaded:
 
 def prepare(src: str, out: str, *, image_size: int, lowres_size: int, first_stage: Any = "identity",
             split: str = "train", name: str = "cfm_latents", short_side: int | None = None,
+            max_short_side: int = 0, min_scale: float = 1.0,
             min_size: int | None = None, crop: str = "center", crops_per_image: int = 1,
             images_per_shard: int = 64, num_processes: int = 1, process_index: int = 0, batch_size: int = 8,
             with_moments: bool = False, seed: int = 0, num_workers: int | None = None,
@@ -371,16 +391,25 @@ def prepare(src: str, out: str, *, image_size: int, lowres_size: int, first_stag
     start = time.time()
     image_size, lowres_size = int(image_size), int(lowres_size)
     short_side = image_size if short_side is None else int(short_side)
-    min_size = short_side if min_size is None else int(min_size)
+    min_size = (short_side or image_size) if min_size is None else int(min_size)
     if not 0 < lowres_size <= image_size:
         raise ValueError(f"lowres_size={lowres_size} must be in (0, image_size={image_size}].")
-    if short_side < image_size:
-        raise ValueError(f"short_side={short_side} must be >= image_size={image_size}.")
+    max_short_side = int(max_short_side or 0)
+    if max_short_side and max_short_side < max(image_size, short_side):
+        raise ValueError(f"max_short_side={max_short_side} must be >= image_size and short_side (or 0: no cap).")
+    if short_side and short_side < image_size:
+        raise ValueError(f"short_side={short_side} must be >= image_size={image_size} (or 0: native size).")
+    if min_size < image_size and not short_side:
+        raise ValueError(f"min_size={min_size} < image_size={image_size} with short_side=0 (native size): "
+                         "smaller images cannot be cropped; raise min_size or set short_side.")
     if crop not in _CROP_MODES:
         raise ValueError(f"crop={crop!r}; choose one of {_CROP_MODES}.")
     if crops_per_image < 1 or (crop == "center" and crops_per_image != 1):
         raise ValueError(f"crops_per_image={crops_per_image}: use 1 with crop='center' (all centre crops are "
                          "the same), or crop='random'.")
+    min_scale = float(min_scale)
+    if not 0.0 < min_scale <= 1.0 or (min_scale < 1.0 and crop != "random"):
+        raise ValueError(f"min_scale={min_scale} must be in (0, 1], and below 1 only with crop='random'.")
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index={process_index} must be in [0, num_processes={num_processes}).")
     if images_per_shard < 1 or batch_size < 1:
@@ -409,6 +438,7 @@ def prepare(src: str, out: str, *, image_size: int, lowres_size: int, first_stag
                "with_moments": bool(with_moments), "first_stage": first_stage_info(fs)}
     shards = _shard_ranges(len(source.names), images_per_shard)
     split_plan = {"source": source.description, "files": list(source.names), "short_side": short_side,
+                  "max_short_side": max_short_side, "min_scale": min_scale,
                   "min_size": min_size, "crop": crop, "crops_per_image": crops_per_image, "seed": int(seed),
                   "images_per_shard": images_per_shard, "num_shards": len(shards)}
     os.makedirs(out, exist_ok=True)
@@ -431,13 +461,16 @@ def prepare(src: str, out: str, *, image_size: int, lowres_size: int, first_stag
 
     def load(index: int) -> _Loaded:
         item_name = source.names[index]
-        loaded = source.load(index, min_size=min_size, draft_short_side=short_side)
+        loaded = source.load(index, min_size=min_size, draft_short_side=short_side or max_short_side or None)
         if not loaded.ok:
             return _Loaded(item_name, [], None, loaded.skip_reason, loaded.detail)
-        resized = resize_short_side(loaded.image, short_side)
+        resized = resize_short_side(loaded.image, short_side) if short_side else loaded.image
+        if max_short_side and min(resized.shape[:2]) > max_short_side:
+            resized = resize_short_side(resized, max_short_side)
         rng = crop_rng(seed, item_name) if crop == "random" else None
         return _Loaded(item_name, make_crops(resized, image_size=image_size, crop=crop,
-                                             crops_per_image=crops_per_image, rng=rng), loaded.original_size)
+                                             crops_per_image=crops_per_image, rng=rng, min_scale=min_scale),
+                        loaded.original_size)
 
     def encode_shard(items: list[_Loaded], on_batch) -> list[dict]:
         """Examples (metadata + arrays) of the loaded items of one shard, in order."""
@@ -551,7 +584,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="cfm_latents", help="TFDS dataset name (file name prefix)")
     p.add_argument("--image_size", type=int, required=True)
     p.add_argument("--lowres_size", type=int, required=True)
-    p.add_argument("--short_side", type=int, default=None, help="resize the short side to this (default image_size)")
+    p.add_argument("--short_side", type=int, default=None, help="resize the short side to this (default image_size; 0: keep the native size)")
+    p.add_argument("--max_short_side", type=int, default=0,
+                   help="then reduce larger images to this short side (0: no cap; useful with --short_side 0)")
     p.add_argument("--min_size", type=int, default=None, help="skip images with a shorter short side "
                    "(default short_side: no up-scaling)")
     p.add_argument("--first_stage_path", default="identity",
@@ -563,6 +598,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tile_overlap", type=int, default=8)
     p.add_argument("--crop", default="center", choices=_CROP_MODES)
     p.add_argument("--crops_per_image", type=int, default=1)
+    p.add_argument("--min_scale", type=float, default=1.0,
+                   help="random crops: zoom out by a log-uniform factor in [min_scale, 1] (1: no zoom)")
     p.add_argument("--images_per_shard", type=int, default=64)
     p.add_argument("--num_processes", type=int, default=1)
     p.add_argument("--process_index", type=int, default=0)
@@ -581,7 +618,8 @@ def main(argv=None) -> int:
                           tile_size=args.tile_size, tile_overlap=args.tile_overlap)
     summary = prepare(
         args.src, args.out, image_size=args.image_size, lowres_size=args.lowres_size, first_stage=fs,
-        split=args.split, name=args.name, short_side=args.short_side, min_size=args.min_size, crop=args.crop,
+        split=args.split, name=args.name, short_side=args.short_side, max_short_side=args.max_short_side,
+        min_size=args.min_size, crop=args.crop, min_scale=args.min_scale,
         crops_per_image=args.crops_per_image, images_per_shard=args.images_per_shard,
         num_processes=args.num_processes, process_index=args.process_index, batch_size=args.batch_size,
         with_moments=args.with_moments, seed=args.seed, num_workers=args.num_workers, max_shards=args.max_shards,

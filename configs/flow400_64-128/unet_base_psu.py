@@ -17,6 +17,9 @@ def get_config(arg=None):
     del arg
     c = base_config()  # the defaults *are* the paper's model, flow, coupling, optimizer and EMA
     c.first_stage.update(name="autoencoder", path="checkpoints/sd_ae.ckpt", scale_factor=0.18215)
-    c.data.update(name="records", image_size=1024, lowres_size=512, batch_size=64)
+    # Records from `python -m cfm_jax.data.prepare ... --out data/cfm_latents_1024` (README); the
+    # original reads its own latent dataset without flipping, so flip stays off.
+    c.data.update(name="records", path="data/cfm_latents_1024", image_size=1024, lowres_size=512,
+                  batch_size=64, worker_count=4)
     c.train.update(num_steps=1_000_000, eval_every=5000, checkpoint_every=10_000, keep_checkpoints=5)
     return c
