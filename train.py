@@ -18,6 +18,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Co
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, logs, samples). "
                                "Default: runs/<config file name>.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "jax.distributed: auto = on TPU VM slices / SLURM / with a coordinator address.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host outside "
+                                   "TPU VMs; or JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run (or JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (or JAX_PROCESS_ID).")
+_DIST_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for all processes to join, "
+                                     "and at barriers, before failing.")
 _LOAD_WEIGHTS = flags.DEFINE_string("load_weights", None, "Start from the (EMA) weights of this checkpoint "
                                     "(a work directory or checkpoint folder), non-strictly.")
 
@@ -27,6 +35,14 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from cfm_jax import distributed
+    try:  # before anything touches a JAX backend
+        distributed.initialize(_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                               timeout_s=_DIST_TIMEOUT.value)
+    except (RuntimeError, ValueError) as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        sys.exit(2)
     from cfm_jax.trainer import TrainingDiverged, train
 
     config = _CONFIG.value

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from PIL import Image
 
-from cfm_jax import checkpointing, metrics as image_metrics, sharding
+from cfm_jax import checkpointing, distributed, flops as flops_lib, metrics as image_metrics, sharding
 from cfm_jax.data import photos
 from cfm_jax.data.train_data import make_data
 from cfm_jax.ema import EMAConfig, ema_update
@@ -59,18 +59,31 @@ def _init_state(upsampler: CFMUpsampler, tx: optax.GradientTransformation, rng: 
                       ema_params=jax.tree.map(jnp.copy, params), rng=state_rng)
 
 
+def _state_shapes(upsampler, tx, latent_size: int) -> TrainState:
+    return jax.eval_shape(lambda r: _init_state(upsampler, tx, r, latent_size), jax.random.PRNGKey(0))
+
+
+def train_state_shardings(upsampler, tx, latent_size: int, mesh, fsdp_min_size: int | None = None):
+    """The :class:`NamedSharding` of every leaf of the train state (``sharding.state_shardings``:
+    replicated over ``data``, large arrays split over ``fsdp``)."""
+    min_size = sharding.DEFAULT_FSDP_MIN_SIZE if fsdp_min_size is None else fsdp_min_size
+    return sharding.state_shardings(_state_shapes(upsampler, tx, latent_size), mesh, min_size)
+
+
 def create_train_state(upsampler: CFMUpsampler, tx: optax.GradientTransformation, rng: jax.Array,
-                       latent_size: int, mesh) -> TrainState:
-    """Initialises the state directly into its (replicated) sharding, inside one jit."""
-    init = jax.jit(lambda r: _init_state(upsampler, tx, r, latent_size), out_shardings=sharding.replicated(mesh))
+                       latent_size: int, mesh, fsdp_min_size: int | None = None) -> TrainState:
+    """Initialises the state directly into its sharding, inside one jit (``out_shardings``): no
+    host or device ever holds more than its own shards."""
+    shardings = train_state_shardings(upsampler, tx, latent_size, mesh, fsdp_min_size)
+    init = jax.jit(lambda r: _init_state(upsampler, tx, r, latent_size), out_shardings=shardings)
     return init(rng)
 
 
-def abstract_train_state(upsampler, tx, latent_size: int, mesh) -> TrainState:
+def abstract_train_state(upsampler, tx, latent_size: int, mesh, fsdp_min_size: int | None = None) -> TrainState:
     """Shapes, dtypes and shardings of the state, without allocating it."""
-    shapes = jax.eval_shape(lambda r: _init_state(upsampler, tx, r, latent_size), jax.random.PRNGKey(0))
-    rep = sharding.replicated(mesh)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+    shapes = _state_shapes(upsampler, tx, latent_size)
+    shardings = train_state_shardings(upsampler, tx, latent_size, mesh, fsdp_min_size)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 # --------------------------------------------------------------------------- 2. update step
@@ -86,9 +99,12 @@ def split_microbatches(batch: dict, n: int) -> dict:
 
 
 def make_train_step(upsampler: CFMUpsampler, tx: optax.GradientTransformation,
-                    schedule: Callable, ema_cfg: EMAConfig, mesh, *, grad_accum_steps: int = 1):
+                    schedule: Callable, ema_cfg: EMAConfig, mesh, *, grad_accum_steps: int = 1,
+                    state_sharding=None):
     """The jitted update ``(state, batch) -> (state, metrics)``; ``state`` is donated.
 
+    ``state_sharding``: the train state's shardings (:func:`train_state_shardings`; default
+    replicated). The batch is split over the mesh's batch axes; metrics are replicated.
     ``train_step.num_traces()`` tells how often it was traced (a retrace is a bug).
     """
     traces = [0]
@@ -104,7 +120,8 @@ def make_train_step(upsampler: CFMUpsampler, tx: optax.GradientTransformation,
         if grad_accum_steps == 1:
             loss, grads = loss_and_grads(state.params, batch, rng)
         else:
-            micro = split_microbatches(batch, grad_accum_steps)
+            micro = jax.lax.with_sharding_constraint(split_microbatches(batch, grad_accum_steps),
+                                                     sharding.microbatch_sharding(mesh))
 
             def body(carry, xs):
                 grad_sum, loss_sum = carry
@@ -133,7 +150,8 @@ def make_train_step(upsampler: CFMUpsampler, tx: optax.GradientTransformation,
         return new_state, metrics
 
     rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    jitted = jax.jit(step_fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
+    state_sh = rep if state_sharding is None else state_sharding
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, data), out_shardings=(state_sh, rep), donate_argnums=(0,))
     jitted.num_traces = lambda: traces[0]
     return jitted
 
@@ -160,6 +178,8 @@ class Validator:
             method=sample_cfg.method, num_steps=sample_cfg.num_steps, atol=sample_cfg.atol,
             rtol=sample_cfg.rtol, max_steps=sample_cfg.max_steps)
 
+        self.gather = jax.jit(lambda x: x, out_shardings=sharding.replicated(mesh))
+
         @jax.jit
         def scores(pred, target):
             return {"psnr": image_metrics.psnr(pred, target), "ssim": image_metrics.ssim(pred, target),
@@ -171,14 +191,19 @@ class Validator:
         per_image: dict[str, list] = {}
         grid_parts = ([], [], [])
         nfe = 0
+        n_proc, proc = jax.process_count(), jax.process_index()
         for i, batch in enumerate(self.batches):
-            gbatch = self.prepare(sharding.shard_batch(batch, self.mesh))
+            # every process holds the whole batch on the host and contributes its own rows
+            rows = len(batch["image"]) // n_proc
+            local = {k: v[proc * rows:(proc + 1) * rows] for k, v in batch.items()}
+            gbatch = self.prepare(sharding.shard_batch(local, self.mesh))
             pred, result = self.predict(params, gbatch, jax.random.fold_in(self.rng, i))
+            pred = self.gather(pred)  # replicated: every process can read all of it
             if not bool(np.all(np.asarray(result.success))):
                 raise RuntimeError("The adaptive ODE solver did not finish during validation; raise "
                                    "--config.sample.max_steps or loosen sample.rtol/atol.")
             nfe = int(result.nfe)
-            target = gbatch["image"]
+            target = np.asarray(batch["image"])
             bicubic = photos.upsample_bicubic(batch["image_lowres"], target.shape[1])
             bilinear = photos.upsample_bilinear(batch["image_lowres"], target.shape[1])
             for name, img in (("cfm", pred), ("bicubic", bicubic), ("bilinear", bilinear)):
@@ -229,6 +254,23 @@ class _StopSignal:
             signal.signal(sig, old)
 
 
+def _agreed_stop(received: str | None, step: int) -> str | None:
+    """Whether to save and stop after ``step``, the same answer on every process: a signal
+    received by any process, or a TPU preemption notice (JAX's preemption sync point)."""
+    if jax.process_count() == 1:
+        return received
+    from jax._src import distributed as _dist
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray(received is not None))
+    if np.any(flags):
+        return received or f"a signal on process {int(np.argmax(flags))}"
+    if _dist.global_state.preemption_sync_manager is not None and \
+            multihost_utils.reached_preemption_sync_point(step):
+        return "TPU preemption notice"
+    return None
+
+
 def _host_metrics(metrics: list[dict]) -> list[dict]:
     return [{k: float(v) for k, v in m.items()} for m in jax.device_get(metrics)]
 
@@ -236,8 +278,11 @@ def _host_metrics(metrics: list[dict]) -> list[dict]:
 def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
     """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint). Returns a summary."""
     # Everything that can reject the config runs before anything is written to workdir.
-    mesh = sharding.make_data_mesh()
+    mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.data.batch_size, mesh)
+    if config.optim.grad_accum_steps > 1:
+        sharding.check_batch_size(config.data.batch_size // config.optim.grad_accum_steps, mesh,
+                                  "data.batch_size / optim.grad_accum_steps")
     upsampler = CFMUpsampler(config)
     latent_size = upsampler.latent_size(config.data.image_size)
     tx, schedule = make_optimizer(config.optim)
@@ -252,8 +297,14 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
 
     manager = checkpointing.make_manager(workdir, keep=config.train.keep_checkpoints)
     start_step = manager.latest_step()
+    fsdp_min = config.mesh.fsdp_min_size
+    abstract = abstract_train_state(upsampler, tx, latent_size, mesh, fsdp_min)
+    layout = sharding.describe(abstract, jax.tree.map(lambda a: a.sharding, abstract))
+    log.info("Mesh %s over %d devices (%d processes); train state %.1f MiB, %.1f MiB per device "
+             "(%d arrays sharded over fsdp, %d replicated).", dict(mesh.shape), mesh.devices.size,
+             jax.process_count(), layout["bytes"] / 2**20, layout["bytes_per_device"] / 2**20,
+             layout["sharded_leaves"], layout["replicated_leaves"])
     if start_step is not None:
-        abstract = abstract_train_state(upsampler, tx, latent_size, mesh)
         state, _ = checkpointing.restore(manager, abstract)
         if train_data.restore_arg() is not None:
             if checkpointing.has_item(manager, start_step, "data"):
@@ -265,15 +316,19 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
         if load_weights:
             log.warning("--load_weights ignored: the work directory already has checkpoints (resuming).")
     else:
-        state = create_train_state(upsampler, tx, jax.random.PRNGKey(config.seed), latent_size, mesh)
+        state = create_train_state(upsampler, tx, jax.random.PRNGKey(config.seed), latent_size, mesh, fsdp_min)
         if load_weights:
             state = _load_weights(state, load_weights, mesh)
 
     writer = MetricWriter(workdir, use_csv=config.logging.csv, tensorboard=config.logging.tensorboard,
                           wandb=config.logging.wandb, wandb_project=config.logging.wandb_project,
                           wandb_name=config.logging.wandb_name, config_dict=config.to_dict())
+    state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
     train_step = make_train_step(upsampler, tx, schedule, ema_cfg, mesh,
-                                 grad_accum_steps=config.optim.grad_accum_steps)
+                                 grad_accum_steps=config.optim.grad_accum_steps, state_sharding=state_sharding)
+    # model FLOPs (forward + backward of the UNet, analytic; a rematerialised forward is not counted)
+    flops_per_example = flops_lib.train_flops_per_example(config.model, latent_size)
+    n_devices = mesh.devices.size
     prepare = batch_preparer(upsampler, train_data.has_latents) or (lambda b: b)
     validator = Validator(upsampler, val_batches, mesh, config.sample, config.seed, prepare=prepare)
     t_cfg = config.train
@@ -302,12 +357,20 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
         from tqdm import tqdm
         pbar = tqdm(total=num_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     pending: list[dict] = []
+    compiled_step = None
     last_time, last_step = time.perf_counter(), step
     first_step_time = None
     with _StopSignal() as stop:
         while step < num_steps:
             batch = prepare(sharding.shard_batch(train_data.next_batch(), mesh))
-            state, metrics = train_step(state, batch)
+            if compiled_step is None:  # ahead-of-time: trace, lower and compile once, timed
+                t0 = time.perf_counter()
+                with jax.set_mesh(mesh):
+                    compiled_step = train_step.lower(state, batch).compile()
+                summary["compile_seconds"] = time.perf_counter() - t0
+                log.info("Compiled the train step in %.1f s.", summary["compile_seconds"])
+                last_time = time.perf_counter()
+            state, metrics = compiled_step(state, batch)
             step += 1
             pending.append(metrics)
             if first_step_time is None:
@@ -315,10 +378,11 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
                 first_step_time = time.perf_counter() - last_time
                 last_time, last_step = time.perf_counter(), step
                 summary["first_step_seconds"] = first_step_time
+            stop_by = _agreed_stop(stop.received, step)
             at_log = step % t_cfg.log_every == 0 or step == num_steps
             at_ckpt = step % t_cfg.checkpoint_every == 0 or step == num_steps
             at_eval = t_cfg.eval_every > 0 and (step % t_cfg.eval_every == 0 or step == num_steps)
-            if at_log or at_ckpt or at_eval or stop.received:
+            if at_log or at_ckpt or at_eval or stop_by:
                 host = _host_metrics(pending)
                 for i, m in enumerate(host):
                     if not np.isfinite(m["loss"]):
@@ -336,7 +400,11 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
                 last_time, last_step = now, step
                 row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
                 row["steps_per_sec"] = rate
+                row["step_seconds"] = 1.0 / max(rate, 1e-12)
                 row["examples_per_sec"] = rate * config.data.batch_size
+                row["examples_per_sec_per_device"] = row["examples_per_sec"] / n_devices
+                row["tflops_per_device"] = flops_lib.model_tflops_per_device(
+                    flops_per_example, row["step_seconds"], config.data.batch_size, n_devices)
                 writer.write(step, {f"train/{k}": v for k, v in row.items()})
                 summary["train"] = row
                 if pbar is not None:
@@ -348,13 +416,13 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
                     pbar.write(f"step {step}: PSNR cfm {results['val/cfm_psnr']:.2f} dB vs bicubic "
                                f"{results['val/bicubic_psnr']:.2f} dB | SSIM cfm {results['val/cfm_ssim']:.4f} "
                                f"vs bicubic {results['val/bicubic_ssim']:.4f}")
-            if at_ckpt or stop.received:
+            if at_ckpt or stop_by:
                 save(step, state)
             if pbar is not None:
                 pbar.update(1)
-            if stop.received:
-                log.warning("Received %s: saved a checkpoint at step %d, stopping.", stop.received, step)
-                summary["stopped_by"] = stop.received
+            if stop_by:
+                log.warning("Stopping (%s): saved a checkpoint at step %d.", stop_by, step)
+                summary["stopped_by"] = stop_by
                 break
     if pbar is not None:
         pbar.close()
@@ -362,6 +430,7 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
     writer.close()
     summary["final_step"] = step
     summary["num_traces"] = train_step.num_traces()
+    distributed.barrier("cfm_jax.train.end")
     if is_main:
         with open(os.path.join(workdir, "train_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -384,7 +453,7 @@ def _load_weights(state: TrainState, path: str, mesh) -> TrainState:
     log.warning("--load_weights: loaded %d tensors, %d missing (kept at init), %d with another shape "
                 "(kept at init)%s", len(loaded), len(missing), len(mismatched),
                 (": " + "; ".join(mismatched[:5])) if mismatched else ".")
-    params = jax.device_put(params, sharding.replicated(mesh))
+    params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, state.params))
     return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
 
 

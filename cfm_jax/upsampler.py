@@ -20,6 +20,7 @@ from cfm_jax import flow, sampling
 from cfm_jax.coupling import Coupling, resize_bilinear
 from cfm_jax.first_stage import build_first_stage
 from cfm_jax.models.unet import EfficientUNet
+from cfm_jax.sharding import BATCH_AXES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -38,7 +39,8 @@ def build_unet(cfg) -> EfficientUNet:
         dropout=cfg.dropout, channel_mult=tuple(cfg.channel_mult), conv_resample=cfg.conv_resample,
         dim_head=cfg.dim_head, num_heads=cfg.num_heads, use_linear_attn=cfg.use_linear_attn,
         use_scale_shift_norm=cfg.use_scale_shift_norm, pool_factor=cfg.pool_factor,
-        dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype))
+        dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), remat=cfg.remat,
+        activation_axes=BATCH_AXES)
 
 
 class CFMUpsampler:

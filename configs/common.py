@@ -19,7 +19,16 @@ def base_config() -> ml_collections.ConfigDict:
         conv_resample=True, dim_head=64, num_heads=4, use_linear_attn=False,
         use_scale_shift_norm=True, pool_factor=-1,
         dtype="bfloat16",        # compute dtype; params stay in param_dtype
-        param_dtype="float32",
+        param_dtype="float32",   # 'bfloat16' halves parameter, Adam-state and EMA memory
+        remat="none",            # rematerialise blocks in the backward pass: none | full | save_matmuls
+    ))
+
+    # Device mesh (cfm_jax/sharding.py): the batch is split over data x fsdp devices, the
+    # train state replicated over `data` and sharded over `fsdp` (FSDP). -1: the remaining
+    # devices. dcn_data > 1: that many slices (multi-slice TPU), `data` spanning them.
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=-1, fsdp=1, dcn_data=1,
+        fsdp_min_size=2 ** 14,   # arrays with fewer elements stay replicated
     ))
 
     # Probability path (cfm_jax/flow.py).

@@ -13,8 +13,9 @@
   bundled with scikit-image (pixel space; see :func:`ensure_photo_records`): this is the
   quick start's path.
 * ``'photos'``: random crops of the bundled photos drawn on the fly
-  (:class:`cfm_jax.data.photos.PhotoCrops`); the batch of a step is a pure function of
-  ``(seed, step)``, so nothing needs saving. With an autoencoder first stage their
+  (:class:`cfm_jax.data.photos.PhotoCrops`); the global batch of a step is a pure function
+  of ``(seed, step)``, whatever the number of processes (each keeps its own rows), so
+  nothing needs saving. With an autoencoder first stage their
   latents are encoded each step (slow; records avoid that).
 
 A :class:`TrainData` hands out this process's rows of each global batch as numpy
@@ -68,9 +69,15 @@ class TrainData(abc.ABC):
 
 
 class PhotoTrainData(TrainData):
-    def __init__(self, crops: photos.PhotoCrops, has_latents: bool):
+    """Every process draws the whole global batch of a step (a pure function of the seed and
+    the step, whatever the number of processes) and keeps its own rows."""
+
+    def __init__(self, crops: photos.PhotoCrops, has_latents: bool, process_index: int = 0,
+                 process_count: int = 1):
         self.crops = crops
         self.has_latents = has_latents
+        self.rows = slice(process_index * crops.batch_size // process_count,
+                          (process_index + 1) * crops.batch_size // process_count)
         self.step = 0
 
     def seek(self, step: int) -> None:
@@ -79,7 +86,7 @@ class PhotoTrainData(TrainData):
     def next_batch(self):
         batch = self.crops.batch_at(self.step)
         self.step += 1
-        return batch
+        return {k: v[self.rows] for k, v in batch.items()}
 
 
 class RecordTrainData(TrainData):
@@ -149,11 +156,11 @@ def ensure_photo_records(path: str, *, image_size: int, lowres_size: int, train_
             crops_per_image=PHOTO_VAL_CROPS if is_val else PHOTO_TRAIN_CROPS, images_per_shard=4,
             num_processes=n, process_index=i, seed=seed, progress=progress and i == 0)
     if n > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("cfm_jax.photo_records.prepared")
+        from cfm_jax import distributed
+        distributed.barrier("cfm_jax.photo_records.prepared")
         if i == 0:
             prepare.finalize(path)
-        multihost_utils.sync_global_devices("cfm_jax.photo_records.finalized")
+        distributed.barrier("cfm_jax.photo_records.finalized")
     missing = [s for s in todo if not _has_split(path, s)]
     if missing:
         raise RuntimeError(f"Preparing the photo records in {path} did not complete split(s) {missing}; "
@@ -237,8 +244,9 @@ def make_data(config, first_stage, *, n_devices: int | None = None, train: bool 
         train_data = None
         if train:
             crops = photos.PhotoCrops("train", image_size=d.image_size, lowres_size=d.lowres_size,
-                                      batch_size=per_process, seed=config.seed * 1000 + jax.process_index())
-            train_data = PhotoTrainData(crops, has_latents=first_stage.name == "identity")
+                                      batch_size=d.batch_size, seed=config.seed)
+            train_data = PhotoTrainData(crops, has_latents=first_stage.name == "identity",
+                                        process_index=jax.process_index(), process_count=n_proc)
         val = photos.PhotoCrops("validation", image_size=d.image_size, lowres_size=d.lowres_size,
                                 batch_size=val_bs, seed=12345)
         return train_data, [val.batch_at(i) for i in range(max(1, d.num_val_images // val_bs))]

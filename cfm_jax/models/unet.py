@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 _NUM_GROUPS = 32
 _NORM_EPS = 1e-5
@@ -53,6 +54,35 @@ def _conv3x3(features, dtype, param_dtype, name, *, strides=1, zero=False):
                    dtype=dtype, param_dtype=param_dtype, name=name, **extra)
 
 
+REMAT_POLICIES = ("none", "full", "save_matmuls")
+
+
+def _save_matmuls(prim, *_, **__) -> bool:
+    """Remat policy: keep the outputs of matmuls and convolutions, recompute the rest
+    (norms, activations, adds) in the backward pass."""
+    return prim.name in ("dot_general", "conv_general_dilated")
+
+
+def _remat(cls, policy: str, static_argnums=()):
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat={policy!r}; choose one of {REMAT_POLICIES}.")
+    if policy == "none":
+        return cls
+    return nn.remat(cls, policy=None if policy == "full" else _save_matmuls, static_argnums=static_argnums)
+
+
+def _constrain(h, axes: tuple):
+    """Pins the batch axis of an activation to the mesh axes ``axes`` when traced under a
+    mesh (``jax.set_mesh``) that has them; a no-op otherwise (tests, plain ``apply``). Keeps
+    GSPMD from sharding activations on channels after FSDP-sharded weights."""
+    if not axes:
+        return h
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(axes) <= set(mesh.axis_names):
+        return h
+    return jax.lax.with_sharding_constraint(h, PartitionSpec(axes))
+
+
 class ResBlock(nn.Module):
     """ADM residual block conditioned on the timestep embedding (torch `ResBlock`)."""
 
@@ -63,7 +93,7 @@ class ResBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, emb, *, train: bool = False):
+    def __call__(self, x, emb, train: bool = False):
         # x: [B, H, W, Cin], emb: [B, E]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         c_out = self.out_channels
@@ -190,6 +220,8 @@ class EfficientUNet(nn.Module):
     pool_factor: int = -1
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
+    remat: str = "none"  # rematerialise each res/attention block: none | full | save_matmuls
+    activation_axes: tuple = ()  # mesh axes of the batch dimension of activations (under a mesh)
 
     @nn.compact
     def __call__(self, x, t, context: Optional[jax.Array] = None, *, train: bool = False):
@@ -217,6 +249,10 @@ class EfficientUNet(nn.Module):
         b = x.shape[0]
         res_kw = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm, **kw)
         attn_kw = dict(num_heads=self.num_heads, dim_head=self.dim_head, **kw)
+        # Same parameter names with or without remat (lifted transforms keep module names).
+        ResBlock_ = _remat(ResBlock, self.remat, static_argnums=(3,))  # (self, x, emb, train)
+        Attention_ = _remat(SpatialSelfAttention, self.remat)
+        axes = tuple(self.activation_axes)
 
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
         emb = timestep_embedding(t, mc)  # [B, mc], float32
@@ -234,10 +270,11 @@ class EfficientUNet(nn.Module):
         block, ds = 1, 1
         for level, mult in enumerate(self.channel_mult):
             for _ in range(self.num_res_blocks):
-                h = ResBlock(mult * mc, name=f"input_blocks_{block}_0", **res_kw)(h, emb, train=train)
+                h = ResBlock_(mult * mc, name=f"input_blocks_{block}_0", **res_kw)(h, emb, train)
                 if ds in self.attention_resolutions:
-                    h = SpatialSelfAttention(use_linear=self.use_linear_attn,
-                                             name=f"input_blocks_{block}_1", **attn_kw)(h)
+                    h = Attention_(use_linear=self.use_linear_attn,
+                                   name=f"input_blocks_{block}_1", **attn_kw)(h)
+                h = _constrain(h, axes)
                 hs.append(h)
                 block += 1
             if level != len(self.channel_mult) - 1:
@@ -247,9 +284,10 @@ class EfficientUNet(nn.Module):
                 ds *= 2
 
         ch = h.shape[-1]
-        h = ResBlock(ch, name="middle_block_0", **res_kw)(h, emb, train=train)
-        h = SpatialSelfAttention(use_linear=False, name="middle_block_1", **attn_kw)(h)
-        h = ResBlock(ch, name="middle_block_2", **res_kw)(h, emb, train=train)
+        h = ResBlock_(ch, name="middle_block_0", **res_kw)(h, emb, train)
+        h = Attention_(use_linear=False, name="middle_block_1", **attn_kw)(h)
+        h = ResBlock_(ch, name="middle_block_2", **res_kw)(h, emb, train)
+        h = _constrain(h, axes)
 
         # Decoder: each block consumes one skip, concatenated after h (torch.cat([h, skip])).
         block = 0
@@ -257,15 +295,16 @@ class EfficientUNet(nn.Module):
             for i in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, hs.pop()], axis=-1)
                 j = 0
-                h = ResBlock(mult * mc, name=f"output_blocks_{block}_{j}", **res_kw)(h, emb, train=train)
+                h = ResBlock_(mult * mc, name=f"output_blocks_{block}_{j}", **res_kw)(h, emb, train)
                 if ds in self.attention_resolutions:
                     j += 1
-                    h = SpatialSelfAttention(use_linear=self.use_linear_attn,
-                                             name=f"output_blocks_{block}_{j}", **attn_kw)(h)
+                    h = Attention_(use_linear=self.use_linear_attn,
+                                   name=f"output_blocks_{block}_{j}", **attn_kw)(h)
                 if level and i == self.num_res_blocks:
                     j += 1
                     h = Upsample(self.conv_resample, name=f"output_blocks_{block}_{j}", **kw)(h)
                     ds //= 2
+                h = _constrain(h, axes)
                 block += 1
 
         h = nn.silu(_group_norm(self.dtype, self.param_dtype, "out_0")(h))

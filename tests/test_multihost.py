@@ -1,0 +1,116 @@
+"""Multi-host training on one machine: 2 processes x 2 CPU devices (jax.distributed, gloo
+collectives) against 1 process x 4 devices; checkpoints across process counts; a peer that
+never arrives ends the run with a clear error instead of a hang."""
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from cfm_jax import checkpointing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORKER = r"""
+import json, sys
+sys.path.insert(0, {root!r})
+from cfm_jax import distributed
+if {nproc} > 1:
+    distributed.initialize("on", coordinator_address="127.0.0.1:{port}", num_processes={nproc},
+                           process_id={pid}, timeout_s=120)
+import jax
+from tests.test_trainer import tiny_config
+from cfm_jax.trainer import train
+assert jax.device_count() == 4 and jax.process_count() == {nproc}, (jax.devices(), jax.process_count())
+c = tiny_config(num_steps={steps}, checkpoint_every=3)
+c.optim.eps = 1e-3  # smooth Adam updates: parameters comparable across reduction orders
+c.mesh.update(data=-1, fsdp=2, fsdp_min_size=256)
+s = train(c, {workdir!r})
+print("SUMMARY", json.dumps({{"final": s["final_step"], "start": s["start_step"], "pid": jax.process_index()}}))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(workdir: str, nproc: int, steps: int = 3, timeout: int = 420):
+    port = _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={4 // nproc}"}
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER.format(root=ROOT, nproc=nproc, port=port, pid=i,
+                                                                   steps=steps, workdir=workdir)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(nproc)]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            assert p.returncode == 0, err[-4000:]
+            outs.append(json.loads(out.split("SUMMARY", 1)[1]))
+    finally:
+        for p in procs:
+            p.kill()
+    return outs
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.csv")) as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def test_two_processes_match_one_process_and_checkpoints_move_between_them(tmp_path):
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    outs = _run(two, nproc=2)
+    assert sorted(o["pid"] for o in outs) == [0, 1] and all(o["final"] == 3 for o in outs)
+    _run(one, nproc=1)
+    # metrics.csv is written by process 0 only, once per step
+    np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
+    assert len(_losses(two)) == 3
+    p2, p1 = (checkpointing.read_params(d, use_ema=False) for d in (two, one))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p2, p1)
+
+    # the 2-process checkpoint resumes in a single process (resharded onto its mesh) ...
+    resumed = _run(two, nproc=1, steps=4)
+    assert resumed[0]["start"] == 3 and resumed[0]["final"] == 4
+    # ... and gives the step a 1-process run takes from its own checkpoint
+    _run(one, nproc=1, steps=4)
+    np.testing.assert_allclose(_losses(two)[-1], _losses(one)[-1], rtol=1e-5)
+
+
+BARRIER = r"""
+import sys, time
+sys.path.insert(0, {root!r})
+from cfm_jax import distributed
+distributed.initialize("on", coordinator_address="127.0.0.1:{port}", num_processes=2, process_id={pid},
+                       timeout_s=60)
+if {pid} == 0:
+    try:
+        distributed.barrier("test.barrier", timeout_s=3)
+    except distributed.PeerTimeout as e:
+        print("TIMEOUT", e)
+        sys.exit(3)
+else:
+    time.sleep(8)  # stalls: never reaches the barrier in time
+"""
+
+
+def test_a_stalled_peer_ends_the_wait_with_a_clear_error():
+    port = _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", BARRIER.format(root=ROOT, port=port, pid=i)], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        out0, err0 = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode == 3, err0[-3000:]
+    assert "barrier 'test.barrier'" in out0 and "a peer stalled or failed" in out0
