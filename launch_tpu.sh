@@ -297,7 +297,7 @@ install="cd $RDIR"
 # Ubuntu 22.04 images have Python 3.10; the pinned numpy/scipy/jax need >= 3.11
 install+=" && { command -v $PY >/dev/null || { sudo apt-get update -q && sudo apt-get install -y -q $PY $PY-venv; }; }"
 install+=" && $PY -m venv .venv && .venv/bin/pip install -q --upgrade pip"
-install+=" && .venv/bin/pip install -q -r requirements.txt $(printf '%q' "jax[tpu]==$JAX_VERSION")"
+install+=" && .venv/bin/pip install -q -r requirements.txt -r requirements-tpu.txt $(printf '%q' "jax[tpu]==$JAX_VERSION")"
 install+=" -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 on_workers all "$install"
 

@@ -56,6 +56,9 @@ def main(argv):
     except (FileNotFoundError, ValueError, ImportError) as e:  # bad config, missing file or checkpoint
         print(f"\nerror: {e}", file=sys.stderr)
         sys.exit(2)
+    import jax
+    if jax.process_index() != 0:  # the other processes' outputs are the same run
+        return
     print(f"\nTraining finished at step {summary['final_step']}. Outputs in {summary['workdir']}:")
     print("  checkpoints/  metrics.csv  tensorboard/  samples/  config.json  train_summary.json")
     val = summary.get("validation")

@@ -22,7 +22,9 @@ from flax import traverse_util
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.abspath(os.path.join(workdir, "checkpoints"))
+    """``<workdir>/checkpoints``; absolute for local paths, as given for URLs (``gs://...``)."""
+    path = os.path.join(str(workdir), "checkpoints")
+    return path if "://" in path else os.path.abspath(path)
 
 
 def make_manager(workdir: str, *, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:

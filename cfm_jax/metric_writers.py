@@ -86,6 +86,11 @@ class MetricWriter:
             import wandb as wandb_lib
             self._wandb.log({tag: wandb_lib.Image(np.asarray(image))}, step=step)
 
+    def flush(self) -> None:
+        """Writes pending TensorBoard events to disk (the CSV is written row by row)."""
+        if self._tb is not None:
+            self._tb.flush()
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from PIL import Image
 
 from cfm_jax import checkpointing, distributed, flops as flops_lib, metrics as image_metrics, sharding
@@ -289,11 +291,17 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
     ema_cfg = EMAConfig.from_config(config.ema)
     train_data, val_batches = make_data(config, upsampler.first_stage, n_devices=mesh.devices.size)
 
-    os.makedirs(workdir, exist_ok=True)
+    wd = epath.Path(workdir)  # a local folder or a bucket URL (gs://...)
+    remote = "://" in str(workdir)
     is_main = jax.process_index() == 0
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        wd.mkdir(parents=True, exist_ok=True)
+        (wd / "config.json").write_text(config.to_json_best_effort(indent=2))
+    # Metric files are appended to locally; with a bucket work directory they live in a local
+    # mirror that is copied to the bucket at every checkpoint (and fetched back when resuming).
+    log_dir = _local_log_dir(workdir) if remote else workdir
+    if remote and is_main:
+        _fetch_logs(wd, log_dir)
 
     manager = checkpointing.make_manager(workdir, keep=config.train.keep_checkpoints)
     start_step = manager.latest_step()
@@ -320,7 +328,7 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
         if load_weights:
             state = _load_weights(state, load_weights, mesh)
 
-    writer = MetricWriter(workdir, use_csv=config.logging.csv, tensorboard=config.logging.tensorboard,
+    writer = MetricWriter(log_dir, use_csv=config.logging.csv, tensorboard=config.logging.tensorboard,
                           wandb=config.logging.wandb, wandb_project=config.logging.wandb_project,
                           wandb_name=config.logging.wandb_name, config_dict=config.to_dict())
     state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
@@ -335,19 +343,24 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
     num_steps = t_cfg.num_steps
     step = int(state.step)
     train_data.seek(step)
-    summary = {"workdir": os.path.abspath(workdir), "start_step": step}
+    summary = {"workdir": str(workdir) if remote else os.path.abspath(workdir), "start_step": step}
 
     def save(step_now: int, state_now: TrainState):
         checkpointing.save(manager, step_now, state_now, {"step": step_now, "config": config.to_dict()},
                            data=train_data.save_arg())
+        if remote and is_main:
+            writer.flush()
+            _push_logs(log_dir, wd)
 
     def validate(step_now: int, state_now: TrainState):
         params = state_now.ema_params if config.sample.use_ema else state_now.params
         results, grid = validator.run(params, num_grid=t_cfg.num_grid_images)
         writer.write(step_now, results)
         if is_main:
-            os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-            Image.fromarray(grid).save(os.path.join(workdir, "samples", f"val_{step_now:07d}.png"))
+            (wd / "samples").mkdir(parents=True, exist_ok=True)
+            png = io.BytesIO()
+            Image.fromarray(grid).save(png, format="PNG")
+            (wd / "samples" / f"val_{step_now:07d}.png").write_bytes(png.getvalue())
         writer.write_image(step_now, "val/grid", grid)
         summary["validation"] = results
         return results
@@ -432,9 +445,51 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
     summary["num_traces"] = train_step.num_traces()
     distributed.barrier("cfm_jax.train.end")
     if is_main:
-        with open(os.path.join(workdir, "train_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        (wd / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        if remote:
+            _push_logs(log_dir, wd)
     return summary
+
+
+def _local_log_dir(workdir: str) -> str:
+    """Local mirror of a bucket work directory's metric files: runs/_logs/<bucket path>."""
+    return os.path.abspath(os.path.join("runs", "_logs", str(workdir).split("://", 1)[1].strip("/")))
+
+
+def _log_files(root) -> list:
+    """Files in ``root`` and its direct sub-folders (metrics.csv, tensorboard/events...): no
+    recursive glob, which bucket file systems do not offer."""
+    if not root.exists():
+        return []
+    out = []
+    for p in root.iterdir():
+        if p.is_dir():
+            out.extend(q for q in p.iterdir() if not q.is_dir())
+        else:
+            out.append(p)
+    return out
+
+
+def _fetch_logs(wd, log_dir: str) -> None:
+    """Copies the bucket's metrics.csv and TensorBoard files into the local mirror if missing
+    there (a resumed run on a new machine continues the same files)."""
+    for src in _log_files(wd / "tensorboard") + [wd / "metrics.csv"]:
+        if not src.exists():
+            continue
+        dst = os.path.join(log_dir, os.path.relpath(str(src), str(wd)))
+        if not os.path.exists(dst):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            with open(dst, "wb") as f:
+                f.write(src.read_bytes())
+
+
+def _push_logs(log_dir: str, wd) -> None:
+    """Copies the local metric files (metrics.csv, tensorboard/) to the bucket work directory."""
+    local = epath.Path(log_dir)
+    for src in _log_files(local):
+        dst = wd / os.path.relpath(str(src), log_dir)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(src.read_bytes())
 
 
 def _load_weights(state: TrainState, path: str, mesh) -> TrainState:

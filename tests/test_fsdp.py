@@ -132,3 +132,24 @@ def test_remat_policies_give_the_same_outputs_and_gradients_and_recompute_what_t
     assert temp["save_matmuls"] == temp["none"], temp  # conv outputs are kept
     with pytest.raises(ValueError, match="remat"):
         _small_unet("sometimes").init(jax.random.PRNGKey(0), x, t)
+
+
+def test_training_with_bf16_params_and_remat(tmp_path):
+    """param_dtype=bfloat16 keeps parameters, Adam moments and EMA in bf16; remat composes with
+    the trainer (and gradient accumulation)."""
+    from cfm_jax import checkpointing
+    from cfm_jax.trainer import train
+    from tests.test_trainer import losses, read_state, tiny_config
+
+    c = tiny_config(num_steps=2, checkpoint_every=2)
+    c.model.update(param_dtype="bfloat16", remat="save_matmuls")
+    c.optim.grad_accum_steps = 2
+    summary = train(c, str(tmp_path))
+    assert summary["final_step"] == 2 and summary["num_traces"] == 1
+    assert all(np.isfinite(losses(str(tmp_path))))
+    state = read_state(str(tmp_path), 2)
+    kernels = [x for x in jax.tree.leaves(state["params"]) if x.ndim == 4]
+    assert kernels and all(x.dtype == jnp.bfloat16 for x in kernels)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state["ema_params"]) if x.ndim == 4)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state["opt_state"]) if x.ndim == 4)
+    assert checkpointing.read_params(str(tmp_path))  # readable as host arrays

@@ -130,6 +130,7 @@ def test_dry_run_creates_ships_installs_starts_and_follows(fake):
     words = remote(install)
     assert "-m venv .venv" in " ".join(words)
     assert words[words.index("-r") + 1] == "requirements.txt"
+    assert "requirements-tpu.txt" in words  # gcsfs: gs:// work directories
     assert f"jax[tpu]=={pinned_jax_version()}" in words
     assert train_argv(remote(start)) == ["train.py", "--config", PAPER_CONFIG,
                                          "--workdir", "gs://my-bucket/run1", *TRICKY]

@@ -25,7 +25,7 @@ if {nproc} > 1:
 import jax
 from tests.test_trainer import tiny_config
 from cfm_jax.trainer import train
-assert jax.device_count() == 4 and jax.process_count() == {nproc}, (jax.devices(), jax.process_count())
+assert jax.device_count() == {ndev} and jax.process_count() == {nproc}, (jax.devices(), jax.process_count())
 c = tiny_config(num_steps={steps}, checkpoint_every=3)
 c.optim.eps = 1e-3  # smooth Adam updates: parameters comparable across reduction orders
 c.mesh.update(data=-1, fsdp=2, fsdp_min_size=256)
@@ -40,12 +40,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(workdir: str, nproc: int, steps: int = 3, timeout: int = 420):
+def _run(workdir: str, nproc: int, steps: int = 3, timeout: int = 420, ndev: int = 4):
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={4 // nproc}"}
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={ndev // nproc}"}
     procs = [subprocess.Popen([sys.executable, "-c", WORKER.format(root=ROOT, nproc=nproc, port=port, pid=i,
-                                                                   steps=steps, workdir=workdir)],
+                                                                   steps=steps, workdir=workdir, ndev=ndev)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(nproc)]
     outs = []
@@ -82,6 +82,10 @@ def test_two_processes_match_one_process_and_checkpoints_move_between_them(tmp_p
     # ... and gives the step a 1-process run takes from its own checkpoint
     _run(one, nproc=1, steps=4)
     np.testing.assert_allclose(_losses(two)[-1], _losses(one)[-1], rtol=1e-5)
+    # onto another device count (4 -> 2 devices, the FSDP shards resharded by orbax)
+    on_two_devices = _run(two, nproc=1, steps=5, ndev=2)
+    assert on_two_devices[0]["start"] == 4 and on_two_devices[0]["final"] == 5
+    assert np.isfinite(_losses(two)[-1])
 
 
 BARRIER = r"""

@@ -47,3 +47,28 @@ def test_hard_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     straight = str(tmp_path / "straight")
     train(tiny_config(num_steps=6, checkpoint_every=6), straight)
     jax.tree.map(np.testing.assert_array_equal, read_state(straight, 6), read_state(workdir, 6))
+
+
+def test_metric_files_mirror_to_and_from_a_work_directory(tmp_path):
+    """The copy logic used for bucket work directories (etils.epath; exercised on local paths:
+    there is no bucket here): push writes the local metric files, fetch restores them on a
+    machine that lacks them, without overwriting local ones."""
+    from etils import epath
+
+    from cfm_jax.trainer import _fetch_logs, _local_log_dir, _push_logs
+
+    assert _local_log_dir("gs://bucket/runs/a").endswith(os.path.join("runs", "_logs", "bucket", "runs", "a"))
+    local, remote = tmp_path / "local", epath.Path(tmp_path / "remote")
+    (local / "tensorboard").mkdir(parents=True)
+    (local / "metrics.csv").write_text("step,loss\n1,0.5\n")
+    (local / "tensorboard" / "events.out").write_bytes(b"\x00\x01")
+    _push_logs(str(local), remote)
+    assert (remote / "metrics.csv").read_text() == "step,loss\n1,0.5\n"
+    assert (remote / "tensorboard" / "events.out").read_bytes() == b"\x00\x01"
+    fresh = tmp_path / "fresh"
+    _fetch_logs(remote, str(fresh))
+    assert (fresh / "metrics.csv").read_text() == "step,loss\n1,0.5\n"
+    assert (fresh / "tensorboard" / "events.out").read_bytes() == b"\x00\x01"
+    (fresh / "metrics.csv").write_text("newer\n")
+    _fetch_logs(remote, str(fresh))
+    assert (fresh / "metrics.csv").read_text() == "newer\n"
