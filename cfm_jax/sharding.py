@@ -55,26 +55,30 @@ def mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1) -> tuple[int, in
     return data, fsdp
 
 
-def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
-    """The ``('data', 'fsdp')`` mesh of config section ``mesh`` (``None``: all devices on
-    ``data``) over ``devices`` (default ``jax.devices()``, every process's)."""
+def device_grid(mesh_cfg=None, devices=None) -> np.ndarray:
+    """The ``[data, fsdp]`` array of devices for config section ``mesh`` (``None``: all
+    devices on ``data``); with ``dcn_data > 1`` a hybrid ICI/DCN layout (slices along
+    ``data``, each ``fsdp`` group inside one slice)."""
     devices = list(jax.devices() if devices is None else devices)
     data = -1 if mesh_cfg is None else mesh_cfg.data
     fsdp = 1 if mesh_cfg is None else mesh_cfg.fsdp
     dcn = 1 if mesh_cfg is None else int(mesh_cfg.dcn_data)
     data, fsdp = mesh_shape(len(devices), data, fsdp)
+    from jax.experimental import mesh_utils
     if dcn > 1:
-        from jax.experimental import mesh_utils
         if data % dcn:
             raise ValueError(f"mesh.dcn_data={dcn} slices must divide mesh.data={data}.")
-        grid = mesh_utils.create_hybrid_device_mesh((data // dcn, fsdp), (dcn, 1), devices)
-    else:
-        try:
-            from jax.experimental import mesh_utils
-            grid = mesh_utils.create_device_mesh((data, fsdp), devices)
-        except (ValueError, NotImplementedError, AssertionError):  # CPU / unknown topology
-            grid = np.asarray(devices).reshape(data, fsdp)
-    return Mesh(grid, MESH_AXES)
+        return mesh_utils.create_hybrid_device_mesh((data // dcn, fsdp), (dcn, 1), devices)
+    try:
+        return mesh_utils.create_device_mesh((data, fsdp), devices)
+    except (ValueError, NotImplementedError, AssertionError):  # CPU / unknown topology
+        return np.asarray(devices).reshape(data, fsdp)
+
+
+def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
+    """The ``('data', 'fsdp')`` mesh of config section ``mesh`` over ``devices`` (default
+    ``jax.devices()``, every process's)."""
+    return Mesh(device_grid(mesh_cfg, devices), MESH_AXES)
 
 
 def make_data_mesh(devices=None) -> Mesh:

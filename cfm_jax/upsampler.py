@@ -39,7 +39,8 @@ def build_unet(cfg) -> EfficientUNet:
         dropout=cfg.dropout, channel_mult=tuple(cfg.channel_mult), conv_resample=cfg.conv_resample,
         dim_head=cfg.dim_head, num_heads=cfg.num_heads, use_linear_attn=cfg.use_linear_attn,
         use_scale_shift_norm=cfg.use_scale_shift_norm, pool_factor=cfg.pool_factor,
-        dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), remat=cfg.remat,
+        dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
+        remat=cfg.get("remat", "none"),  # absent from the config.json of older runs
         activation_axes=BATCH_AXES)
 
 

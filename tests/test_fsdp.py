@@ -153,3 +153,25 @@ def test_training_with_bf16_params_and_remat(tmp_path):
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state["ema_params"]) if x.ndim == 4)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state["opt_state"]) if x.ndim == 4)
     assert checkpointing.read_params(str(tmp_path))  # readable as host arrays
+
+
+class _FakeDevice:
+    """Enough of a TPU device for mesh_utils' hybrid layout."""
+
+    def __init__(self, i, slice_index):
+        self.id, self.slice_index, self.platform, self.device_kind = i, slice_index, "cpu", "cpu"
+        self.process_index = i // 4
+
+
+def test_hybrid_mesh_keeps_fsdp_inside_a_slice():
+    import ml_collections
+
+    devices = [_FakeDevice(i, i // 4) for i in range(8)]  # 2 slices of 4 devices
+    cfg = ml_collections.ConfigDict(dict(data=-1, fsdp=2, dcn_data=2, fsdp_min_size=1))
+    grid = sharding.device_grid(cfg, devices)
+    assert grid.shape == (4, 2)
+    slices = np.vectorize(lambda d: d.slice_index)(grid)
+    assert (slices == slices[:, :1]).all()  # every fsdp group within one slice
+    assert sorted(slices[:, 0]) == [0, 0, 1, 1]  # data spans both slices
+    with pytest.raises(ValueError, match="dcn_data"):
+        sharding.device_grid(ml_collections.ConfigDict(dict(data=-1, fsdp=8, dcn_data=2)), devices)
