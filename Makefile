@@ -30,6 +30,7 @@ bench: $(VENV)/.runtime-installed
 	$(PY) bench/bench_train.py --config configs/quickstart.py
 	$(PY) bench/bench_train.py --config configs/flow400_64-128/unet_base_psu.py --latent_size 32 --batch_size 1
 	$(PY) bench/bench_data.py
+	$(PY) bench/bench_scaling.py
 
 clean-runs:
 	rm -rf $(RUNDIR)

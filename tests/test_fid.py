@@ -15,6 +15,8 @@ output (adaptive average pool after Mixed_7c), with the state-dict names of
 `pt_inception-2015-12-05-6726825d.pth` (including the ignored `fc`).
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -499,3 +501,18 @@ def test_patch_crops_count_shape_and_determinism():
     np.testing.assert_array_equal(fid.random_crops(real[:, :, :40], 0, num_crops=1, crop_size=40), real[:, :, :40])
     with pytest.raises(ValueError, match="does not fit"):
         fid.random_crops(real, 0, num_crops=1, crop_size=41)
+
+
+def test_convert_cli_writes_a_loadable_folder(torch_inception, converted, tmp_path):
+    import subprocess
+    import sys
+    pth, out = tmp_path / "pt_inception.pth", tmp_path / "fid_inception"
+    torch.save(torch_inception[1], pth)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "cfm_jax.convert", "inception", "--src", str(pth), "--out", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "21,785,568 parameters" in proc.stdout
+    _, variables = load_fid_inception(out)
+    jax.tree.map(np.testing.assert_array_equal, variables, converted)

@@ -175,3 +175,23 @@ def test_hybrid_mesh_keeps_fsdp_inside_a_slice():
     assert sorted(slices[:, 0]) == [0, 0, 1, 1]  # data spans both slices
     with pytest.raises(ValueError, match="dcn_data"):
         sharding.device_grid(ml_collections.ConfigDict(dict(data=-1, fsdp=8, dcn_data=2)), devices)
+
+
+GRAD_ACCUM_SCRIPT = r"""
+import sys
+sys.path.insert(0, {root!r})
+import ml_collections
+from cfm_jax import sharding
+from tests.test_trainer import check_gradient_accumulation
+mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, dcn_data=1)))
+check_gradient_accumulation(mesh, batch_size=8, fsdp_min_size=256)
+print("OK")
+"""
+
+
+def test_gradient_accumulation_composes_with_data_and_fsdp_sharding():
+    proc = subprocess.run([sys.executable, "-c", GRAD_ACCUM_SCRIPT.format(root=ROOT)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu",
+                               "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

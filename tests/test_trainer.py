@@ -107,22 +107,26 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
     assert checkpointing.make_manager(str(tmp_path), read_only=True).all_steps() == [3]
 
 
-def test_gradient_accumulation_averages_micro_batch_gradients():
+def check_gradient_accumulation(mesh, batch_size: int = 4, fsdp_min_size: int | None = None):
+    """One SGD(1) step with 2 accumulated micro-batches equals minus the mean of the two
+    micro-batch gradients computed one by one (on ``mesh``, the state sharded by its rules)."""
+    from cfm_jax.trainer import train_state_shardings
     config = tiny_config()
     up = CFMUpsampler(config)
-    mesh = sharding.make_data_mesh()
     tx = optax.sgd(1.0)  # update = -grad, so the parameter change exposes the gradient
-    state = create_train_state(up, tx, jax.random.PRNGKey(0), 16, mesh)
+    state = create_train_state(up, tx, jax.random.PRNGKey(0), 16, mesh, fsdp_min_size)
     params0 = jax.device_get(state.params)
     rng0 = jax.device_get(state.rng)
-    batch = photos.PhotoCrops("train", 16, 8, 4, seed=0).batch_at(0)
-    step = make_train_step(up, tx, lambda s: 1.0, EMAConfig(), mesh, grad_accum_steps=2)
-    new_state, metrics = step(state, sharding.shard_batch(batch, mesh))
+    batch = photos.PhotoCrops("train", 16, 8, batch_size, seed=0).batch_at(0)
+    step = make_train_step(up, tx, lambda s: 1.0, EMAConfig(), mesh, grad_accum_steps=2,
+                           state_sharding=train_state_shardings(up, tx, 16, mesh, fsdp_min_size))
+    with jax.set_mesh(mesh):
+        new_state, metrics = step(state, sharding.shard_batch(batch, mesh))
     got = jax.tree.map(lambda a, b: np.asarray(b) - np.asarray(a), params0, jax.device_get(new_state.params))
 
     rng = jax.random.fold_in(rng0, 0)
     grads, loss_sum = [], 0.0
-    for i in range(2):  # micro-batch i holds examples i, i + 2
+    for i in range(2):  # micro-batch i holds examples i, i + 2, ...
         mb = {k: v[i::2] for k, v in batch.items()}
         loss, g = jax.value_and_grad(lambda p: jnp.mean(up.loss(p, mb, jax.random.fold_in(rng, i))))(params0)
         grads.append(g)
@@ -130,6 +134,10 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
     expected = jax.tree.map(lambda a, b: -(a + b) / 2, *grads)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7), got, expected)
     assert float(metrics["loss"]) == pytest.approx(loss_sum / 2, rel=1e-5)
+
+
+def test_gradient_accumulation_averages_micro_batch_gradients():
+    check_gradient_accumulation(sharding.make_data_mesh())
 
 
 def test_load_weights_starts_from_other_runs_ema(straight_run, tmp_path):

@@ -5,6 +5,8 @@
     # an original fm-boosting Lightning checkpoint of the CFM UNet (online + EMA weights)
     python -m cfm_jax.convert fmboost --src last.ckpt --out runs/converted \\
         --config configs/flow400_64-128/unet_base_psu.py
+    # pytorch-fid's FID Inception weights (pt_inception-2015-12-05-6726825d.pth), for FID
+    python -m cfm_jax.convert inception --src pt_inception-2015-12-05-6726825d.pth --out checkpoints/fid_inception
 
 ``vae`` writes ``config.json`` (architecture, scale factor, source) and an orbax
 ``params`` folder; point ``first_stage.path`` at it (the original files load directly
@@ -25,7 +27,7 @@ _SCALE = flags.DEFINE_float("scale_factor", -1.0, "vae: latent scale to record (
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/flow400_64-128/unet_base_psu.py",
                                           "fmboost: the config whose model the checkpoint was trained with.",
                                           lock_config=True)
-COMMANDS = ("vae", "fmboost")
+COMMANDS = ("vae", "fmboost", "inception")
 
 
 def main(argv):
@@ -33,6 +35,13 @@ def main(argv):
         sys.exit(f"usage: python -m cfm_jax.convert {{{'|'.join(COMMANDS)}}} --src SRC --out OUT [...]")
     import jax
 
+    if argv[1] == "inception":
+        from cfm_jax.convert.inception import load_fid_inception, save_converted as save_inception
+        _, variables = load_fid_inception(_SRC.value)
+        save_inception(_OUT.value, variables, source=os.path.abspath(_SRC.value))
+        n = sum(x.size for x in jax.tree.leaves(variables["params"]))
+        print(f"Converted {_SRC.value} -> {_OUT.value}: FID Inception-v3 ({n:,} parameters).")
+        return
     if argv[1] == "vae":
         from cfm_jax.first_stage import load_autoencoder, save_converted
         model, params, scale = load_autoencoder(_SRC.value)
