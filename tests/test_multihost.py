@@ -76,16 +76,13 @@ def test_two_processes_match_one_process_and_checkpoints_move_between_them(tmp_p
     p2, p1 = (checkpointing.read_params(d, use_ema=False) for d in (two, one))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p2, p1)
 
-    # the 2-process checkpoint resumes in a single process (resharded onto its mesh) ...
-    resumed = _run(two, nproc=1, steps=4)
+    # the 2-process checkpoint resumes in a single process on another device count (4 -> 2
+    # devices: the FSDP shards are resharded by orbax) and takes the step a 1-process run on 4
+    # devices takes from its own checkpoint
+    resumed = _run(two, nproc=1, steps=4, ndev=2)
     assert resumed[0]["start"] == 3 and resumed[0]["final"] == 4
-    # ... and gives the step a 1-process run takes from its own checkpoint
     _run(one, nproc=1, steps=4)
     np.testing.assert_allclose(_losses(two)[-1], _losses(one)[-1], rtol=1e-5)
-    # onto another device count (4 -> 2 devices, the FSDP shards resharded by orbax)
-    on_two_devices = _run(two, nproc=1, steps=5, ndev=2)
-    assert on_two_devices[0]["start"] == 4 and on_two_devices[0]["final"] == 5
-    assert np.isfinite(_losses(two)[-1])
 
 
 BARRIER = r"""
