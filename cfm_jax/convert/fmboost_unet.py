@@ -20,7 +20,7 @@ from typing import Any, Dict, Mapping, Tuple
 import numpy as np
 
 from cfm_jax.convert.state_dict_io import flatten as _flatten, strip_collection as _strip_collection
-from cfm_jax.convert.state_dict_io import unflatten as _unflatten
+from cfm_jax.convert.state_dict_io import mismatch_lines, unflatten as _unflatten
 
 # Top-level Flax module names whose PyTorch module holds the layer one level deeper.
 _ALIASES = {"pool": "pool.down_conv", "un_pool": "un_pool.up_conv"}
@@ -106,10 +106,8 @@ def unet_params_from_torch(state_dict: Mapping[str, Any], target: Mapping) -> Di
         out[path] = np.ascontiguousarray(_from_torch_layout(kind, value)).astype(leaf.dtype)
 
     if missing or remaining or wrong_shape:
-        lines = ["state dict does not match the EfficientUNet params:"]
-        lines += [f"  missing: {m}" for m in missing]
-        lines += [f"  unexpected: {k} {tuple(np.shape(v))}" for k, v in sorted(remaining.items())]
-        lines += [f"  wrong shape: {w}" for w in wrong_shape]
+        lines = mismatch_lines("state dict does not match the EfficientUNet params", missing, remaining,
+                               wrong_shape)
         raise ValueError("\n".join(lines))
     return _unflatten(out)
 

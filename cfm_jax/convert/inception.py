@@ -36,7 +36,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from cfm_jax.convert.state_dict_io import flatten as _flatten, load_state_dict, unflatten as _unflatten
+from cfm_jax.convert.state_dict_io import flatten as _flatten, load_state_dict, mismatch_lines
+from cfm_jax.convert.state_dict_io import unflatten as _unflatten
 
 CONVERTED_KIND = "cfm_jax.fid_inception"
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -125,11 +126,7 @@ def inception_variables_from_torch(state_dict: Mapping[str, Any], target: Option
                          f"keys, such as 'Conv2d_1a_3x3.conv.weight'; expected pytorch-fid's {WEIGHTS_FILE}); "
                          f"its top-level key names are: {shown or '(none)'}")
     if missing or remaining or wrong_shape:
-        lines = [f"state dict does not match the FID Inception-v3 ({len(missing)} missing, "
-                 f"{len(remaining)} unexpected, {len(wrong_shape)} wrong shape):"]
-        lines += [f"  missing: {m}" for m in missing]
-        lines += [f"  unexpected: {k} {tuple(np.shape(v))}" for k, v in sorted(remaining.items())]
-        lines += [f"  wrong shape: {w}" for w in wrong_shape]
+        lines = mismatch_lines("state dict does not match the FID Inception-v3", missing, remaining, wrong_shape)
         if any(k.startswith("AuxLogits.") for k in remaining):
             lines.append("  (AuxLogits.* belong to torchvision's ImageNet Inception-v3, a different network: "
                          f"FID needs pytorch-fid's {WEIGHTS_FILE})")

@@ -143,3 +143,13 @@ def load_state_dict(path) -> Dict[str, np.ndarray]:
         if array is not None:
             out[key] = array
     return out
+
+
+def mismatch_lines(what: str, missing, remaining: Mapping, wrong_shape) -> list:
+    """The lines of a converter's error: a header with the counts, then every missing,
+    unexpected (with its shape) and wrong-shape key; callers append hints and raise."""
+    lines = [f"{what} ({len(missing)} missing, {len(remaining)} unexpected, {len(wrong_shape)} wrong shape):"]
+    lines += [f"  missing: {m}" for m in missing]
+    lines += [f"  unexpected: {k} {tuple(np.shape(v))}" for k, v in sorted(remaining.items())]
+    lines += [f"  wrong shape: {w}" for w in wrong_shape]
+    return lines

@@ -31,7 +31,8 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import numpy as np
 
-from cfm_jax.convert.state_dict_io import (flatten as _flatten, load_state_dict, strip_collection as _strip_collection,
+from cfm_jax.convert.state_dict_io import (flatten as _flatten, load_state_dict, mismatch_lines,
+                                           strip_collection as _strip_collection,
                                            unflatten as _unflatten, unwrap_lightning as _unwrap)
 
 LDM_PREFIXES = ("first_stage_model.", "first_stage.", "vae.")
@@ -201,11 +202,7 @@ def _convert(entries: Mapping[str, Any], target: Mapping, fmt: str,
         out[path] = np.ascontiguousarray(_from_torch_layout(kind, value)).astype(leaf.dtype)
 
     if missing or remaining or wrong_shape:
-        lines = [f"{what} does not match the AutoencoderKL params "
-                 f"({len(missing)} missing, {len(remaining)} unexpected, {len(wrong_shape)} wrong shape):"]
-        lines += [f"  missing: {m}" for m in missing]
-        lines += [f"  unexpected: {k} {tuple(np.shape(v))}" for k, v in sorted(remaining.items())]
-        lines += [f"  wrong shape: {w}" for w in wrong_shape]
+        lines = mismatch_lines(f"{what} does not match the AutoencoderKL params", missing, remaining, wrong_shape)
         if wrong_shape or missing:
             lines.append("  (a different architecture? infer_ldm_config(state_dict) or "
                          "config_from_diffusers_json(config) give the matching AutoencoderKL fields)")
