@@ -73,10 +73,11 @@ def train_state_shardings(upsampler, tx, latent_size: int, mesh, fsdp_min_size: 
 
 
 def create_train_state(upsampler: CFMUpsampler, tx: optax.GradientTransformation, rng: jax.Array,
-                       latent_size: int, mesh, fsdp_min_size: int | None = None) -> TrainState:
+                       latent_size: int, mesh, fsdp_min_size: int | None = None, shardings=None) -> TrainState:
     """Initialises the state directly into its sharding, inside one jit (``out_shardings``): no
-    host or device ever holds more than its own shards."""
-    shardings = train_state_shardings(upsampler, tx, latent_size, mesh, fsdp_min_size)
+    host or device ever holds more than its own shards. ``shardings``: already computed ones."""
+    if shardings is None:
+        shardings = train_state_shardings(upsampler, tx, latent_size, mesh, fsdp_min_size)
     init = jax.jit(lambda r: _init_state(upsampler, tx, r, latent_size), out_shardings=shardings)
     return init(rng)
 
@@ -84,7 +85,8 @@ def create_train_state(upsampler: CFMUpsampler, tx: optax.GradientTransformation
 def abstract_train_state(upsampler, tx, latent_size: int, mesh, fsdp_min_size: int | None = None) -> TrainState:
     """Shapes, dtypes and shardings of the state, without allocating it."""
     shapes = _state_shapes(upsampler, tx, latent_size)
-    shardings = train_state_shardings(upsampler, tx, latent_size, mesh, fsdp_min_size)
+    min_size = sharding.DEFAULT_FSDP_MIN_SIZE if fsdp_min_size is None else fsdp_min_size
+    shardings = sharding.state_shardings(shapes, mesh, min_size)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
@@ -307,7 +309,8 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
     start_step = manager.latest_step()
     fsdp_min = config.mesh.fsdp_min_size
     abstract = abstract_train_state(upsampler, tx, latent_size, mesh, fsdp_min)
-    layout = sharding.describe(abstract, jax.tree.map(lambda a: a.sharding, abstract))
+    state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
+    layout = sharding.describe(abstract, state_sharding)
     log.info("Mesh %s over %d devices (%d processes); train state %.1f MiB, %.1f MiB per device "
              "(%d arrays sharded over fsdp, %d replicated).", dict(mesh.shape), mesh.devices.size,
              jax.process_count(), layout["bytes"] / 2**20, layout["bytes_per_device"] / 2**20,
@@ -324,14 +327,14 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
         if load_weights:
             log.warning("--load_weights ignored: the work directory already has checkpoints (resuming).")
     else:
-        state = create_train_state(upsampler, tx, jax.random.PRNGKey(config.seed), latent_size, mesh, fsdp_min)
+        state = create_train_state(upsampler, tx, jax.random.PRNGKey(config.seed), latent_size, mesh,
+                                   shardings=state_sharding)
         if load_weights:
             state = _load_weights(state, load_weights, mesh)
 
     writer = MetricWriter(log_dir, use_csv=config.logging.csv, tensorboard=config.logging.tensorboard,
                           wandb=config.logging.wandb, wandb_project=config.logging.wandb_project,
                           wandb_name=config.logging.wandb_name, config_dict=config.to_dict())
-    state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
     train_step = make_train_step(upsampler, tx, schedule, ema_cfg, mesh,
                                  grad_accum_steps=config.optim.grad_accum_steps, state_sharding=state_sharding)
     # model FLOPs (forward + backward of the UNet, analytic; a rematerialised forward is not counted)
