@@ -1,103 +1,186 @@
-"""Evaluates a trained CFM upsampler on held-out validation photos.
+"""Offline evaluation of a trained CFM upsampler (library: ``cfm_jax/evaluation.py``).
 
     python eval.py --workdir runs/quickstart
-    python eval.py --workdir runs/quickstart --method euler --num_steps 40 --no_ema
+    python eval.py --workdir runs/quickstart --solvers euler:2,euler:4,euler:8,rk4:4,dopri5:1e-3
+    python eval.py --workdir runs/cfm --records data/cfm_latents_1024 --split validation \\
+        --num_images 5000 --inception checkpoints/pt_inception-2015-12-05-6726825d.pth --num_crops 4
+    python eval.py --workdir runs/cfm --images /data/laion_hr --num_images 5000 --inception converted_inception/
 
-Reads the run's ``config.json`` and its newest checkpoint (EMA weights by default),
-samples the validation crops, and compares PSNR / SSIM / MSE of the CFM prediction
-with bicubic and bilinear up-sampling of the same low-res crops. Writes
-``<workdir>/eval/metrics.json``, ``metrics.csv``, ``report.md`` and ``grid.png``.
-(The offline-evaluation issue grows this into FID, patch-FID, sweeps and records.)
+Loads the run's ``config.json`` and a checkpoint (EMA weights unless ``--online``), reads an
+evaluation set (the run's validation split by default; ``--records`` prepared records, or
+``--images`` a folder of high-res images, centre-cropped), samples it with every solver of
+``--solvers`` (default: the run's ``sample`` section) and scores PSNR / SSIM / MSE, and with
+``--inception`` FID and patch-FID, against the ground truth, next to bicubic and bilinear
+up-sampling. Runs over every device (and every host: start it on each, like train.py).
+
+Writes ``<out>/metrics.json``, ``metrics.csv``, ``report.md``, ``grid_<solver>.png`` and, for a
+sweep over more than one solver, ``psnr_vs_nfe.svg`` (and ssim, fid, patch-fid).
+Deterministic for ``--seed``.
 """
-import csv
-import json
+import logging
 import os
 import sys
 
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py.", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py (or `convert fmboost`).",
+                               required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
-_METHOD = flags.DEFINE_string("method", None, "ODE solver (default: the run's sample.method).")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Grid points of fixed-step solvers (default: config).")
-_NO_EMA = flags.DEFINE_bool("no_ema", False, "Evaluate the online weights instead of the EMA.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Validation crops (default: data.num_val_images).")
+_ONLINE = flags.DEFINE_bool("online", False, "Evaluate the online weights instead of the EMA.")
+_NO_EMA = flags.DEFINE_bool("no_ema", False, "Same as --online (kept for older commands).")
+_SOLVERS = flags.DEFINE_string("solvers", None, "Comma-separated solvers, e.g. euler:10,euler:40,rk4:10,dopri5:1e-3,"
+                               "sde_euler:40 (default: the run's sample.method:sample.num_steps).")
+_METHOD = flags.DEFINE_string("method", None, "Single solver method (shorthand; --solvers wins).")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Grid points for --method.")
+_DIFFUSION_FORM = flags.DEFINE_string("diffusion_form", "sigma", "SDE solvers: diffusion form.")
+_DIFFUSION_NORM = flags.DEFINE_float("diffusion_norm", 1.0, "SDE solvers: diffusion scale.")
+_LAST_STEP = flags.DEFINE_string("last_step", "Mean", "SDE solvers: Mean | Euler | none.")
+_LAST_STEP_SIZE = flags.DEFINE_float("last_step_size", 0.04, "SDE solvers: size of the last step.")
+_RECORDS = flags.DEFINE_string("records", None, "Prepared records to evaluate on (default: the run's data.path).")
+_SPLIT = flags.DEFINE_string("split", None, "Split of the records (default: the run's data.val_split).")
+_IMAGES = flags.DEFINE_string("images", None, "Folder of high-res images to evaluate on instead of records.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Images to evaluate (default: data.num_val_images).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch size (default: data.batch_size).")
+_INCEPTION = flags.DEFINE_string("inception", None, "FID Inception weights: pytorch-fid's "
+                                 "pt_inception-2015-12-05-6726825d.pth or a `convert inception` folder. "
+                                 "Without it FID and patch-FID are not computed.")
+_NUM_CROPS = flags.DEFINE_integer("num_crops", 4, "patch-FID: random crops per image.")
+_CROP_SIZE = flags.DEFINE_integer("crop_size", 0, "patch-FID: crop side in pixels (0: image_size / 2).")
+_FID_STATS = flags.DEFINE_string("fid_stats", None, "npz of the real images' FID statistics (pytorch-fid "
+                                 "format): read when it exists, else computed and written there.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampling noise and the patch-FID crops.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/eval).")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "jax.distributed.initialize, as in train.py.")
+
+
+def _fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv):
     del argv
-    import logging
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax metadata chatter
     import jax
     import ml_collections
-    from PIL import Image
+    import numpy as np
 
-    from cfm_jax import checkpointing, sharding
-    from cfm_jax.trainer import Validator, batch_preparer, make_data
+    from cfm_jax import checkpointing, distributed, evaluation, sharding
+    from cfm_jax.solvers import SolverSpec
     from cfm_jax.upsampler import CFMUpsampler
 
+    distributed.initialize(_DISTRIBUTED.value)
     workdir = _WORKDIR.value
     cfg_path = os.path.join(workdir, "config.json")
     if not os.path.exists(cfg_path):
-        sys.exit(f"{cfg_path} not found: --workdir must be a directory written by train.py.")
+        _fail(f"{cfg_path} not found: --workdir must be a directory written by train.py.")
+    import json
     with open(cfg_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    if _METHOD.value:
-        config.sample.method = _METHOD.value
-    if _NUM_STEPS.value:
-        config.sample.num_steps = _NUM_STEPS.value
+    d = config.data
     if _NUM_IMAGES.value:
-        config.data.num_val_images = _NUM_IMAGES.value
-    use_ema = not _NO_EMA.value
+        d.num_val_images = _NUM_IMAGES.value
+    if _BATCH_SIZE.value:
+        d.batch_size = _BATCH_SIZE.value
+    if _RECORDS.value:
+        d.name, d.path, d.prepare_photos = "records", _RECORDS.value, False
+    if _SPLIT.value:
+        d.val_split = _SPLIT.value
 
+    # solvers and options first: a typo fails before anything is loaded
+    sde_kwargs = dict(diffusion_form=_DIFFUSION_FORM.value, diffusion_norm=_DIFFUSION_NORM.value,
+                      last_step=None if _LAST_STEP.value.lower() == "none" else _LAST_STEP.value,
+                      last_step_size=_LAST_STEP_SIZE.value)
+    try:
+        if _SOLVERS.value:
+            solvers = SolverSpec.parse_list(_SOLVERS.value, atol=config.sample.atol, max_steps=config.sample.max_steps,
+                                            **sde_kwargs)
+        else:
+            overrides = {k: v for k, v in (("method", _METHOD.value), ("num_steps", _NUM_STEPS.value)) if v}
+            solvers = [SolverSpec.from_config(config.sample, **sde_kwargs, **overrides)]
+    except ValueError as e:
+        _fail(str(e))
+    if len({s.label for s in solvers}) != len(solvers):
+        _fail(f"--solvers repeats a solver: {[s.label for s in solvers]}.")
+    if _INCEPTION.value and not os.path.exists(_INCEPTION.value):
+        _fail(f"--inception {_INCEPTION.value!r} does not exist (pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+              "or a folder written by `python -m cfm_jax.convert inception`).")
+    if _IMAGES.value and not os.path.isdir(_IMAGES.value):
+        _fail(f"--images {_IMAGES.value!r} is not a folder.")
+
+    use_ema = not (_ONLINE.value or _NO_EMA.value)
     try:
         params = checkpointing.read_params(workdir, use_ema=use_ema, step=_STEP.value)
-    except FileNotFoundError as e:
-        sys.exit(f"{e} Train first: python train.py --workdir {workdir}")
+    except (FileNotFoundError, ValueError) as e:
+        _fail(f"{e} Train first: python train.py --workdir {workdir}")
+    step = _STEP.value if _STEP.value is not None else _newest_step(workdir)
     mesh = sharding.make_data_mesh()
     try:
         upsampler = CFMUpsampler(config)
+        if _IMAGES.value:
+            batches = evaluation.image_folder_batches(
+                _IMAGES.value, image_size=d.image_size, lowres_size=d.lowres_size, num_images=d.num_val_images,
+                batch_size=d.batch_size, n_devices=mesh.devices.size)
+            data_desc = f"images in {os.path.abspath(_IMAGES.value)} (centre crops)"
+        else:
+            from cfm_jax.trainer import make_data
+            _, batches = make_data(config, upsampler.first_stage, n_devices=mesh.devices.size, train=False)
+            data_desc = (f"records {d.path}, split {d.val_split}" if d.name == "records"
+                         else f"photos ({d.name}) validation crops")
     except (FileNotFoundError, ValueError, ImportError) as e:
-        sys.exit(f"error: {e}")
-    params = jax.device_put(params, sharding.replicated(mesh))
+        _fail(str(e))
+
+    fid_cfg = None
+    if _INCEPTION.value:
+        from cfm_jax.fid import InceptionFeatures
+        fid_cfg = evaluation.FIDConfig(features=InceptionFeatures.from_path(_INCEPTION.value),
+                                       num_crops=_NUM_CROPS.value, crop_size=_CROP_SIZE.value,
+                                       reference_stats=_FID_STATS.value)
     try:
-        _, val_batches = make_data(config, upsampler.first_stage, n_devices=mesh.devices.size, train=False)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    validator = Validator(upsampler, val_batches, mesh, config.sample, config.seed,
-                          prepare=batch_preparer(upsampler, has_latents=config.data.name == "records"))
-    results, grid = validator.run(params, num_grid=config.train.num_grid_images)
+        ev = evaluation.Evaluator(upsampler, params, batches, mesh, seed=_SEED.value, fid=fid_cfg,
+                                  num_grid=config.train.num_grid_images)
+    except ValueError as e:
+        _fail(str(e))
+    print(f"Evaluating {ev.num_images} images on {mesh.devices.size} device(s), "
+          f"{jax.process_count()} process(es); solvers {[s.label for s in solvers]}"
+          f"{'; FID + patch-FID' if fid_cfg else '; no FID (pass --inception)'}", flush=True)
+    results, grids = ev.baselines()
+    results = list(results)
+    high, low_up = ev.grid_rows(ev.num_grid)
+    grid_images = {}
+    for solver in solvers:
+        r, grid = ev.evaluate(solver)
+        results.insert(len(results) - 2, r)  # CFM rows first, baselines last
+        n = min(len(high), ev.num_grid)
+        grid_images[solver.label] = evaluation.image_grid([high[:n], low_up[:n], np.concatenate(grid)[:n]])
+        print(f"  {solver.label}: NFE {r.nfe}, PSNR {r.psnr:.3f} dB, SSIM {r.ssim:.4f}"
+              + (f", FID {r.fid:.4g}, patch-FID {r.patch_fid:.4g}" if r.fid is not None else "")
+              + f", {r.seconds_per_image:.3f} s/image", flush=True)
 
     out = _OUT.value or os.path.join(workdir, "eval")
-    os.makedirs(out, exist_ok=True)
-    n_images = sum(len(b["image"]) for b in val_batches)
-    record = {"workdir": os.path.abspath(workdir), "weights": "ema" if use_ema else "online",
-              "solver": config.sample.method, "num_steps": config.sample.num_steps,
-              "num_images": n_images, "metrics": {k.removeprefix("val/"): v for k, v in results.items()}}
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(record, f, indent=2)
-    rows = [(m, record["metrics"].get(f"{m}_psnr"), record["metrics"].get(f"{m}_ssim"),
-             record["metrics"].get(f"{m}_mse")) for m in ("cfm", "bicubic", "bilinear")]
-    with open(os.path.join(out, "metrics.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "psnr_db", "ssim", "mse"])
-        w.writerows(rows)
-    Image.fromarray(grid).save(os.path.join(out, "grid.png"))
-    table = ["| method | PSNR (dB) | SSIM | MSE |", "|---|---|---|---|"]
-    table += [f"| {m} | {p:.3f} | {s:.4f} | {e:.5f} |" for m, p, s, e in rows]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(f"# Evaluation of {record['workdir']}\n\n{n_images} held-out validation crops "
-                f"({config.data.lowres_size}² -> {config.data.image_size}²), {record['weights']} weights, "
-                f"solver {config.sample.method} with {config.sample.num_steps} grid points "
-                f"({results['val/nfe']} NFE).\n\n" + "\n".join(table) +
-                "\n\n![grid: high-res | low-res (bilinear) | CFM](grid.png)\n")
-    print("\n".join(table))
-    better = record["metrics"]["cfm_psnr"] > record["metrics"]["bicubic_psnr"]
-    print(f"\nCFM {'beats' if better else 'does NOT beat'} bicubic by "
-          f"{record['metrics']['cfm_psnr'] - record['metrics']['bicubic_psnr']:+.3f} dB PSNR, "
-          f"{record['metrics']['cfm_ssim'] - record['metrics']['bicubic_ssim']:+.4f} SSIM.")
-    print(f"Results in {os.path.abspath(out)}: metrics.json metrics.csv report.md grid.png")
+    record = {"checkpoint": os.path.abspath(workdir), "step": step, "weights": "ema" if use_ema else "online",
+              "data": data_desc, "num_images": ev.num_images, "image_size": d.image_size,
+              "lowres_size": d.lowres_size, "seed": _SEED.value, "devices": mesh.devices.size,
+              "processes": jax.process_count(),
+              "fid": ({"inception": os.path.abspath(_INCEPTION.value), "num_crops": _NUM_CROPS.value,
+                       "crop_size": ev.crop_size} if fid_cfg else None)}
+    notes = [] if fid_cfg else ["FID and patch-FID not computed: pass --inception with pytorch-fid's "
+                                "pt_inception-2015-12-05-6726825d.pth."]
+    if jax.process_index() == 0:
+        files = evaluation.write_reports(out, record, results, grid_images, notes=notes)
+        print(evaluation.markdown_table(results))
+        best = max((r for r in results if r.method == "cfm"), key=lambda r: r.psnr)
+        bicubic = next(r for r in results if r.method == "bicubic")
+        print(f"\nCFM ({best.label}, best PSNR) minus bicubic: {best.psnr - bicubic.psnr:+.3f} dB PSNR, "
+              f"{best.ssim - bicubic.ssim:+.4f} SSIM.")
+        print(f"Results in {os.path.abspath(out)}: {' '.join(files)}")
+
+
+def _newest_step(workdir: str):
+    ckpt = os.path.join(workdir, "checkpoints")
+    steps = [int(s) for s in os.listdir(ckpt) if s.isdigit()] if os.path.isdir(ckpt) else []
+    return max(steps) if steps else None
 
 
 if __name__ == "__main__":

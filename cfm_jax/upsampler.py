@@ -117,6 +117,26 @@ class CFMUpsampler:
                                    method=method, num_steps=num_steps, atol=atol, rtol=rtol,
                                    max_steps=max_steps, num_intermediates=num_intermediates)
 
+    def sample(self, params, lowres: jax.Array, keys: jax.Array, *, size: int, solver,
+               first_stage=None) -> sampling.SampleResult:
+        """High-res latents (scaled) from low-res latents (scaled) [B, h, w, C] with one key per
+        example (``keys`` [B]): the coupling's noise and the SDE's noise of example ``i`` come from
+        ``keys[i]`` alone, so a result does not depend on the batch size, the batch's other
+        examples or the number of devices (fixed-step solvers; adaptive ones share their step
+        sizes over the batch). ``solver`` is a :class:`cfm_jax.solvers.SolverSpec`."""
+        first_stage = self.first_stage if first_stage is None else first_stage
+        source_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
+        noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+
+        def one_source(latent, key):
+            x0, context = self.coupling.source_and_context(latent[None], size=size, first_stage=first_stage,
+                                                           rng=key)
+            return x0[0], (None if context is None else context[0])
+
+        x0, context = jax.vmap(one_source)(lowres, source_keys)
+        return solver.solve(self._ode_velocity, x0, {"params": params, "context": context}, noise_keys,
+                            schedule=self.config.flow.schedule)
+
     def predict_images(self, params, batch: dict, rng: jax.Array, *, first_stage=None, **sample_kwargs):
         """``(images [B,H,W,3] in [-1,1], SampleResult)`` for a batch with ``latent_lowres``."""
         first_stage = self.first_stage if first_stage is None else first_stage

@@ -85,5 +85,6 @@ def test_eval_cli_on_records_run(photo_records, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(workdir, "eval", "metrics.json")) as f:
         record = json.load(f)
-    assert record["num_images"] == 8
-    assert np.isfinite(record["metrics"]["cfm_psnr"]) and np.isfinite(record["metrics"]["bicubic_psnr"])
+    assert record["num_images"] == 8 and record["data"].startswith("records")
+    rows = {r["method"]: r for r in record["results"]}
+    assert np.isfinite(rows["cfm"]["psnr"]) and np.isfinite(rows["bicubic"]["psnr"])

@@ -1,5 +1,5 @@
 """End-to-end training on a tiny model: loss goes down, resume is exact, no retrace, NaN stops,
-gradient accumulation, weights-only start, config typos, eval.py. (Several devices and
+gradient accumulation, weights-only start, config typos (eval.py: tests/test_eval.py). (Several devices and
 processes: tests/test_multihost.py.)"""
 import json
 import os
@@ -161,20 +161,6 @@ def test_config_typo_is_rejected(tmp_path):
     assert proc.returncode != 0
     assert "lrr" in proc.stderr
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
-
-
-def test_eval_cli_writes_report(straight_run):
-    workdir, _ = straight_run
-    proc = run_cli(["eval.py", "--workdir", workdir, "--method", "heun", "--num_steps", "3"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
-        record = json.load(f)
-    assert record["solver"] == "heun" and record["metrics"]["nfe"] == 4
-    for k in ("cfm_psnr", "cfm_ssim", "cfm_mse", "bicubic_psnr", "bicubic_ssim", "bilinear_psnr"):
-        assert np.isfinite(record["metrics"][k]), k
-    for name in ("metrics.csv", "report.md", "grid.png"):
-        assert os.path.exists(os.path.join(workdir, "eval", name))
-    assert "bicubic" in proc.stdout
 
 
 def test_sigterm_saves_a_resumable_checkpoint(tmp_path):

@@ -1,0 +1,582 @@
+"""Upsample images or latents of any generator with one or a cascade of CFM checkpoints.
+
+    python -m cfm_jax.upsample --checkpoint runs/quickstart --input photo.png --out upsampled/
+    python -m cfm_jax.upsample --checkpoint runs/cfm_64-128 --input sd15_latents.npz --out hires/ \\
+        --first_stage checkpoints/sd_ae.ckpt --solver euler:40 --batch_size 4
+    python -m cfm_jax.upsample --checkpoint runs/a,runs/b --input lowres/ --out out/   # a cascade
+
+Inputs (files or folders, mixed):
+
+* images (``.png``, ``.jpg``, ``.jpeg``, ``.webp``): square, a side divisible by the first
+  stage's factor (8 for the SD VAE), equal to the first checkpoint's ``data.lowres_size``.
+  They are encoded as the training records were: for PSU checkpoints the image is
+  up-sampled bilinearly to the high-res size in pixels and encoded there (the
+  ``latent_lowres`` of the records); for other coupling modes it is encoded as it is.
+* latents (``.npy`` one array, ``.npz`` key ``latents`` or its only array), e.g. what an SD1.5
+  / LCM pipeline returns with ``output_type="latent"``: ``[C, h, w]`` or ``[B, C, h, w]``
+  (PyTorch layout) or ``[h, w, C]`` / ``[B, h, w, C]`` (``--latent_layout``); by default
+  they are taken as *scaled* latents (multiplied by the VAE's scaling factor, as diffusers
+  pipelines return them); ``--nolatents_scaled`` for raw posterior samples.
+
+Every stage maps its input latent (``data.lowres_size / f`` cells) to its output latent
+(``data.image_size / f``); in a cascade each stage's output must be the next stage's input
+size. ``--any_resolution`` lifts that check (the UNet is convolutional) and applies each
+stage's up-sampling factor to whatever size it receives. All checks run before any
+network is evaluated; problems are listed together.
+
+Outputs: ``<out>/<name>.png`` per input (``<name>_<i>`` for the i-th latent of a batched
+file) and, with ``--save_latents``, the final scaled latent ``<name>.npy`` [H, W, C]. The
+final latent is decoded in overlapping tiles when it is larger than 128² cells
+(``--decode_tile``), so a 2048² decode needs the memory of a 512² one.
+
+Seeds: example ``i`` (in input order) of stage ``s`` draws its noise from
+``fold_in(fold_in(PRNGKey(seed), i), s)`` alone, so results do not depend on the batch
+size or on the other inputs (see :meth:`CFMUpsampler.sample`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+LATENT_EXTENSIONS = (".npy", ".npz")
+AUTO_TILE_ABOVE = 128  # latent cells: larger final latents are decoded in tiles by default
+AUTO_TILE = 64
+AUTO_TILE_OVERLAP = 16
+
+
+class UpsampleError(ValueError):
+    """Bad input, checkpoint or option: raised before any compute, listing every problem."""
+
+
+# --------------------------------------------------------------------------- stages
+@dataclasses.dataclass
+class Stage:
+    """One checkpoint of a cascade."""
+
+    path: str
+    config: Any
+    upsampler: Any
+    params: Any
+    step: int | None
+
+    @property
+    def factor(self) -> int:
+        return self.upsampler.first_stage.downsample_factor
+
+    @property
+    def in_latent(self) -> int:
+        return self.config.data.lowres_size // self.factor
+
+    @property
+    def out_latent(self) -> int:
+        return self.config.data.image_size // self.factor
+
+    @property
+    def scale(self) -> float:
+        return self.config.data.image_size / self.config.data.lowres_size
+
+    def describe(self) -> str:
+        d = self.config.data
+        return (f"{self.path}: {d.lowres_size}² -> {d.image_size}² pixels "
+                f"({self.in_latent}² -> {self.out_latent}² latents)")
+
+
+def _read_config(path: str):
+    import ml_collections
+
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise UpsampleError(f"--checkpoint {path!r}: no config.json there. Pass a run directory written by "
+                            "train.py or by `python -m cfm_jax.convert fmboost`.")
+    with open(cfg_path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def _first_stage_key(config) -> tuple:
+    fs = config.first_stage
+    return (fs.name, fs.get("path", ""), float(fs.get("scale_factor", -1.0)), float(fs.get("shift_factor", 0.0)),
+            fs.get("dtype", "float32"))
+
+
+def load_cascade(paths: Sequence[str], *, use_ema: bool = True, step: int | None = None,
+                 first_stage_path: str | None = None, any_resolution: bool = False,
+                 read_weights: bool = True) -> list[Stage]:
+    """The stages of ``paths`` (configs checked first, then weights read), first stage shared."""
+    from cfm_jax.first_stage import build_first_stage
+    from cfm_jax.upsampler import CFMUpsampler
+
+    if not paths:
+        raise UpsampleError("No --checkpoint given.")
+    configs, problems = [], []
+    for p in paths:
+        try:
+            cfg = _read_config(p)
+        except UpsampleError as e:
+            problems.append(str(e))
+            continue
+        if first_stage_path and cfg.first_stage.name == "autoencoder":
+            cfg.first_stage.path = first_stage_path
+        configs.append(cfg)
+    if problems:
+        raise UpsampleError("\n".join(problems))
+    keys = {_first_stage_key(c) for c in configs}
+    if len(keys) > 1:
+        raise UpsampleError("The checkpoints of a cascade must share one first stage (the latents of one "
+                            f"stage are the input of the next); they use {sorted(keys)}.")
+    for a, b, pa, pb in zip(configs, configs[1:], paths, paths[1:]):
+        out_a, in_b = a.data.image_size, b.data.lowres_size
+        if out_a != in_b and not any_resolution:
+            problems.append(f"Stage {pa!r} outputs {out_a}² pixels but the next stage {pb!r} was trained on "
+                            f"{in_b}² inputs: order the checkpoints by resolution, or pass --any_resolution to "
+                            "apply a stage at a size it was not trained for.")
+    if problems:
+        raise UpsampleError("\n".join(problems))
+    try:
+        first_stage = build_first_stage(configs[0])
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise UpsampleError(f"first stage: {e} (override the path with --first_stage)") from None
+    stages = []
+    for p, cfg in zip(paths, configs):
+        try:
+            ups = CFMUpsampler(cfg, first_stage=first_stage)
+        except ValueError as e:
+            raise UpsampleError(f"{p}: {e}") from None
+        stages.append(Stage(path=p, config=cfg, upsampler=ups, params=None, step=step))
+    if read_weights:
+        read_stage_weights(stages, use_ema=use_ema, step=step)
+    return stages
+
+
+def read_stage_weights(stages: Sequence[Stage], *, use_ema: bool = True, step: int | None = None) -> None:
+    """Reads (and shape-checks) every stage's weights in place."""
+    from cfm_jax import checkpointing
+
+    for st in stages:
+        try:
+            st.params = checkpointing.read_params(st.path, use_ema=use_ema, step=step)
+        except (FileNotFoundError, ValueError) as e:
+            raise UpsampleError(f"{st.path}: {e}") from None
+        _check_params(st.path, st.upsampler, st.params, st.config)
+
+
+def _check_params(path: str, ups, params, cfg) -> None:
+    """The checkpoint's weights must have the shapes its config builds."""
+    import jax
+
+    expected = jax.eval_shape(lambda: ups.init(jax.random.PRNGKey(0), max(cfg.data.image_size
+                                                                          // ups.first_stage.downsample_factor, 8)))
+    flat_e = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    flat_p = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    bad = [f"{k}: checkpoint {flat_p.get(k)} vs config {v}" for k, v in flat_e.items() if flat_p.get(k) != v]
+    bad += [f"{k}: in the checkpoint, not in the config's model" for k in flat_p if k not in flat_e]
+    if bad:
+        raise UpsampleError(f"{path}: the weights do not fit its config.json ({len(bad)} mismatches, e.g. "
+                            f"{bad[:3]}); was config.json edited or copied from another run?")
+
+
+# --------------------------------------------------------------------------- inputs
+@dataclasses.dataclass(frozen=True)
+class InputItem:
+    name: str  # output stem
+    path: str
+    kind: str  # "image" | "latent"
+    index: int | None  # position in a batched latent file
+    shape: tuple  # (h, w, c) as it will enter the first stage (latents NHWC)
+
+
+def _latent_array(path: str):
+    if path.endswith(".npz"):
+        with np.load(path) as z:
+            keys = list(z.keys())
+            if "latents" in keys:
+                return z["latents"]
+            if len(keys) == 1:
+                return z[keys[0]]
+            raise UpsampleError(f"{path}: an .npz needs a 'latents' array or exactly one array; it holds {keys}.")
+    return np.load(path, mmap_mode="r")
+
+
+def _to_nhwc(arr, layout: str, channels: int, path: str) -> tuple[np.ndarray | None, str | None]:
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4:
+        return None, f"{path}: latents must be [C, h, w] or [B, C, h, w] (or channels-last), got shape {arr.shape}."
+    if layout == "auto":
+        if arr.shape[1] == channels and arr.shape[-1] != channels:
+            layout = "nchw"
+        elif arr.shape[-1] == channels and arr.shape[1] != channels:
+            layout = "nhwc"
+        elif arr.shape[1] == channels:
+            layout = "nchw"  # ambiguous (c x c latents): PyTorch's layout
+        else:
+            return None, (f"{path}: latents of shape {arr.shape} have no axis of {channels} channels, which the "
+                          f"first stage's latents have (wrong model or wrong file?).")
+    arr = np.transpose(arr, (0, 2, 3, 1)) if layout == "nchw" else arr
+    if arr.shape[-1] != channels:
+        return None, (f"{path}: {arr.shape[-1]} latent channels ({layout.upper()}) but the first stage's latents have "
+                      f"{channels}.")
+    return arr, None
+
+
+def scan_inputs(paths: Sequence[str], *, channels: int, latent_layout: str = "auto",
+                stages: Sequence[Stage] | None = None, any_resolution: bool = False) -> list[InputItem]:
+    """The inputs named by ``paths`` (files or folders), their shapes read without decoding;
+    with ``stages`` also checked against the cascade (:func:`check_inputs`). Every problem
+    found is reported in one :class:`UpsampleError`."""
+    from PIL import Image
+
+    from cfm_jax.data.image_io import IMAGE_EXTENSIONS, list_images
+
+    files, problems = [], []
+    for p in paths:
+        if os.path.isdir(p):
+            images, ignored = list_images(p)
+            files += [os.path.join(p, f) for f in images]
+            files += sorted(os.path.join(p, f) for f in ignored if f.lower().endswith(LATENT_EXTENSIONS))
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            problems.append(f"--input {p!r} does not exist.")
+    items, names = [], set()
+    for f in files:
+        stem, ext = os.path.splitext(os.path.basename(f))
+        ext = ext.lower()
+        if ext in IMAGE_EXTENSIONS:
+            try:
+                with Image.open(f) as img:
+                    w, h = img.size
+                    img.verify()
+            except Exception as e:  # noqa: BLE001 -- PIL raises many types for damaged files
+                problems.append(f"{f}: not a readable image ({type(e).__name__}: {e}).")
+                continue
+            found = [InputItem(stem, f, "image", None, (h, w, 3))]
+        elif ext in LATENT_EXTENSIONS:
+            try:
+                arr = _latent_array(f)
+            except UpsampleError as e:
+                problems.append(str(e))
+                continue
+            except Exception as e:  # noqa: BLE001
+                problems.append(f"{f}: not a readable {ext} file ({type(e).__name__}: {e}).")
+                continue
+            batched = arr.ndim == 4
+            arr, err = _to_nhwc(arr, latent_layout, channels, f)
+            if err:
+                problems.append(err)
+                continue
+            found = [InputItem(f"{stem}_{i}" if batched else stem, f, "latent", i, tuple(arr.shape[1:]))
+                     for i in range(arr.shape[0])]
+        else:
+            problems.append(f"{f}: unsupported file type {ext!r}; give images {IMAGE_EXTENSIONS} or latents "
+                            f"{LATENT_EXTENSIONS}.")
+            continue
+        for it in found:
+            if it.name in names:
+                problems.append(f"{f}: two inputs would both write {it.name}.png; rename one.")
+            names.add(it.name)
+        items += found
+    if not items and not problems:
+        problems.append(f"No images or latents found in {list(paths)}.")
+    if stages is not None:
+        try:
+            check_inputs(items, stages, any_resolution=any_resolution)
+        except UpsampleError as e:
+            problems.append(str(e))
+    if problems:
+        raise UpsampleError("\n".join(problems))
+    return items
+
+
+def check_inputs(items: Sequence[InputItem], stages: Sequence[Stage], *, any_resolution: bool = False) -> None:
+    """Sizes against the first stage of the cascade (raises :class:`UpsampleError`)."""
+    first = stages[0]
+    f = first.factor
+    problems = []
+    for it in items:
+        h, w, _ = it.shape
+        what = "image" if it.kind == "image" else "latent"
+        if h != w:
+            problems.append(f"{it.path}: the {what} is {w}x{h} (WxH); the upsampler needs square inputs "
+                            "(crop or pad it first).")
+            continue
+        if it.kind == "image":
+            if h % f:
+                problems.append(f"{it.path}: side {h} is not divisible by {f}, the first stage's down-sampling "
+                                f"factor; crop it to {h - h % f}² or resize it.")
+                continue
+            expected = first.config.data.lowres_size
+        else:
+            expected = first.in_latent
+        if h != expected and not any_resolution:
+            unit = "pixels" if it.kind == "image" else "latent cells"
+            problems.append(f"{it.path}: {h}² {unit}, but {first.path} was trained on {expected}² inputs "
+                            f"({first.describe()}); resize the input, choose a checkpoint for this resolution, "
+                            "or pass --any_resolution.")
+    if problems:
+        raise UpsampleError("\n".join(problems))
+
+
+def load_item(item: InputItem, *, latent_layout: str = "auto", channels: int = 4) -> np.ndarray:
+    """Image float32 [h, w, 3] in [-1, 1], or latent float32 [h, w, C] as stored (NHWC)."""
+    from cfm_jax.data.image_io import load_image
+
+    if item.kind == "image":
+        loaded = load_image(item.path)
+        if not loaded.ok:
+            raise UpsampleError(f"{item.path}: {loaded.skip_reason} ({loaded.detail}).")
+        return loaded.image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    arr, err = _to_nhwc(np.asarray(_latent_array(item.path)), latent_layout, channels, item.path)
+    if err:
+        raise UpsampleError(err)
+    return np.asarray(arr[item.index], np.float32)
+
+
+# --------------------------------------------------------------------------- the pipeline
+class CascadeRunner:
+    """Jitted stages and decoder of a cascade (compiled once per input shape)."""
+
+    def __init__(self, stages: Sequence[Stage], solver, *, decode_tile: int = -1, tile_overlap: int = AUTO_TILE_OVERLAP,
+                 latents_scaled: bool = True):
+        import jax
+
+        self.stages = list(stages)
+        self.solver = solver
+        self.first_stage = self.stages[0].upsampler.first_stage
+        self.decode_tile = decode_tile
+        self.tile_overlap = tile_overlap
+        self.latents_scaled = latents_scaled
+        self.params = [jax.device_put(s.params) for s in self.stages]
+        self._jitted: dict = {}
+
+    # sizes ------------------------------------------------------------------------------
+    def entry_size(self, item: InputItem) -> int:
+        """Latent cells of the first stage's input (image inputs of PSU checkpoints enter on
+        the high-res grid)."""
+        f = self.first_stage.downsample_factor
+        side = item.shape[0]
+        if item.kind == "image":
+            side //= f
+            if self.stages[0].upsampler.coupling.upsampling_mode == "psu":
+                side = self.stage_out(0, side)
+        return side
+
+    def stage_out(self, s: int, size_in: int) -> int:
+        st = self.stages[s]
+        out = size_in * st.out_latent / st.in_latent
+        if out != int(out):
+            raise UpsampleError(f"{st.path}: a {size_in}² latent times the stage's factor {st.scale} is not an "
+                                "integer size.")
+        return int(out)
+
+    def output_sizes(self, item: InputItem) -> list[int]:
+        """Latent size after each stage."""
+        side = item.shape[0] // (self.first_stage.downsample_factor if item.kind == "image" else 1)
+        sizes = []
+        for s in range(len(self.stages)):
+            side = self.stage_out(s, side)
+            sizes.append(side)
+        return sizes
+
+    def decoder(self, size: int):
+        import dataclasses as dc
+
+        fs = self.first_stage
+        if fs.name == "identity":
+            return fs
+        tile = self.decode_tile
+        if tile < 0:
+            tile = AUTO_TILE if size > AUTO_TILE_ABOVE else 0
+        if tile and tile < size:
+            overlap = min(self.tile_overlap, tile // 2)
+            return dc.replace(fs, tile_size=int(tile), tile_overlap=int(overlap))
+        return dc.replace(fs, tile_size=0)
+
+    # jitted pieces ----------------------------------------------------------------------
+    def _fn(self, name: str, build):
+        if name not in self._jitted:
+            self._jitted[name] = build()
+        return self._jitted[name]
+
+    def encode(self, kind: str, batch: np.ndarray, entry: int):
+        import jax
+
+        from cfm_jax.coupling import resize_bilinear
+
+        fs = self.first_stage
+        if kind == "latent":
+            scale = 1.0 if self.latents_scaled else None
+            fn = self._fn(f"latent{scale}", lambda: jax.jit(
+                lambda fs, x: x if scale else (x - getattr(fs, "shift_factor", 0.0)) * fs.scale_factor))
+            return fn(fs, batch)
+        f = fs.downsample_factor
+
+        def enc(fs, x):
+            if x.shape[1] != entry * f:
+                x = resize_bilinear(x, (entry * f, entry * f))
+            return fs.encode(x)
+        return self._fn(f"image{entry}", lambda: jax.jit(enc))(fs, batch)
+
+    def run_stage(self, s: int, x, keys, size: int):
+        import jax
+
+        ups = self.stages[s].upsampler
+        solver = self.solver
+
+        def sample(params, fs, x, keys):
+            r = ups.sample(params, x, keys, size=size, solver=solver, first_stage=fs)
+            return r.x, r.nfe, r.success
+        fn = self._fn(f"stage{s}-{size}", lambda: jax.jit(sample))
+        return fn(self.params[s], self.first_stage, x, keys)
+
+    def decode(self, x):
+        import jax
+        import jax.numpy as jnp
+
+        dec = self.decoder(x.shape[1])
+
+        def to_uint8(fs, z):
+            img = jnp.clip(fs.decode(z), -1.0, 1.0)
+            return jnp.round((img + 1.0) * 127.5).astype(jnp.uint8)
+        return self._fn(f"decode{x.shape[1]}-{getattr(dec, 'tile_size', 0)}", lambda: jax.jit(to_uint8))(dec, x)
+
+
+def run(stages: Sequence[Stage], items: Sequence[InputItem], out_dir: str, *, solver, batch_size: int = 1,
+        seed: int = 0, decode_tile: int = -1, latents_scaled: bool = True, latent_layout: str = "auto",
+        save_latents: bool = False, progress: bool = True) -> dict:
+    """Upsamples ``items`` through ``stages``; returns a summary (paths, NFE, seconds)."""
+    import jax
+    from PIL import Image
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise UpsampleError(f"--batch_size must be >= 1, got {batch_size}.")
+    runner = CascadeRunner(stages, solver, decode_tile=decode_tile, latents_scaled=latents_scaled)
+    channels = runner.first_stage.latent_channels
+    for it in items:
+        runner.output_sizes(it)  # integer sizes all the way (raises before compute)
+    os.makedirs(out_dir, exist_ok=True)
+    order = {it: i for i, it in enumerate(items)}
+    groups: dict[tuple, list[InputItem]] = {}
+    for it in items:
+        groups.setdefault((it.kind, it.shape), []).append(it)
+    batches = [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    root = jax.random.PRNGKey(seed)
+    written, nfe, seconds = [], [0] * len(stages), {"cfm": 0.0, "decode": 0.0}
+    bar = tqdm(total=len(items), desc="upsampling", unit="image", disable=not progress)
+    for batch_items in batches:
+        n = len(batch_items)
+        arrays = [load_item(it, latent_layout=latent_layout, channels=channels) for it in batch_items]
+        arrays += [arrays[-1]] * (batch_size - n)  # pad: one compiled shape per input shape
+        x = runner.encode(batch_items[0].kind, np.stack(arrays), runner.entry_size(batch_items[0]))
+        t0 = time.perf_counter()
+        sizes = runner.output_sizes(batch_items[0])
+        for s in range(len(stages)):
+            idx = [order[it] for it in batch_items] + [order[batch_items[-1]]] * (batch_size - n)
+            keys = jax.vmap(lambda i, s=s: jax.random.fold_in(jax.random.fold_in(root, i), s))(np.asarray(idx))
+            x, stage_nfe, ok = runner.run_stage(s, x, keys, sizes[s])
+            if not bool(np.all(np.asarray(ok))):
+                raise RuntimeError(f"Stage {stages[s].path}: the solver failed (non-finite values or an adaptive "
+                                   "solver hit max_steps) for inputs "
+                                   f"{[it.path for it in batch_items]}; try another --solver.")
+            nfe[s] = int(np.max(np.asarray(stage_nfe)))
+        x.block_until_ready()
+        t1 = time.perf_counter()
+        images = np.asarray(runner.decode(x))
+        seconds["cfm"] += t1 - t0
+        seconds["decode"] += time.perf_counter() - t1
+        latents = np.asarray(x) if save_latents else None
+        for j, it in enumerate(batch_items):
+            path = os.path.join(out_dir, f"{it.name}.png")
+            Image.fromarray(images[j]).save(path)
+            written.append(path)
+            if save_latents:
+                np.save(os.path.join(out_dir, f"{it.name}.npy"), latents[j])
+        bar.update(n)
+    bar.close()
+    return {"outputs": written, "nfe_per_stage": nfe, "seconds": seconds, "solver": solver.as_dict(),
+            "stages": [s.describe() for s in stages]}
+
+
+# --------------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    from cfm_jax import sde
+    from cfm_jax.solvers import ALL_METHODS
+
+    p = argparse.ArgumentParser(prog="python -m cfm_jax.upsample", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="See the module docstring (python -c 'import cfm_jax.upsample as u; "
+                                       "print(u.__doc__)') for input formats and seeds.")
+    p.add_argument("--checkpoint", action="append", required=True,
+                   help="Run directory (train.py or `convert fmboost`); repeat it or separate with commas for a "
+                        "cascade, lowest resolution first.")
+    p.add_argument("--input", action="append", required=True, help="Image or latent file, or folder (repeatable).")
+    p.add_argument("--out", required=True, help="Output folder for the PNGs.")
+    p.add_argument("--solver", default="euler:40",
+                   help=f"method[:grid points | :rtol], methods {ALL_METHODS}; default euler:40 (39 NFE, the paper's "
+                        "tables).")
+    p.add_argument("--diffusion_form", default="sigma", choices=sde.DIFFUSION_FORMS, help="SDE solvers only.")
+    p.add_argument("--diffusion_norm", type=float, default=1.0, help="SDE solvers only.")
+    p.add_argument("--last_step", default="Mean", choices=["Mean", "Euler", "none"], help="SDE solvers only.")
+    p.add_argument("--last_step_size", type=float, default=0.04, help="SDE solvers only.")
+    p.add_argument("--atol", type=float, default=1e-6, help="Adaptive solvers only.")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--online", action="store_true", help="Use the online weights instead of the EMA.")
+    p.add_argument("--step", type=int, default=None, help="Checkpoint step (default: newest).")
+    p.add_argument("--first_stage", default=None, help="Autoencoder path overriding the checkpoints' configs.")
+    p.add_argument("--latent_layout", default="auto", choices=["auto", "nchw", "nhwc"])
+    p.add_argument("--latents_scaled", action=argparse.BooleanOptionalAction, default=True,
+                   help="Input latents are already multiplied by the VAE's scale factor (diffusers' "
+                        "output_type='latent').")
+    p.add_argument("--any_resolution", action="store_true",
+                   help="Allow inputs and cascades at sizes the checkpoints were not trained for.")
+    p.add_argument("--decode_tile", type=int, default=-1,
+                   help=f"Latent cells per decoder tile; -1: {AUTO_TILE} above {AUTO_TILE_ABOVE}² latents, "
+                        "else untiled; 0: never tile.")
+    p.add_argument("--save_latents", action="store_true", help="Also write the final latents as .npy.")
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax metadata chatter
+    from cfm_jax.solvers import SolverSpec
+
+    checkpoints = [c for arg in args.checkpoint for c in arg.split(",") if c]
+    try:
+        solver = SolverSpec.parse(args.solver, diffusion_form=args.diffusion_form, diffusion_norm=args.diffusion_norm,
+                                  last_step=None if args.last_step == "none" else args.last_step,
+                                  last_step_size=args.last_step_size, atol=args.atol)
+        stages = load_cascade(checkpoints, use_ema=not args.online, step=args.step, first_stage_path=args.first_stage,
+                              any_resolution=args.any_resolution, read_weights=False)
+        channels = stages[0].upsampler.first_stage.latent_channels
+        items = scan_inputs(args.input, channels=channels, latent_layout=args.latent_layout, stages=stages,
+                            any_resolution=args.any_resolution)
+        read_stage_weights(stages, use_ema=not args.online, step=args.step)
+        for st in stages:
+            print(f"stage {st.describe()}")
+        summary = run(stages, items, args.out, solver=solver, batch_size=args.batch_size, seed=args.seed,
+                      decode_tile=args.decode_tile, latents_scaled=args.latents_scaled,
+                      latent_layout=args.latent_layout, save_latents=args.save_latents,
+                      progress=not args.no_progress)
+    except UpsampleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = len(summary["outputs"])
+    print(f"{n} image(s) in {os.path.abspath(args.out)}; NFE per stage {summary['nfe_per_stage']}; "
+          f"CFM {summary['seconds']['cfm']:.2f} s, decode {summary['seconds']['decode']:.2f} s (compile included).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

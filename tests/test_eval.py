@@ -1,0 +1,187 @@
+"""Offline evaluation end to end: a tiny trained checkpoint -> eval.py (solver sweep, FID and
+patch-FID with random Inception weights) -> metrics.json / CSV / report / grids / plots; the
+same numbers on 1 and 2 devices; an image-folder evaluation set; option errors; the report's
+SVG plot; solver specs."""
+import csv
+import json
+import os
+import xml.etree.ElementTree as ET
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from cfm_jax import evaluation
+from cfm_jax.solvers import SolverSpec
+from cfm_jax.trainer import train
+from tests.random_weights import random_params
+from tests.test_trainer import run_cli, tiny_config
+
+FIELDS_SAME_ON_ANY_DEVICES = ("nfe", "psnr", "ssim", "mse", "fid", "patch_fid")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("eval_run"))
+    c = tiny_config(num_steps=4, checkpoint_every=4)
+    c.data.num_val_images = 4
+    train(c, workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def inception_dir(tmp_path_factory):
+    """The FID Inception with random weights (the real file is user-supplied)."""
+    from cfm_jax.convert.inception import save_converted
+    from cfm_jax.models.inception import FIDInceptionV3
+
+    out = str(tmp_path_factory.mktemp("inception"))
+    shapes = jax.eval_shape(FIDInceptionV3().init, jax.random.PRNGKey(0), np.zeros((1, 299, 299, 3), np.float32))
+    rng = np.random.default_rng(1)
+    stats = jax.tree_util.tree_map_with_path(
+        lambda p, s: (1.0 + 0.2 * np.abs(rng.standard_normal(s.shape)) if p[-1].key == "var"
+                      else 0.1 * rng.standard_normal(s.shape)).astype(np.float32), shapes["batch_stats"])
+    # He-scaled kernels: activations keep their scale through the 90 layers, so features differ between images
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, a: a * np.float32(np.sqrt(2.0)) if p[-1].key == "kernel" else a, random_params(shapes["params"]))
+    save_converted(out, {"params": params, "batch_stats": stats},
+                   source="random weights (test)")
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_device_eval(trained, inception_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("eval2"))
+    proc = run_cli(["eval.py", "--workdir", trained, "--solvers", "euler:3,heun:3,euler:5", "--inception",
+                    inception_dir, "--num_crops", "2", "--crop_size", "8", "--out", out,
+                    "--fid_stats", os.path.join(out, "real_stats.npz")],
+                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc
+
+
+def _rows(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        return {r["label"]: r for r in json.load(f)["results"]}
+
+
+def test_eval_writes_every_report_with_all_metrics(two_device_eval):
+    out, proc = two_device_eval
+    with open(os.path.join(out, "metrics.json")) as f:
+        record = json.load(f)
+    assert record["devices"] == 2 and record["num_images"] == 4 and record["weights"] == "ema"
+    assert record["fid"]["num_crops"] == 2 and record["fid"]["crop_size"] == 8
+    rows = {r["label"]: r for r in record["results"]}
+    assert set(rows) == {"euler-3", "heun-3", "euler-5", "bicubic", "bilinear"}
+    assert [rows[k]["nfe"] for k in ("euler-3", "heun-3", "euler-5", "bicubic")] == [2, 4, 4, 0]
+    for label, r in rows.items():
+        for k in ("psnr", "ssim", "mse", "fid", "patch_fid"):
+            assert r[k] is not None and np.isfinite(r[k]), (label, k)
+        assert r["fid"] > 0 and r["patch_fid"] > 0
+    # random Inception weights still see that bilinear is blurrier than bicubic
+    assert rows["bilinear"]["fid"] > rows["bicubic"]["fid"]
+    # CSV carries the same numbers
+    with open(os.path.join(out, "metrics.csv")) as f:
+        csv_rows = {r["label"]: r for r in csv.DictReader(f)}
+    for label, r in rows.items():
+        assert float(csv_rows[label]["psnr"]) == pytest.approx(r["psnr"], rel=1e-12)
+        assert float(csv_rows[label]["fid"]) == pytest.approx(r["fid"], rel=1e-12)
+    # grids (rows: 2 images; columns: high | bilinear | cfm) and plots of the sweep
+    grid = np.asarray(Image.open(os.path.join(out, "grid_euler-3.png")))
+    assert grid.shape == (2 * 16, 3 * 16, 3)
+    for metric in ("psnr", "ssim", "fid", "patch_fid"):
+        root = ET.parse(os.path.join(out, f"{metric}_vs_nfe.svg")).getroot()
+        assert root.tag.endswith("svg")
+    report = open(os.path.join(out, "report.md")).read()
+    assert "psnr_vs_nfe.svg" in report and "| bicubic |" in report and "patch-FID" in report
+    assert os.path.exists(os.path.join(out, "real_stats.npz")) and os.path.exists(
+        os.path.join(out, "real_stats_crops.npz"))
+    assert "bicubic" in proc.stdout
+
+
+def test_eval_numbers_do_not_depend_on_the_device_count_or_the_sweep(trained, inception_dir, two_device_eval,
+                                                                     tmp_path):
+    """1 device, euler:3 alone, FID reference statistics read back from the 2-device run's cache."""
+    out2, _ = two_device_eval
+    out1 = str(tmp_path / "eval1")
+    proc = run_cli(["eval.py", "--workdir", trained, "--solvers", "euler:3", "--inception", inception_dir,
+                    "--num_crops", "2", "--crop_size", "8", "--out", out1,
+                    "--fid_stats", os.path.join(out2, "real_stats.npz")],
+                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = _rows(out1), _rows(out2)
+    assert set(one) == {"euler-3", "bicubic", "bilinear"}
+    for label in one:
+        for k in FIELDS_SAME_ON_ANY_DEVICES:
+            # FID of 4 images (rank-deficient covariances) amplifies float32 feature rounding
+            rtol = 1e-3 if "fid" in k else 1e-5
+            assert one[label][k] == pytest.approx(two[label][k], rel=rtol, abs=1e-6), (label, k)
+
+
+def test_eval_on_a_folder_of_images(trained, tmp_path):
+    import skimage.data
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("astronaut", "coffee", "chelsea"):
+        Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{name}.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "tiny.png")  # smaller than 16²: skipped
+    out = str(tmp_path / "ev")
+    proc = run_cli(["eval.py", "--workdir", trained, "--images", str(folder), "--num_images", "4", "--out", out,
+                    "--solvers", "euler:2"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(os.path.join(out, "metrics.json")) as f:
+        record = json.load(f)
+    assert record["num_images"] == 3 and "centre crops" in record["data"]
+    rows = {r["label"]: r for r in record["results"]}
+    assert rows["euler-2"]["fid"] is None and "not computed" in open(os.path.join(out, "report.md")).read()
+    # the baselines scored here equal the metrics of the same crops computed directly
+    from cfm_jax import metrics
+    from cfm_jax.data import photos, prepare
+
+    crops = [prepare.make_crops(prepare.resize_short_side(getattr(skimage.data, n)(), 16), image_size=16,
+                                crop="center", crops_per_image=1)[0][0] for n in ("astronaut", "chelsea", "coffee")]
+    hr = prepare.to_unit_range(np.stack(crops))
+    bic = photos.upsample_bicubic(prepare.downsample_antialiased(hr, 8), 16)
+    assert rows["bicubic"]["psnr"] == pytest.approx(float(np.mean(metrics.psnr(bic, hr))), rel=1e-5)
+
+
+def test_eval_rejects_bad_options_before_loading(trained, tmp_path):
+    proc = run_cli(["eval.py", "--workdir", trained, "--solvers", "eulr:3"])
+    assert proc.returncode == 2 and "Unknown sampler method 'eulr'" in proc.stderr
+    proc = run_cli(["eval.py", "--workdir", trained, "--solvers", "euler:x"])
+    assert proc.returncode == 2 and "integer number of grid points" in proc.stderr
+    proc = run_cli(["eval.py", "--workdir", trained, "--inception", str(tmp_path / "missing.pth")])
+    assert proc.returncode == 2 and "pt_inception" in proc.stderr
+    proc = run_cli(["eval.py", "--workdir", str(tmp_path)])
+    assert proc.returncode == 2 and "config.json" in proc.stderr
+
+
+def test_solver_specs_parse_and_label():
+    specs = SolverSpec.parse_list("euler:40, rk4:10,dopri5:1e-4,sde_heun:20")
+    assert [s.label for s in specs] == ["euler-40", "rk4-10", "dopri5-rtol1e-04", "sde_heun-20-sigma-Mean"]
+    assert [s.expected_nfe() for s in specs[:2]] == [39, 36] and specs[2].expected_nfe() is None
+    assert specs[2].rtol == 1e-4 and specs[3].is_sde and not specs[0].is_sde
+    assert "rtol" not in specs[0].as_dict() and "diffusion_form" in specs[3].as_dict()
+    with pytest.raises(ValueError, match="grid points"):
+        SolverSpec(method="euler", num_steps=1)
+    with pytest.raises(ValueError, match="diffusion_form"):
+        SolverSpec(method="sde_euler", diffusion_form="cosine")
+
+
+def test_nfe_plot_places_points_by_value():
+    R = evaluation.MethodResult
+    results = [R("cfm", "euler-3", {"method": "euler", "num_steps": 3}, 2, 30.0, 0.9, 0.001),
+               R("cfm", "euler-9", {"method": "euler", "num_steps": 9}, 8, 32.0, 0.95, 0.0006),
+               R("bicubic", "bicubic", None, 0, 31.0, 0.92, 0.0008)]
+    svg = evaluation.nfe_plot_svg(results, "psnr", title="t")
+    root = ET.fromstring(svg)
+    ns = "{http://www.w3.org/2000/svg}"
+    circles = root.findall(f"{ns}circle")
+    assert len(circles) == 2
+    (x1, y1), (x2, y2) = [(float(c.get("cx")), float(c.get("cy"))) for c in circles]
+    assert x2 > x1 and y2 < y1  # more NFE to the right, higher PSNR higher up
+    dashed = [ln for ln in root.findall(f"{ns}line") if ln.get("stroke-dasharray")]
+    assert len(dashed) == 1 and y2 < float(dashed[0].get("y1")) < y1  # bicubic between the two
+    assert evaluation.nfe_plot_svg(results, "fid", title="t") == ""  # no FID: no plot
