@@ -1,0 +1,186 @@
+"""The upsampling CLI: a cascade of two tiny checkpoints on images and latents (equal to the
+library's stage-by-stage computation), seeds independent of the batch, the SDE sampler,
+an autoencoder first stage with tiled decoding, and bad input reported before any compute."""
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from cfm_jax import upsample
+from cfm_jax.convert.fmboost_checkpoint import write_run_dir
+from cfm_jax.solvers import SolverSpec
+from cfm_jax.upsampler import CFMUpsampler
+from tests.test_trainer import run_cli, tiny_config
+
+
+def _write_stage(path, config, seed):
+    ups = CFMUpsampler(config)
+    size = config.data.image_size // ups.first_stage.downsample_factor
+    params = jax.jit(lambda k: ups.init(k, size))(jax.random.PRNGKey(seed))
+    # a non-zero last layer (it is zero-initialised): the network's output matters
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(seed + 1), a.shape, a.dtype)
+        if "out" in jax.tree_util.keystr(p) else a, params)
+    return write_run_dir(str(path), config, params, params, source="random init (test)")
+
+
+@pytest.fixture(scope="module")
+def pixel_cascade(tmp_path_factory):
+    """Two pixel-space stages: 8² -> 16², then 16² -> 32²."""
+    root = tmp_path_factory.mktemp("cascade")
+    a = tiny_config()
+    a.data.update(lowres_size=8, image_size=16)
+    b = tiny_config()
+    b.data.update(lowres_size=16, image_size=32)
+    return _write_stage(root / "a", a, 0), _write_stage(root / "b", b, 1)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """An 8² photo crop as PNG, and the same pixels (plus a second crop) as NCHW latents."""
+    import skimage.data
+
+    root = tmp_path_factory.mktemp("inputs")
+    crops = [np.asarray(Image.fromarray(skimage.data.astronaut()[y:y + 64, x:x + 64]).resize((8, 8), Image.BOX))
+             for y, x in ((100, 180), (300, 250))]
+    Image.fromarray(crops[0]).save(root / "photo.png")
+    lat = np.stack([c.astype(np.float32) / 127.5 - 1.0 for c in crops]).transpose(0, 3, 1, 2)  # [2, 3, 8, 8]
+    np.save(root / "lat.npy", lat)
+    return str(root / "photo.png"), str(root / "lat.npy"), lat
+
+
+def _manual_chain(stages, x, index, seed, solver):
+    """Stage after stage with the library, the key of example ``index`` as the CLI derives it."""
+    root = jax.random.PRNGKey(seed)
+    for s, st in enumerate(stages):
+        ups = st.upsampler
+        key = jax.random.fold_in(jax.random.fold_in(root, index), s)
+        size = x.shape[1] * st.out_latent // st.in_latent
+        x = ups.sample(st.params, x, key[None], size=size, solver=solver).x
+    return np.asarray(np.round((np.clip(np.asarray(x), -1, 1) + 1) * 127.5)).astype(np.uint8)[0]
+
+
+def test_cascade_cli_matches_the_library_chain(pixel_cascade, inputs, tmp_path):
+    png, npy, lat = inputs
+    out = tmp_path / "out"
+    proc = run_cli(["-m", "cfm_jax.upsample", "--checkpoint", ",".join(pixel_cascade), "--input", png, "--input", npy,
+                    "--out", str(out), "--solver", "euler:3", "--batch_size", "2", "--seed", "3", "--no_progress"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "NFE per stage [2, 2]" in proc.stdout
+    got = {n: np.asarray(Image.open(out / f"{n}.png")) for n in ("photo", "lat_0", "lat_1")}
+    assert all(g.shape == (32, 32, 3) for g in got.values())
+    stages = upsample.load_cascade(pixel_cascade)
+    solver = SolverSpec(method="euler", num_steps=3)
+    for index, (name, x) in enumerate((("photo", lat[0]), ("lat_0", lat[0]), ("lat_1", lat[1]))):
+        want = _manual_chain(stages, np.transpose(x, (1, 2, 0))[None], index, 3, solver)
+        assert np.abs(got[name].astype(int) - want).max() <= 1, name
+    # the PNG and its latent hold the same pixels and this coupling draws no noise
+    assert np.abs(got["photo"].astype(int) - got["lat_0"]).max() <= 1
+    assert np.abs(got["lat_0"].astype(int) - got["lat_1"]).mean() > 5  # different inputs, different outputs
+
+
+def test_sde_results_do_not_depend_on_the_batch(pixel_cascade, inputs, tmp_path):
+    _, npy, _ = inputs
+    stages = upsample.load_cascade(pixel_cascade[:1])
+    items = upsample.scan_inputs([npy], channels=3, stages=stages)
+    solver = SolverSpec(method="sde_euler", num_steps=4)
+    runs = []
+    for bs in (1, 2):
+        summary = upsample.run(stages, items, str(tmp_path / f"bs{bs}"), solver=solver, batch_size=bs, seed=5,
+                               progress=False)
+        assert summary["nfe_per_stage"] == [solver.expected_nfe()]
+        runs.append([np.asarray(Image.open(p)).astype(int) for p in summary["outputs"]])
+    for a, b in zip(*runs):
+        assert np.abs(a - b).max() <= 1
+    other = upsample.run(stages, items, str(tmp_path / "seed6"), solver=solver, batch_size=2, seed=6, progress=False)
+    assert np.abs(np.asarray(Image.open(other["outputs"][0])).astype(int) - runs[0][0]).mean() > 0.5
+
+
+def test_cascade_order_and_resolution_checks(pixel_cascade, inputs, tmp_path):
+    a, b = pixel_cascade
+    with pytest.raises(upsample.UpsampleError, match="outputs 32² pixels but the next stage"):
+        upsample.load_cascade([b, a], read_weights=False)
+    stages = upsample.load_cascade([a, a], read_weights=False, any_resolution=True)
+    upsample.read_stage_weights(stages)
+    items = upsample.scan_inputs([inputs[0]], channels=3, stages=stages, any_resolution=True)
+    summary = upsample.run(stages, items, str(tmp_path / "aa"), solver=SolverSpec(method="euler", num_steps=2),
+                           progress=False)
+    assert np.asarray(Image.open(summary["outputs"][0])).shape == (32, 32, 3)
+    with pytest.raises(upsample.UpsampleError, match="--any_resolution"):
+        upsample.scan_inputs([inputs[0]], channels=3, stages=upsample.load_cascade([b], read_weights=False))
+
+
+def test_weights_that_do_not_fit_the_config_are_rejected(pixel_cascade, tmp_path):
+    import json
+    import shutil
+
+    bad = str(tmp_path / "bad")
+    shutil.copytree(pixel_cascade[0], bad)
+    with open(os.path.join(bad, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["model"]["model_channels"] = 64
+    with open(os.path.join(bad, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(upsample.UpsampleError, match="do not fit its config.json"):
+        upsample.load_cascade([bad])
+
+
+@pytest.fixture(scope="module")
+def latent_stage(tmp_path_factory):
+    """The paper's coupling (PSU, noising step 400, context) on a tiny random autoencoder (factor 2):
+    16² -> 32² pixels, 8² -> 16² latents."""
+    from cfm_jax.first_stage import save_converted
+    from cfm_jax.models.autoencoder import AutoencoderKL, abstract_params
+    from tests.random_weights import random_params
+    from tests.test_first_stage import TINY
+
+    root = tmp_path_factory.mktemp("latent")
+    model = AutoencoderKL(**TINY)
+    save_converted(str(root / "ae"), model, random_params(abstract_params(model), seed=7), scale_factor=0.18215,
+                   source="random")
+    c = tiny_config()
+    c.first_stage.update(name="autoencoder", path=str(root / "ae"), scale_factor=-1.0)
+    c.coupling.update(upsampling_mode="psu", noising_step=400, concat_context=True)
+    c.model.update(in_channels=8, out_channels=4)
+    c.data.update(lowres_size=16, image_size=32)
+    return _write_stage(root / "stage", c, 2)
+
+
+def test_latents_through_an_autoencoder_with_tiled_decoding(latent_stage, tmp_path):
+    np.savez(tmp_path / "sd.npz", latents=np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32))
+    stages = upsample.load_cascade([latent_stage])
+    items = upsample.scan_inputs([str(tmp_path / "sd.npz")], channels=4, stages=stages)
+    assert [it.name for it in items] == ["sd_0", "sd_1"] and items[0].shape == (8, 8, 4)
+    runner = upsample.CascadeRunner(stages, SolverSpec(), decode_tile=8)
+    assert runner.decoder(16).tile_size == 8 and upsample.CascadeRunner(stages, SolverSpec()).decoder(16).tile_size == 0
+    tiled = upsample.run(stages, items, str(tmp_path / "tiled"), solver=SolverSpec(method="euler", num_steps=3),
+                         batch_size=2, decode_tile=8, save_latents=True, progress=False)
+    whole = upsample.run(stages, items, str(tmp_path / "whole"), solver=SolverSpec(method="euler", num_steps=3),
+                         batch_size=2, decode_tile=0, progress=False)
+    a, b = (np.asarray(Image.open(r["outputs"][0])).astype(int) for r in (tiled, whole))
+    assert a.shape == b.shape == (32, 32, 3)
+    assert 0 < np.abs(a - b).mean() < 20  # tiles see less context: close, not equal
+    assert np.load(tmp_path / "tiled" / "sd_0.npy").shape == (16, 16, 4)
+
+
+def test_bad_inputs_are_all_reported_before_any_compute(latent_stage, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(np.zeros((15, 15, 3), np.uint8)).save(d / "odd.png")  # not divisible by the factor 2
+    Image.fromarray(np.zeros((16, 12, 3), np.uint8)).save(d / "wide.png")  # not square
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(d / "big.png")  # trained on 16² inputs
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    np.save(d / "rgb.npy", np.zeros((1, 3, 8, 8), np.float32))  # 3 channels, the autoencoder has 4
+    np.save(d / "small.npy", np.zeros((4, 6, 6), np.float32))  # 6² latents, trained on 8²
+    out = tmp_path / "out"
+    proc = run_cli(["-m", "cfm_jax.upsample", "--checkpoint", latent_stage, "--input", str(d), "--input",
+                    str(tmp_path / "missing.png"), "--out", str(out)])
+    assert proc.returncode == 2
+    err = proc.stderr
+    for needle in ("odd.png: side 15 is not divisible by 2", "wide.png: the image is 12x16", "big.png: 32² pixels",
+                   "broken.png: not a readable image", "rgb.npy", "small.npy: 6² latent cells",
+                   "missing.png' does not exist"):
+        assert needle in err, (needle, err)
+    assert not out.exists()
