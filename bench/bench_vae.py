@@ -13,13 +13,13 @@ architecture (random weights exaggerate the per-tile GroupNorm mismatch).
 """
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+
+from bench.timing import timed as _timed  # noqa: E402
 
 _VAE = flags.DEFINE_string("vae", "", "VAE checkpoint (file, diffusers folder or converted folder); "
                            "empty: SD architecture with random weights.")
@@ -30,28 +30,6 @@ _BATCH = flags.DEFINE_integer("batch", 1, "Images per call.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed calls per function.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _SMALL = flags.DEFINE_bool("small", False, "A tiny autoencoder instead of SD's (for smoke tests).")
-
-
-def _memory_bytes(compiled) -> int | None:
-    try:
-        m = compiled.memory_analysis()
-        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
-    except Exception:  # not every backend reports it
-        return None
-
-
-def _timed(fn, *args, repeats):
-    import jax
-    t = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - t
-    out = jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t)
-    return out, compile_s, statistics.median(times), _memory_bytes(compiled)
 
 
 def main(argv):
