@@ -1,6 +1,6 @@
 """Multi-host training on one machine: 2 processes x 2 CPU devices (jax.distributed, gloo
-collectives) against 1 process x 4 devices; checkpoints across process counts; a peer that
-never arrives ends the run with a clear error instead of a hang."""
+collectives) against 1 process x 4 devices, training and offline evaluation; checkpoints across
+process counts; a peer that never arrives ends the run with a clear error instead of a hang."""
 import csv
 import json
 import os
@@ -30,7 +30,19 @@ c = tiny_config(num_steps={steps}, checkpoint_every=3)
 c.optim.eps = 1e-3  # smooth Adam updates: parameters comparable across reduction orders
 c.mesh.update(data=-1, fsdp=2, fsdp_min_size=256)
 s = train(c, {workdir!r})
-print("SUMMARY", json.dumps({{"final": s["final_step"], "start": s["start_step"], "pid": jax.process_index()}}))
+scores = None
+if {evaluate}:  # offline evaluation over every device of every process, SDE noise per example
+    from cfm_jax import checkpointing, evaluation, sharding
+    from cfm_jax.data.train_data import make_data
+    from cfm_jax.solvers import SolverSpec
+    from cfm_jax.upsampler import CFMUpsampler
+    ups, mesh = CFMUpsampler(c), sharding.make_data_mesh()
+    _, batches = make_data(c, ups.first_stage, n_devices=mesh.devices.size, train=False)
+    ev = evaluation.Evaluator(ups, checkpointing.read_params({workdir!r}), batches, mesh, seed=3)
+    r, _ = ev.evaluate(SolverSpec(method="sde_euler", num_steps=3))
+    scores = [r.psnr, r.ssim, r.mse, r.nfe, ev.num_images]
+print("SUMMARY", json.dumps({{"final": s["final_step"], "start": s["start_step"], "pid": jax.process_index(),
+                             "eval": scores}}))
 """
 
 
@@ -40,12 +52,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(workdir: str, nproc: int, steps: int = 3, timeout: int = 420, ndev: int = 4):
+def _run(workdir: str, nproc: int, steps: int = 3, timeout: int = 420, ndev: int = 4, evaluate: bool = False):
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={ndev // nproc}"}
     procs = [subprocess.Popen([sys.executable, "-c", WORKER.format(root=ROOT, nproc=nproc, port=port, pid=i,
-                                                                   steps=steps, workdir=workdir, ndev=ndev)],
+                                                                   steps=steps, workdir=workdir, ndev=ndev,
+                                                                   evaluate=evaluate)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(nproc)]
     outs = []
@@ -67,9 +80,13 @@ def _losses(workdir):
 
 def test_two_processes_match_one_process_and_checkpoints_move_between_them(tmp_path):
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
-    outs = _run(two, nproc=2)
+    outs = _run(two, nproc=2, evaluate=True)
     assert sorted(o["pid"] for o in outs) == [0, 1] and all(o["final"] == 3 for o in outs)
-    _run(one, nproc=1)
+    ones = _run(one, nproc=1, evaluate=True)
+    # offline evaluation: both processes see the gathered scores of all 4 images, equal to 1 process's
+    assert outs[0]["eval"][3:] == outs[1]["eval"][3:] == ones[0]["eval"][3:] == [3, 4]  # 2 SDE steps + the Mean last step
+    np.testing.assert_allclose(outs[0]["eval"], outs[1]["eval"], rtol=1e-6)
+    np.testing.assert_allclose(outs[0]["eval"], ones[0]["eval"], rtol=1e-5)
     # metrics.csv is written by process 0 only, once per step
     np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
     assert len(_losses(two)) == 3
