@@ -16,6 +16,7 @@ output (adaptive average pool after Mixed_7c), with the state-dict names of
 """
 
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -466,6 +467,43 @@ def test_stats_npz_round_trip_in_pytorch_fid_format(tmp_path):
     np.savez(tmp_path / "bad.npz", mu=mu)
     with pytest.raises(ValueError, match="no sigma"):
         fid.load_stats(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("n1,n2,d", [(12, 20, 64), (30, 9, 48), (5, 5, 256)])
+def test_low_rank_fid_equals_pytorch_fid_formula(n1, n2, d):
+    """Fewer samples than dimensions: the trace term as the nuclear norm of A^T B equals
+    tr sqrtm(sigma1 sigma2) (same distance, without the D x D square root)."""
+    rng = np.random.default_rng(n1 + n2 + d)
+    f1 = rng.standard_normal((n1, d)) * rng.uniform(0.5, 2.0, d)
+    f2 = 0.3 + rng.standard_normal((n2, d)) @ rng.standard_normal((d, d)) / np.sqrt(d)
+    mu1, s1 = fid.statistics(f1)
+    mu2, s2 = fid.statistics(f2)
+    w, v = np.linalg.eigh(s1)  # tr sqrt(S1 S2) = tr sqrt(S1^1/2 S2 S1^1/2), symmetric PSD
+    s1h = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    ev = np.linalg.eigvalsh(s1h @ s2 @ s1h)
+    reference = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(np.clip(ev, 0, None)))
+    fast = fid.low_rank_frechet_distance(f1, f2)
+    # the eigh reference takes square roots of the rounding noise in the D - N null directions
+    # (each up to ~sqrt(1e-16 * scale)); the SVD of A^T B does not, hence 1e-7, not 1e-12
+    assert fast == pytest.approx(reference, rel=1e-7)
+    # pytorch-fid's sqrtm of the singular product agrees to its own (ill-conditioned) accuracy
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert fid.fid_from_features(f1, f2) == pytest.approx(fast, rel=1e-4)
+    assert fid.features_fid(f1, f2) == fast  # small sets take the low-rank path
+    assert fid.low_rank_frechet_distance(f1, f1) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        fid.low_rank_frechet_distance(f1[:1], f2)
+
+
+def test_stats_file_can_carry_the_features(tmp_path):
+    feats = np.random.default_rng(0).standard_normal((6, 16)).astype(np.float32)
+    fid.save_stats(tmp_path / "s.npz", *fid.statistics(feats), features=feats)
+    np.testing.assert_array_equal(fid.load_features(tmp_path / "s.npz"), feats)
+    with np.load(tmp_path / "s.npz") as f:  # pytorch-fid reads only mu and sigma
+        assert {"mu", "sigma"} <= set(f.files)
+    fid.save_stats(tmp_path / "t.npz", *fid.statistics(feats))
+    assert fid.load_features(tmp_path / "t.npz") is None
 
 
 # ----------------------------------------------------------------------------------
