@@ -1,7 +1,7 @@
-"""Offline evaluation end to end: a tiny trained checkpoint -> eval.py (solver sweep, FID and
-patch-FID with random Inception weights) -> metrics.json / CSV / report / grids / plots; the
-same numbers on 1 and 2 devices; an image-folder evaluation set; option errors; the report's
-SVG plot; solver specs."""
+"""Offline evaluation end to end: a tiny checkpoint trained on records -> eval.py on their
+validation split (solver sweep, FID and patch-FID with random Inception weights) ->
+metrics.json / CSV / report / grids / plots; the same numbers on 1 and 2 devices; an
+image-folder evaluation set; option errors; the report's SVG plot; solver specs."""
 import csv
 import json
 import os
@@ -23,9 +23,15 @@ FIELDS_SAME_ON_ANY_DEVICES = ("nfe", "psnr", "ssim", "mse", "fid", "patch_fid")
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """A tiny run trained on prepared records (the photos, 8² -> 16²); eval.py reads their
+    validation split."""
+    from cfm_jax.data import train_data
+
+    records = str(tmp_path_factory.mktemp("photo_records"))
+    train_data.ensure_photo_records(records, image_size=16, lowres_size=8, progress=False)
     workdir = str(tmp_path_factory.mktemp("eval_run"))
     c = tiny_config(num_steps=4, checkpoint_every=4)
-    c.data.num_val_images = 4
+    c.data.update(name="records", path=records, prepare_photos=False, num_val_images=4)
     train(c, workdir)
     return workdir
 
@@ -71,6 +77,7 @@ def test_eval_writes_every_report_with_all_metrics(two_device_eval):
     with open(os.path.join(out, "metrics.json")) as f:
         record = json.load(f)
     assert record["devices"] == 2 and record["num_images"] == 4 and record["weights"] == "ema"
+    assert record["data"].startswith("records") and record["data"].endswith("split validation")
     assert record["fid"]["num_crops"] == 2 and record["fid"]["crop_size"] == 8
     rows = {r["label"]: r for r in record["results"]}
     assert set(rows) == {"euler-3", "heun-3", "euler-5", "bicubic", "bilinear"}

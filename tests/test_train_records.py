@@ -1,7 +1,6 @@
 """Training on prepared records: the iterator position is saved in the checkpoint (a resumed run
 sees the batches an uninterrupted run would), records that do not fit the config are rejected,
-the bundled photos are prepared once, eval.py reads the records' validation split."""
-import json
+the bundled photos are prepared once (eval.py on records: tests/test_eval.py)."""
 import os
 import shutil
 
@@ -12,7 +11,7 @@ import pytest
 from cfm_jax import checkpointing
 from cfm_jax.data import records, train_data
 from cfm_jax.trainer import train
-from tests.test_trainer import losses, read_state, run_cli, tiny_config
+from tests.test_trainer import losses, read_state, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +75,3 @@ def test_records_that_do_not_fit_the_config_are_rejected(photo_records, tmp_path
     with pytest.raises(FileNotFoundError, match="python -m cfm_jax.data.prepare"):
         train(c, str(tmp_path / "c"))
     assert not any(os.path.exists(str(tmp_path / d)) for d in "abc")  # rejected before writing
-
-
-def test_eval_cli_on_records_run(photo_records, tmp_path):
-    workdir = str(tmp_path / "run")
-    train(records_config(photo_records, num_steps=2, checkpoint_every=2), workdir)
-    proc = run_cli(["eval.py", "--workdir", workdir, "--num_images", "8"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
-        record = json.load(f)
-    assert record["num_images"] == 8 and record["data"].startswith("records")
-    rows = {r["method"]: r for r in record["results"]}
-    assert np.isfinite(rows["cfm"]["psnr"]) and np.isfinite(rows["bicubic"]["psnr"])

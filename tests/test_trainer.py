@@ -136,10 +136,6 @@ def check_gradient_accumulation(mesh, batch_size: int = 4, fsdp_min_size: int | 
     assert float(metrics["loss"]) == pytest.approx(loss_sum / 2, rel=1e-5)
 
 
-def test_gradient_accumulation_averages_micro_batch_gradients():
-    check_gradient_accumulation(sharding.make_data_mesh())
-
-
 def test_load_weights_starts_from_other_runs_ema(straight_run, tmp_path):
     workdir_a, _ = straight_run
     ema_a = checkpointing.read_params(workdir_a, use_ema=True)
