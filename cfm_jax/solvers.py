@@ -130,8 +130,10 @@ class SolverSpec:
         kwargs = dict(method=sample_cfg.method, num_steps=int(sample_cfg.num_steps), atol=float(sample_cfg.atol),
                       rtol=float(sample_cfg.rtol), max_steps=int(sample_cfg.max_steps))
         for k in ("diffusion_form", "diffusion_norm", "last_step", "last_step_size"):
-            if k in sample_cfg:
+            if k in sample_cfg:  # absent from the config.json of older runs
                 kwargs[k] = sample_cfg[k]
+        if isinstance(kwargs.get("last_step"), str) and kwargs["last_step"].lower() == "none":
+            kwargs["last_step"] = None
         kwargs.update(overrides)
         return cls(**kwargs)
 

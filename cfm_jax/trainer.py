@@ -34,6 +34,7 @@ from cfm_jax.data.train_data import make_data
 from cfm_jax.ema import EMAConfig, ema_update
 from cfm_jax.metric_writers import MetricWriter
 from cfm_jax.optim import make_optimizer
+from cfm_jax.solvers import SolverSpec
 from cfm_jax.upsampler import CFMUpsampler
 
 log = logging.getLogger("cfm_jax")
@@ -178,9 +179,17 @@ class Validator:
         self.prepare = prepare or (lambda b: b)
         self.mesh = mesh
         self.rng = jax.random.PRNGKey(seed + 1_000_003)
-        self.predict = upsampler.make_predict_fn(
-            method=sample_cfg.method, num_steps=sample_cfg.num_steps, atol=sample_cfg.atol,
-            rtol=sample_cfg.rtol, max_steps=sample_cfg.max_steps)
+        # any ODE or SDE sampler of config.sample (an unknown one fails here, before training)
+        solver = SolverSpec.from_config(sample_cfg)
+        self.solver = solver
+
+        def predict(params, fs, batch, keys):
+            x1, lowres = upsampler.scaled_latents(batch)
+            result = upsampler.sample(params, lowres, keys, size=x1.shape[1], solver=solver, first_stage=fs)
+            return jnp.clip(fs.decode(result.x), -1.0, 1.0), result
+
+        jitted = jax.jit(predict)
+        self.predict = lambda params, batch, keys: jitted(params, upsampler.first_stage, batch, keys)
 
         self.gather = jax.jit(lambda x: x, out_shardings=sharding.replicated(mesh))
 
@@ -196,17 +205,23 @@ class Validator:
         grid_parts = ([], [], [])
         nfe = 0
         n_proc, proc = jax.process_count(), jax.process_index()
-        for i, batch in enumerate(self.batches):
+        start = 0
+        for batch in self.batches:
             # every process holds the whole batch on the host and contributes its own rows
-            rows = len(batch["image"]) // n_proc
+            n = len(batch["image"])
+            rows = n // n_proc
+            keys = np.asarray(jax.vmap(lambda j: jax.random.fold_in(self.rng, j))(np.arange(start, start + n)))
             local = {k: v[proc * rows:(proc + 1) * rows] for k, v in batch.items()}
             gbatch = self.prepare(sharding.shard_batch(local, self.mesh))
-            pred, result = self.predict(params, gbatch, jax.random.fold_in(self.rng, i))
+            gkeys = sharding.shard_batch({"k": keys[proc * rows:(proc + 1) * rows]}, self.mesh)["k"]
+            pred, result = self.predict(params, gbatch, gkeys)  # example j's noise: fold_in(rng, j)
             pred = self.gather(pred)  # replicated: every process can read all of it
-            if not bool(np.all(np.asarray(result.success))):
-                raise RuntimeError("The adaptive ODE solver did not finish during validation; raise "
-                                   "--config.sample.max_steps or loosen sample.rtol/atol.")
-            nfe = int(result.nfe)
+            if not bool(np.all(np.asarray(self.gather(result.success)))):
+                raise RuntimeError(f"The sampler {self.solver.label} failed during validation (non-finite values, or "
+                                   "an adaptive solver hit max_steps); raise --config.sample.max_steps or loosen "
+                                   "sample.rtol/atol.")
+            nfe = int(np.max(np.asarray(self.gather(result.nfe))))
+            start += n
             target = np.asarray(batch["image"])
             bicubic = photos.upsample_bicubic(batch["image_lowres"], target.shape[1])
             bilinear = photos.upsample_bilinear(batch["image_lowres"], target.shape[1])
@@ -291,6 +306,7 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
     latent_size = upsampler.latent_size(config.data.image_size)
     tx, schedule = make_optimizer(config.optim)
     ema_cfg = EMAConfig.from_config(config.ema)
+    SolverSpec.from_config(config.sample)  # the validation sampler (ODE or SDE) exists
     train_data, val_batches = make_data(config, upsampler.first_stage, n_devices=mesh.devices.size)
 
     wd = epath.Path(workdir)  # a local folder or a bucket URL (gs://...)

@@ -29,6 +29,8 @@ file) and, with ``--save_latents``, the final scaled latent ``<name>.npy`` [H, W
 final latent is decoded in overlapping tiles when it is larger than 128² cells
 (``--decode_tile``), so a 2048² decode needs the memory of a 512² one.
 
+It runs on one device (JAX's default); ``eval.py`` is the sharded, multi-host job.
+
 Seeds: example ``i`` (in input order) of stage ``s`` draws its noise from
 ``fold_in(fold_in(PRNGKey(seed), i), s)`` alone, so results do not depend on the batch
 size or on the other inputs (see :meth:`CFMUpsampler.sample`).

@@ -137,22 +137,6 @@ class CFMUpsampler:
         return solver.solve(self._ode_velocity, x0, {"params": params, "context": context}, noise_keys,
                             schedule=self.config.flow.schedule)
 
-    def predict_images(self, params, batch: dict, rng: jax.Array, *, first_stage=None, **sample_kwargs):
-        """``(images [B,H,W,3] in [-1,1], SampleResult)`` for a batch with ``latent_lowres``."""
-        first_stage = self.first_stage if first_stage is None else first_stage
-        x1, lowres = self.scaled_latents(batch)
-        result = self.sample_latents(params, lowres, rng, size=x1.shape[1], first_stage=first_stage,
-                                     **sample_kwargs)
-        images = jnp.clip(first_stage.decode(result.x), -1.0, 1.0)
-        return images, result
-
-    def make_predict_fn(self, **sample_kwargs):
-        """One jitted function ``(params, batch, rng) -> (images, SampleResult)``; the first
-        stage (and its weights) enters as an argument, not as a compiled-in constant."""
-        jitted = jax.jit(lambda params, fs, batch, rng: self.predict_images(params, batch, rng, first_stage=fs,
-                                                                            **sample_kwargs))
-        return lambda params, batch, rng: jitted(params, self.first_stage, batch, rng)
-
     def make_latents_fn(self):
         """Jitted ``batch -> batch`` that adds ``latent`` and ``latent_lowres`` (unscaled, like
         records) computed with the first stage from ``image`` and ``image_lowres``: the PSU

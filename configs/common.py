@@ -82,9 +82,12 @@ def base_config() -> ml_collections.ConfigDict:
         update_after_step=1000,
     ))
 
-    # ODE sampling for validation and evaluation (cfm_jax/sampling.py).
+    # Sampling for validation and evaluation (cfm_jax/solvers.py): an ODE method of
+    # cfm_jax/sampling.py (euler heun midpoint ralston rk4 | tsit5 dopri5) or the original's SDE
+    # sampler (sde_euler, sde_heun; cfm_jax/sde.py) with its diffusion form and last step.
     c.sample = ml_collections.ConfigDict(dict(
         method="rk4", num_steps=40, atol=1e-6, rtol=1e-3, max_steps=4096, use_ema=True,
+        diffusion_form="sigma", diffusion_norm=1.0, last_step="Mean", last_step_size=0.04,
     ))
 
     # The training loop (cfm_jax/trainer.py).

@@ -122,13 +122,13 @@ def test_paper_config_runs_end_to_end_on_latents(tiny_ae, tmp_path):
                    num_heads=1, dim_head=32, dtype="float32")
     c.data.update(name="photos", image_size=32, lowres_size=16, batch_size=2, num_val_images=2)
     c.optim.update(warmup_steps=1)
-    c.sample.update(method="euler", num_steps=3)
+    c.sample.update(method="sde_euler", num_steps=3)  # validation through the original's SDE sampler
     c.train.update(num_steps=2, log_every=1, eval_every=2, checkpoint_every=2, num_grid_images=2)
     c.logging.update(progress_bar=False, tensorboard=False)
     summary = train(c, str(tmp_path / "run"))
     assert summary["final_step"] == 2 and np.isfinite(summary["train"]["loss"])
     val = summary["validation"]
-    assert np.isfinite(val["val/cfm_psnr"]) and val["val/nfe"] == 2
+    assert np.isfinite(val["val/cfm_psnr"]) and val["val/nfe"] == 3  # 2 steps + the Mean last step
     assert build_first_stage(c).scale_factor == 0.18215
 
 

@@ -151,6 +151,14 @@ def run_cli(args, env=None, timeout=300):
                           env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
 
 
+def test_unknown_sampler_is_rejected_before_anything_is_written(tmp_path):
+    c = tiny_config()
+    c.sample.method = "eulr"
+    with pytest.raises(ValueError, match="Unknown sampler method 'eulr'"):
+        train(c, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_config_typo_is_rejected(tmp_path):
     proc = run_cli(["train.py", "--config", "configs/quickstart.py", "--config.optim.lrr=1e-4",
                     "--workdir", str(tmp_path)])
