@@ -148,6 +148,7 @@ class Evaluator:
                     "mse": image_metrics.mse(pred, target)}
         self._scores = scores
         self._compiled: dict = {}
+        self._latent_cache: dict[int, dict] = {}
         self._real = None
         if self.fid is not None:
             from cfm_jax.models import inception
@@ -173,12 +174,16 @@ class Evaluator:
     def _keys(self, start: int, n: int) -> np.ndarray:
         return np.asarray(jax.vmap(lambda i: jax.random.fold_in(self.rng, i))(jnp.arange(start, start + n)))
 
-    def _prepared(self, batch: dict) -> dict:
-        """The batch with ``latent``/``latent_lowres`` (unscaled), sharded."""
-        g = self._shard({k: v for k, v in batch.items() if k in ("image", "image_lowres", "latent", "latent_lowres")})
-        if "latent_lowres" not in g:
-            g = self._latents(g)
-        return g
+    def _prepared(self, i: int, batch: dict) -> dict:
+        """``latent``/``latent_lowres`` (unscaled) of batch ``i``, sharded; encoded once (image
+        folders with an autoencoder) and kept on the devices for the other solvers of a sweep."""
+        if i not in self._latent_cache:
+            if "latent_lowres" in batch:
+                g = self._shard({k: batch[k] for k in ("latent", "latent_lowres")})
+            else:
+                g = self._latents(self._shard({k: batch[k] for k in ("image", "image_lowres")}))
+            self._latent_cache[i] = {k: g[k] for k in ("latent", "latent_lowres")}
+        return self._latent_cache[i]
 
     def _features(self, images: np.ndarray) -> np.ndarray:
         """Inception features [N, 2048] of host images (all rows; every process has them), in
@@ -282,7 +287,7 @@ class Evaluator:
         nfe = [0]
 
         def images(i, batch):
-            g = self._prepared(batch)
+            g = self._prepared(i, batch)
             start = self._offsets()[i]
             keys = self._shard({"k": self._keys(start, len(batch["image"]))})["k"]
             args = (self.params, fs, g, keys)
