@@ -149,8 +149,11 @@ def main(argv):
     results = list(results)
     high, low_up = ev.grid_rows(ev.num_grid)
     grid_images = {}
+    from tqdm import tqdm
     for solver in solvers:
-        r, grid = ev.evaluate(solver)
+        with tqdm(total=len(batches), desc=f"{solver.label}", unit="batch", leave=False,
+                  disable=jax.process_index() != 0 or len(batches) < 2) as bar:
+            r, grid = ev.evaluate(solver, progress=lambda done, total: bar.update(1))
         results.insert(len(results) - 2, r)  # CFM rows first, baselines last
         n = min(len(high), ev.num_grid)
         grid_images[solver.label] = evaluation.image_grid([high[:n], low_up[:n], np.concatenate(grid)[:n]])

@@ -279,8 +279,9 @@ class Evaluator:
             grids[name] = grid
         return results, grids
 
-    def evaluate(self, solver, *, progress: Callable[[str], None] | None = None) -> tuple[MethodResult, list]:
-        """Scores of the CFM model sampled with ``solver``; also the first grid images."""
+    def evaluate(self, solver, *, progress: Callable[[int, int], None] | None = None) -> tuple[MethodResult, list]:
+        """Scores of the CFM model sampled with ``solver``; also the first grid images.
+        ``progress(done, total)`` is called after every batch."""
         predict = self._predict_fn(solver)
         fs = self.upsampler.first_stage
         timing = {"run": 0.0, "compile": 0.0}
@@ -302,10 +303,11 @@ class Evaluator:
             timing["run"] += time.perf_counter() - t0
             if not bool(np.all(np.asarray(self._gather(ok)))):
                 raise RuntimeError(f"Solver {solver.label} failed (non-finite values, or an adaptive solver hit "
-                                   "max_steps); raise --max_steps or loosen the tolerance.")
+                                   "max_steps): raise sample.max_steps in the run's config.json or loosen the "
+                                   "tolerance (e.g. dopri5:1e-2).")
             nfe[0] = max(nfe[0], int(np.max(np.asarray(self._gather(n)))))
             if progress:
-                progress(f"{solver.label}: batch {i + 1}/{len(self.batches)}")
+                progress(i + 1, len(self.batches))
             return pred
 
         scores, f, cf, grid = self._accumulate(images)
