@@ -214,9 +214,8 @@ class Evaluator:
         ups = self.upsampler
 
         def predict(params, fs, batch, keys):
-            x1, lowres = ups.scaled_latents(batch)
-            r = ups.sample(params, lowres, keys, size=x1.shape[1], solver=solver, first_stage=fs)
-            return jnp.clip(fs.decode(r.x), -1.0, 1.0), r.nfe, r.success
+            images, r = ups.predict(params, batch, keys, solver=solver, first_stage=fs)
+            return images, r.nfe, r.success
         return jax.jit(predict)
 
     # ---------------------------------------------------------------- stats of a set
@@ -343,8 +342,8 @@ def _read_reference(path: str) -> dict:
 def _fid(ref: dict, features: np.ndarray) -> float:
     """FID of generated features against a reference: the exact low-rank computation when
     both sets are small and the reference kept its features, else pytorch-fid's."""
-    if "features" in ref and len(features) <= features.shape[1]:
-        return fid_lib.low_rank_frechet_distance(ref["features"], features)
+    if "features" in ref:
+        return fid_lib.features_fid(ref["features"], features)
     return fid_lib.frechet_distance(ref["mu"], ref["sigma"], *fid_lib.statistics(features))
 
 

@@ -32,6 +32,7 @@ from cfm_jax import checkpointing, distributed, flops as flops_lib, metrics as i
 from cfm_jax.data import photos
 from cfm_jax.data.train_data import make_data
 from cfm_jax.ema import EMAConfig, ema_update
+from cfm_jax.evaluation import image_grid
 from cfm_jax.metric_writers import MetricWriter
 from cfm_jax.optim import make_optimizer
 from cfm_jax.solvers import SolverSpec
@@ -162,13 +163,6 @@ def make_train_step(upsampler: CFMUpsampler, tx: optax.GradientTransformation,
 
 
 # --------------------------------------------------------------------------- 3. validation
-def image_grid(high: np.ndarray, low_up: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Rows of (high-res | low-res up-sampled | prediction), uint8 [B*H, 3*W, 3]."""
-    rows = np.concatenate([high, low_up, pred], axis=2)  # [B, H, 3W, 3]
-    rows = rows.reshape((-1,) + rows.shape[2:])
-    return np.clip(np.round((rows + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 class Validator:
     """PSNR/SSIM of the CFM prediction and of bicubic up-sampling on fixed held-out crops."""
 
@@ -183,12 +177,8 @@ class Validator:
         solver = SolverSpec.from_config(sample_cfg)
         self.solver = solver
 
-        def predict(params, fs, batch, keys):
-            x1, lowres = upsampler.scaled_latents(batch)
-            result = upsampler.sample(params, lowres, keys, size=x1.shape[1], solver=solver, first_stage=fs)
-            return jnp.clip(fs.decode(result.x), -1.0, 1.0), result
-
-        jitted = jax.jit(predict)
+        jitted = jax.jit(lambda params, fs, batch, keys: upsampler.predict(params, batch, keys, solver=solver,
+                                                                          first_stage=fs))
         self.predict = lambda params, batch, keys: jitted(params, upsampler.first_stage, batch, keys)
 
         self.gather = jax.jit(lambda x: x, out_shardings=sharding.replicated(mesh))
@@ -234,7 +224,7 @@ class Validator:
                 grid_parts[2].append(np.asarray(pred))
         results = {f"val/{k}": float(np.mean(np.concatenate(v))) for k, v in per_image.items()}
         results["val/nfe"] = nfe
-        grid = image_grid(*(np.concatenate(p)[:num_grid] for p in grid_parts))
+        grid = image_grid([np.concatenate(p)[:num_grid] for p in grid_parts])
         return results, grid
 
 

@@ -413,9 +413,10 @@ class CascadeRunner:
 
         fs = self.first_stage
         if kind == "latent":
-            scale = 1.0 if self.latents_scaled else None
-            fn = self._fn(f"latent{scale}", lambda: jax.jit(
-                lambda fs, x: x if scale else (x - getattr(fs, "shift_factor", 0.0)) * fs.scale_factor))
+            if self.latents_scaled:
+                return jax.numpy.asarray(batch)
+            fn = self._fn("scale_latent", lambda: jax.jit(
+                lambda fs, x: (x - getattr(fs, "shift_factor", 0.0)) * fs.scale_factor))
             return fn(fs, batch)
         f = fs.downsample_factor
 

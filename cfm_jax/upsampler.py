@@ -137,6 +137,14 @@ class CFMUpsampler:
         return solver.solve(self._ode_velocity, x0, {"params": params, "context": context}, noise_keys,
                             schedule=self.config.flow.schedule)
 
+    def predict(self, params, batch: dict, keys: jax.Array, *, solver, first_stage=None):
+        """``(images [B,H,W,3] in [-1,1], SampleResult)`` for a batch with ``latent`` (its shape
+        gives the output size) and ``latent_lowres`` (unscaled), one noise key per example."""
+        first_stage = self.first_stage if first_stage is None else first_stage
+        x1, lowres = self.scaled_latents(batch)
+        result = self.sample(params, lowres, keys, size=x1.shape[1], solver=solver, first_stage=first_stage)
+        return jnp.clip(first_stage.decode(result.x), -1.0, 1.0), result
+
     def make_latents_fn(self):
         """Jitted ``batch -> batch`` that adds ``latent`` and ``latent_lowres`` (unscaled, like
         records) computed with the first stage from ``image`` and ``image_lowres``: the PSU
