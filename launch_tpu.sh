@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Trains cfm-jax on a Cloud TPU VM pod slice: every host of the slice runs the same train.py.
 #
-# Steps: create the pod (or a queued resource) unless it exists, pack the files tracked by git
+# Steps: plan the config for the slice (compile-only, on this machine: does it fit the chips'
+# HBM? refuse if not, unless --skip-plan), create the pod (or a queued resource) unless it exists, pack the files tracked by git
 # and copy them to every worker, install requirements.txt plus jax[tpu] of the pinned jax
 # version in a venv on every worker, start train.py in the background on all workers, and
 # follow worker 0's log. `--dry-run` prints the commands instead of running them.
@@ -17,7 +18,10 @@ usage() {
 Usage: $PROG --name NAME --zone ZONE --bucket BUCKET [options] [-- TRAIN_ARGS...]
        $PROG --name NAME --zone ZONE --delete [--queued]
 
-Creates (or reuses) the TPU VM pod slice NAME, copies the files tracked by git to all its
+First compiles the config for the slice's topology on this machine (python -m cfm_jax.plan,
+compile-only, needs libtpu: pip install -r requirements-test.txt) and refuses to go on when it
+does not fit the chips' memory, printing the plan's recommendation (--skip-plan overrides this).
+Then creates (or reuses) the TPU VM pod slice NAME, copies the files tracked by git to all its
 workers, installs the requirements (and jax[tpu] at the jax version pinned in
 requirements.txt) and starts train.py on every worker with the same arguments. Arguments
 after '--' go to train.py verbatim. Each worker logs to REMOTE_DIR/train.log; the script
@@ -40,6 +44,8 @@ Options:
                            installed with apt if missing; the pinned packages need >= 3.11)
   --remote-dir DIR         code, venv and train.log on the workers (default: ~/cfm-jax)
   --no-follow              start training and return instead of following worker 0's log
+  --skip-plan              do not compile the config for the slice first (python -m cfm_jax.plan)
+  --plan-search N          layout search of the plan: at most N more compiles (default: 2)
   --delete                 delete the pod (or, with --queued, the queued resource) and exit
   --dry-run                print the commands (lines '+ ...', comments '# ...'), run nothing
   -h, --help               this text
@@ -61,7 +67,7 @@ NAME="" ZONE="" PROJECT="" ACCELERATOR_TYPE="v4-32" RUNTIME_VERSION="tpu-ubuntu2
 BUCKET="" RUN_NAME="" CONFIG="configs/flow400_64-128/unet_base_psu.py" PYTHON="python3.11"
 # shellcheck disable=SC2088  # the tilde is meant for the workers' shell, which expands it
 REMOTE_DIR="~/cfm-jax"
-QUEUED=0 SPOT=0 FOLLOW=1 DELETE=0 DRY_RUN=0
+QUEUED=0 SPOT=0 FOLLOW=1 DELETE=0 DRY_RUN=0 SKIP_PLAN=0 PLAN_SEARCH=2
 TRAIN_ARGS=()
 
 set_option() {  # set_option FLAG VALUE
@@ -77,6 +83,9 @@ set_option() {  # set_option FLAG VALUE
     --config) CONFIG=$2 ;;
     --python) PYTHON=$2 ;;
     --remote-dir) REMOTE_DIR=$2 ;;
+    --plan-search)
+      [[ $2 =~ ^[0-9]+$ ]] || die_usage "--plan-search needs a number, got '$2'"
+      PLAN_SEARCH=$2 ;;
   esac
 }
 
@@ -89,14 +98,15 @@ while (($#)); do
     --no-follow) FOLLOW=0 ;;
     --delete) DELETE=1 ;;
     --dry-run) DRY_RUN=1 ;;
+    --skip-plan) SKIP_PLAN=1 ;;
     --name | --zone | --project | --accelerator-type | --runtime-version | --bucket | --run-name | \
-      --config | --python | --remote-dir)
+      --config | --python | --remote-dir | --plan-search)
       # a following flag is a forgotten value, not a value
       if (($# < 2)) || [[ $2 == -* ]]; then die_usage "$1 needs a value"; fi
       set_option "$1" "$2"
       shift ;;
     --name=* | --zone=* | --project=* | --accelerator-type=* | --runtime-version=* | --bucket=* | \
-      --run-name=* | --config=* | --python=* | --remote-dir=*)
+      --run-name=* | --config=* | --python=* | --remote-dir=* | --plan-search=*)
       set_option "${1%%=*}" "${1#*=}" ;;
     *) die_usage "unknown argument '$1'; train.py's arguments go after '--'" ;;
   esac
@@ -214,6 +224,44 @@ if ((!DRY_RUN)); then
   command -v gcloud >/dev/null || die "gcloud not found on PATH (install the Google Cloud CLI)"
   git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1 || die "$ROOT is not a git checkout"
 fi
+
+# ---------------------------------------------------------------------------- 0. the plan
+plan_args() {  # the plan's command line: our config (or the user's), their --config.* overrides
+  local args=(-m cfm_jax.plan --topology "$ACCELERATOR_TYPE" --search "$PLAN_SEARCH") i=0 arg
+  user_gave --config || args+=(--config "$CONFIG")
+  while ((i < ${#TRAIN_ARGS[@]})); do
+    arg=${TRAIN_ARGS[i]}
+    case $arg in
+      --config=* | --config.*=*) args+=("$arg") ;;
+      --config | --config.*) args+=("$arg" "${TRAIN_ARGS[i + 1]-}"); i=$((i + 1)) ;;
+    esac
+    i=$((i + 1))
+  done
+  printf '%s\0' "${args[@]}"
+}
+
+check_plan() {
+  local plan_py=${CFM_PLAN_PYTHON:-}
+  if [[ -z $plan_py ]]; then
+    if [[ -x $ROOT/.venv/bin/python ]]; then plan_py=$ROOT/.venv/bin/python; else plan_py=python3; fi
+  fi
+  local args=()
+  while IFS= read -r -d '' arg; do args+=("$arg"); done < <(plan_args)
+  if ((DRY_RUN)); then
+    (cd "$ROOT" && run "$plan_py" "${args[@]}")
+    return
+  fi
+  note "compiling the config for $ACCELERATOR_TYPE before creating anything (--skip-plan skips this)"
+  local rc=0
+  (cd "$ROOT" && run "$plan_py" "${args[@]}") || rc=$?
+  case $rc in
+    0) note "the plan fits $ACCELERATOR_TYPE" ;;
+    3) die "the config does not fit $ACCELERATOR_TYPE (plan above; its recommended overrides go after '--'); nothing was created. --skip-plan launches anyway" ;;
+    *) die "the plan could not run (exit $rc; see above: libtpu missing? pip install -r requirements-test.txt); nothing was created. --skip-plan launches without it" ;;
+  esac
+}
+
+((SKIP_PLAN)) || check_plan
 
 # ---------------------------------------------------------------------------- 1. the pod
 wait_until_active() {  # polls the queued resource until its nodes are provisioned

