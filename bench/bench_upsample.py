@@ -73,17 +73,15 @@ def build(small: bool, vae_dtype: str):
     return ups, params, config
 
 
-def main(argv):
-    del argv
+def measure(ups, params, config, batch: int, *, solver, repeats: int, lowres_side: int = 0,
+            vae_dtype: str = "float32", small: bool = False) -> dict:
+    """One JSON row: PSU, flow and decode of ``batch`` random low-res latents, each compiled
+    ahead of time and timed (median of ``repeats`` after a warm-up); see the module docstring."""
     import jax
     import jax.numpy as jnp
 
-    from cfm_jax.solvers import SolverSpec
-
-    ups, params, config = build(_SMALL.value, _VAE_DTYPE.value)
     fs = ups.first_stage
     out_latent = config.data.image_size // fs.downsample_factor
-    solver = SolverSpec(method=_METHOD.value, num_steps=_NUM_STEPS.value)
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
 
     def psu(fs, lowres, keys):
@@ -100,24 +98,36 @@ def main(argv):
     def decode(fs, x):
         return jnp.clip(fs.decode(x), -1.0, 1.0)
 
-    side = _LOWRES_LATENT.value or config.data.lowres_size // fs.downsample_factor
+    side = lowres_side or config.data.lowres_size // fs.downsample_factor
+    b = batch
+    lowres = jax.random.normal(jax.random.PRNGKey(1), (b, side, side, fs.latent_channels))
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(2), i))(jnp.arange(b))
+    (x0, ctx), c_psu, t_psu, _ = timed(psu, fs, lowres, keys, repeats=repeats)
+    (x1, nfe), c_flow, t_flow, _ = timed(flow, params, x0, ctx, keys, repeats=repeats)
+    img, c_dec, t_dec, _ = timed(decode, fs, x1, repeats=repeats)
+    cfm = t_psu + t_flow
+    return {
+        "bench": "upsample", "batch": b, "input_latent": list(lowres.shape[1:]), "output_image": list(img.shape[1:]),
+        "method": solver.method, "num_steps": solver.num_steps, "nfe": int(nfe), "unet_params": n_params,
+        "unet_dtype": config.model.dtype, "vae_dtype": vae_dtype, "small": small,
+        "seconds_per_call": {"psu": t_psu, "flow": t_flow, "cfm": cfm, "decode": t_dec, "total": cfm + t_dec},
+        "seconds_per_image": {"psu": t_psu / b, "flow": t_flow / b, "cfm": cfm / b, "decode": t_dec / b,
+                              "total": (cfm + t_dec) / b},
+        "flow_seconds_per_nfe": t_flow / max(int(nfe), 1),
+        "compile_seconds": {"psu": c_psu, "flow": c_flow, "decode": c_dec},
+        "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+
+
+def main(argv):
+    del argv
+    from cfm_jax.solvers import SolverSpec
+
+    ups, params, config = build(_SMALL.value, _VAE_DTYPE.value)
+    solver = SolverSpec(method=_METHOD.value, num_steps=_NUM_STEPS.value)
     for b in (int(v) for v in _BATCHES.value):
-        lowres = jax.random.normal(jax.random.PRNGKey(1), (b, side, side, fs.latent_channels))
-        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(2), i))(jnp.arange(b))
-        (x0, ctx), c_psu, t_psu, _ = timed(psu, fs, lowres, keys, repeats=_REPEATS.value)
-        (x1, nfe), c_flow, t_flow, _ = timed(flow, params, x0, ctx, keys, repeats=_REPEATS.value)
-        img, c_dec, t_dec, _ = timed(decode, fs, x1, repeats=_REPEATS.value)
-        cfm = t_psu + t_flow
-        print(json.dumps({
-            "bench": "upsample", "batch": b, "input_latent": list(lowres.shape[1:]), "output_image": list(img.shape[1:]),
-            "method": solver.method, "num_steps": solver.num_steps, "nfe": int(nfe), "unet_params": n_params,
-            "unet_dtype": config.model.dtype, "vae_dtype": _VAE_DTYPE.value, "small": _SMALL.value,
-            "seconds_per_call": {"psu": t_psu, "flow": t_flow, "cfm": cfm, "decode": t_dec, "total": cfm + t_dec},
-            "seconds_per_image": {"psu": t_psu / b, "flow": t_flow / b, "cfm": cfm / b, "decode": t_dec / b,
-                                  "total": (cfm + t_dec) / b},
-            "flow_seconds_per_nfe": t_flow / max(int(nfe), 1),
-            "compile_seconds": {"psu": c_psu, "flow": c_flow, "decode": c_dec},
-            "device": jax.devices()[0].device_kind, "jax": jax.__version__}), flush=True)
+        print(json.dumps(measure(ups, params, config, b, solver=solver, repeats=_REPEATS.value,
+                                 lowres_side=_LOWRES_LATENT.value, vae_dtype=_VAE_DTYPE.value,
+                                 small=_SMALL.value)), flush=True)
 
 
 if __name__ == "__main__":
