@@ -431,7 +431,7 @@ class Planner:
             if "RESOURCE_EXHAUSTED" not in msg and "memory" not in msg.lower():
                 raise
             result = {"program": program, "error": f"compiler: {msg[:300]}", "fits": False,
-                      "compile_seconds": time.perf_counter() - t0}
+                      "compile_seconds": time.perf_counter() - t0, **_exhausted_numbers(msg)}
             self._store(path, result)
             return result
         self.compiles += 1
@@ -500,6 +500,17 @@ class Planner:
                     break
                 layout = nxt
         return tried
+
+
+def _exhausted_numbers(msg: str) -> dict:
+    """What the TPU compiler says it needed when it ran out of HBM, e.g. "the total memory
+    required for HLO temporaries (15.96G) exceeds available HBM (15.75G)" (G = GiB)."""
+    m = re.search(r"\(([\d.]+)([GMK])\) exceeds available HBM \(([\d.]+)([GMK])\)", msg)
+    if not m:
+        return {}
+    unit = {"G": GiB, "M": 2 ** 20, "K": 2 ** 10}
+    return {"required_temp_bytes": int(float(m.group(1)) * unit[m.group(2)]),
+            "compiler_available_bytes": int(float(m.group(3)) * unit[m.group(4)])}
 
 
 def _short(r: dict) -> str:
@@ -599,6 +610,11 @@ def format_report(report: dict) -> str:
                 lines.append("   (changes the global batch: the optimisation changes too; adjust optim.lr)")
     elif report.get("tried") is not None:
         lines.append("-- no layout tried fits; raise --search or use a larger slice.")
+    programs = (rec or given)["programs"]
+    if any(not programs[p].get("fits") for p in ("eval", "sample") if p in programs):
+        lines.append("   eval/sample do not fit at the training batch: evaluate with a smaller global batch "
+                     "(eval.py --batch_size, upsample --batch_size) or tile the autoencoder "
+                     "(--config.first_stage.tile_size=32).")
     lines.append("Times are roofline estimates (max of compute, HBM and ICI time at the chip's published peaks), "
                  "not measurements; memory is the TPU compiler's own.")
     lines.append("FITS" if report["fits"] else "DOES NOT FIT as configured")
@@ -634,6 +650,11 @@ def main(argv=None) -> int:
     out = flags.DEFINE_string("json", None, "Write the full report (a list, one per topology) here.",
                               flag_values=fl)
     argv = list(sys.argv if argv is None else argv)
+    # The plan needs no local accelerator: keep JAX on the CPU (on a TPU VM it must not grab the
+    # chips), and out of the persistent compilation cache, which cannot hold compile-only programs.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+    jax.config.update("jax_enable_compilation_cache", False)
     try:
         fl(argv)
         if not topo.value:

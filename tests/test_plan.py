@@ -115,10 +115,15 @@ def test_small_config_plan_equals_the_compilers_memory_analysis(tmp_path):
 
 
 def test_a_config_sized_not_to_fit_is_reported_with_exit_3(tmp_path):
-    r = run_plan("--programs", "train", "--search", "0", *TOO_BIG, cache=tmp_path / "cache")
+    r = run_plan("--programs", "train", "--search", "0", "--json", str(tmp_path / "plan.json"), *TOO_BIG,
+                 cache=tmp_path / "cache")
     assert r.returncode == plan_lib.EXIT_DOES_NOT_FIT == 3, r.stdout + r.stderr
     assert "DOES NOT FIT as configured" in r.stdout
     assert "train | no" in r.stdout  # the compiler itself refused: HBM exhausted
+    (report,) = json.loads((tmp_path / "plan.json").read_text())
+    train = report["given"]["programs"]["train"]
+    assert report["fits"] is False and train["fits"] is False
+    assert train["required_temp_bytes"] > train["compiler_available_bytes"] > 15 * 2 ** 30  # v5e: 16 GiB
 
 
 def test_usage_errors_exit_2_with_one_line(tmp_path):
