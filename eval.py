@@ -8,14 +8,17 @@
 
 Loads the run's ``config.json`` and a checkpoint (EMA weights unless ``--online``), reads an
 evaluation set (the run's validation split by default; ``--records`` prepared records, or
-``--images`` a folder of high-res images, centre-cropped), samples it with every solver of
-``--solvers`` (default: the run's ``sample`` section) and scores PSNR / SSIM / MSE, and with
-``--inception`` FID and patch-FID, against the ground truth, next to bicubic and bilinear
-up-sampling. Runs over every device (and every host: start it on each, like train.py).
+``--images`` a folder of high-res images, centre-cropped) batch by batch, samples it with every
+solver of ``--solvers`` (default: the run's ``sample`` section) and scores PSNR / SSIM / MSE,
+and with ``--inception`` (default: the run's ``eval.inception``) FID and patch-FID, against the
+ground truth, next to bicubic and bilinear up-sampling: all in one pass over the set, with the
+evaluator training validates with (``cfm_jax/evaluation.py``). Runs over every device (and
+every host: start it on each, like train.py).
 
 Writes ``<out>/metrics.json``, ``metrics.csv``, ``report.md``, ``grid_<solver>.png`` and, for a
 sweep over more than one solver, ``psnr_vs_nfe.svg`` (and ssim, fid, patch-fid).
-Deterministic for ``--seed``.
+Deterministic for ``--seed`` (default: the run's ``config.seed``, the seed of its validation:
+with the defaults, eval.py reproduces the numbers training logged for the same checkpoint).
 """
 import logging
 import os
@@ -32,23 +35,31 @@ _SOLVERS = flags.DEFINE_string("solvers", None, "Comma-separated solvers, e.g. e
                                "sde_euler:40 (default: the run's sample.method:sample.num_steps).")
 _METHOD = flags.DEFINE_string("method", None, "Single solver method (shorthand; --solvers wins).")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Grid points for --method.")
-_DIFFUSION_FORM = flags.DEFINE_string("diffusion_form", "sigma", "SDE solvers: diffusion form.")
-_DIFFUSION_NORM = flags.DEFINE_float("diffusion_norm", 1.0, "SDE solvers: diffusion scale.")
-_LAST_STEP = flags.DEFINE_string("last_step", "Mean", "SDE solvers: Mean | Euler | none.")
-_LAST_STEP_SIZE = flags.DEFINE_float("last_step_size", 0.04, "SDE solvers: size of the last step.")
+_DIFFUSION_FORM = flags.DEFINE_string("diffusion_form", None, "SDE solvers: diffusion form (default: the run's "
+                                      "sample.diffusion_form, else sigma).")
+_DIFFUSION_NORM = flags.DEFINE_float("diffusion_norm", None, "SDE solvers: diffusion scale (default: the run's, "
+                                     "else 1).")
+_LAST_STEP = flags.DEFINE_string("last_step", None, "SDE solvers: Mean | Euler | none (default: the run's, else "
+                                 "Mean).")
+_LAST_STEP_SIZE = flags.DEFINE_float("last_step_size", None, "SDE solvers: size of the last step (default: the "
+                                     "run's, else 0.04).")
 _RECORDS = flags.DEFINE_string("records", None, "Prepared records to evaluate on (default: the run's data.path).")
 _SPLIT = flags.DEFINE_string("split", None, "Split of the records (default: the run's data.val_split).")
 _IMAGES = flags.DEFINE_string("images", None, "Folder of high-res images to evaluate on instead of records.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Images to evaluate (default: data.num_val_images).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch size (default: data.batch_size).")
 _INCEPTION = flags.DEFINE_string("inception", None, "FID Inception weights: pytorch-fid's "
-                                 "pt_inception-2015-12-05-6726825d.pth or a `convert inception` folder. "
-                                 "Without it FID and patch-FID are not computed.")
-_NUM_CROPS = flags.DEFINE_integer("num_crops", 4, "patch-FID: random crops per image.")
-_CROP_SIZE = flags.DEFINE_integer("crop_size", 0, "patch-FID: crop side in pixels (0: image_size / 2).")
+                                 "pt_inception-2015-12-05-6726825d.pth or a `convert inception` folder "
+                                 "(default: the run's eval.inception). Without it (or with --inception=) FID and "
+                                 "patch-FID are not computed.")
+_NUM_CROPS = flags.DEFINE_integer("num_crops", None, "patch-FID: random crops per image (default: the run's "
+                                  "eval.num_crops, else 4).")
+_CROP_SIZE = flags.DEFINE_integer("crop_size", None, "patch-FID: crop side in pixels, 0: image_size / 2 (default: "
+                                  "the run's eval.crop_size, else 0).")
 _FID_STATS = flags.DEFINE_string("fid_stats", None, "npz of the real images' FID statistics (pytorch-fid "
                                  "format): read when it exists, else computed and written there.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampling noise and the patch-FID crops.")
+_SEED = flags.DEFINE_integer("seed", None, "Seed of the sampling noise and the patch-FID crops (default: the run's "
+                             "config.seed, which its validation used).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/eval).")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "jax.distributed.initialize, as in train.py.")
@@ -64,9 +75,9 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax metadata chatter
     import jax
     import ml_collections
-    import numpy as np
 
     from cfm_jax import checkpointing, distributed, evaluation, sharding
+    from cfm_jax.data import eval_data
     from cfm_jax.solvers import SolverSpec
     from cfm_jax.upsampler import CFMUpsampler
 
@@ -89,22 +100,31 @@ def main(argv):
         d.val_split = _SPLIT.value
 
     # solvers and options first: a typo fails before anything is loaded
-    sde_kwargs = dict(diffusion_form=_DIFFUSION_FORM.value, diffusion_norm=_DIFFUSION_NORM.value,
-                      last_step=None if _LAST_STEP.value.lower() == "none" else _LAST_STEP.value,
-                      last_step_size=_LAST_STEP_SIZE.value)
+    sample = config.sample
+    sde_kwargs = {k: v for k, v in (("diffusion_form", _DIFFUSION_FORM.value),
+                                    ("diffusion_norm", _DIFFUSION_NORM.value), ("last_step", _LAST_STEP.value),
+                                    ("last_step_size", _LAST_STEP_SIZE.value)) if v is not None}
+    if isinstance(sde_kwargs.get("last_step"), str) and sde_kwargs["last_step"].lower() == "none":
+        sde_kwargs["last_step"] = None
     try:
-        if _SOLVERS.value:
-            solvers = SolverSpec.parse_list(_SOLVERS.value, atol=config.sample.atol, max_steps=config.sample.max_steps,
-                                            **sde_kwargs)
+        if _SOLVERS.value:  # the run's atol, max_steps and SDE settings unless a flag says otherwise
+            run = SolverSpec.from_config(sample, **sde_kwargs)
+            solvers = SolverSpec.parse_list(_SOLVERS.value, **{k: getattr(run, k) for k in (
+                "atol", "max_steps", "diffusion_form", "diffusion_norm", "last_step", "last_step_size")})
         else:
             overrides = {k: v for k, v in (("method", _METHOD.value), ("num_steps", _NUM_STEPS.value)) if v}
-            solvers = [SolverSpec.from_config(config.sample, **sde_kwargs, **overrides)]
+            solvers = [SolverSpec.from_config(sample, **sde_kwargs, **overrides)]
     except ValueError as e:
         _fail(str(e))
     if len({s.label for s in solvers}) != len(solvers):
         _fail(f"--solvers repeats a solver: {[s.label for s in solvers]}.")
-    if _INCEPTION.value and not os.path.exists(_INCEPTION.value):
-        _fail(f"--inception {_INCEPTION.value!r} does not exist (pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+    run_eval = config.get("eval") or {}  # absent from the config.json of older runs
+    inception = _INCEPTION.value if _INCEPTION.value is not None else run_eval.get("inception", "")
+    num_crops = _NUM_CROPS.value if _NUM_CROPS.value is not None else run_eval.get("num_crops", 4)
+    crop_size = _CROP_SIZE.value if _CROP_SIZE.value is not None else run_eval.get("crop_size", 0)
+    seed = _SEED.value if _SEED.value is not None else int(config.get("seed", 0))
+    if inception and not os.path.exists(inception):
+        _fail(f"--inception {inception!r} does not exist (pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
               "or a folder written by `python -m cfm_jax.convert inception`).")
     if _IMAGES.value and not os.path.isdir(_IMAGES.value):
         _fail(f"--images {_IMAGES.value!r} is not a folder.")
@@ -119,54 +139,38 @@ def main(argv):
     try:
         upsampler = CFMUpsampler(config)
         if _IMAGES.value:
-            batches = evaluation.image_folder_batches(
+            eval_set = eval_data.image_folder_set(
                 _IMAGES.value, image_size=d.image_size, lowres_size=d.lowres_size, num_images=d.num_val_images,
                 batch_size=d.batch_size, n_devices=mesh.devices.size)
-            data_desc = f"images in {os.path.abspath(_IMAGES.value)} (centre crops)"
         else:
-            from cfm_jax.trainer import make_data
-            _, batches = make_data(config, upsampler.first_stage, n_devices=mesh.devices.size, train=False)
-            data_desc = (f"records {d.path}, split {d.val_split}" if d.name == "records"
-                         else f"photos ({d.name}) validation crops")
+            from cfm_jax.data.train_data import make_data
+            _, eval_set = make_data(config, upsampler.first_stage, n_devices=mesh.devices.size, train=False)
+        fid_cfg = evaluation.FIDConfig.from_path(inception, num_crops=num_crops, crop_size=crop_size,
+                                                 reference_stats=_FID_STATS.value)
+        ev = evaluation.Evaluator(upsampler, eval_set, mesh, seed=seed, fid=fid_cfg,
+                                  num_grid=config.train.num_grid_images)
     except (FileNotFoundError, ValueError, ImportError) as e:
         _fail(str(e))
-
-    fid_cfg = None
-    if _INCEPTION.value:
-        from cfm_jax.fid import InceptionFeatures
-        fid_cfg = evaluation.FIDConfig(features=InceptionFeatures.from_path(_INCEPTION.value),
-                                       num_crops=_NUM_CROPS.value, crop_size=_CROP_SIZE.value,
-                                       reference_stats=_FID_STATS.value)
-    try:
-        ev = evaluation.Evaluator(upsampler, params, batches, mesh, seed=_SEED.value, fid=fid_cfg,
-                                  num_grid=config.train.num_grid_images)
-    except ValueError as e:
-        _fail(str(e))
-    print(f"Evaluating {ev.num_images} images on {mesh.devices.size} device(s), "
+    print(f"Evaluating {ev.num_images} images ({eval_set.description}) on {mesh.devices.size} device(s), "
           f"{jax.process_count()} process(es); solvers {[s.label for s in solvers]}"
           f"{'; FID + patch-FID' if fid_cfg else '; no FID (pass --inception)'}", flush=True)
-    results, grids = ev.baselines()
-    results = list(results)
-    high, low_up = ev.grid_rows(ev.num_grid)
-    grid_images = {}
     from tqdm import tqdm
-    for solver in solvers:
-        with tqdm(total=len(batches), desc=f"{solver.label}", unit="batch", leave=False,
-                  disable=jax.process_index() != 0 or len(batches) < 2) as bar:
-            r, grid = ev.evaluate(solver, progress=lambda done, total: bar.update(1))
-        results.insert(len(results) - 2, r)  # CFM rows first, baselines last
-        n = min(len(high), ev.num_grid)
-        grid_images[solver.label] = evaluation.image_grid([high[:n], low_up[:n], np.concatenate(grid)[:n]])
-        print(f"  {solver.label}: NFE {r.nfe}, PSNR {r.psnr:.3f} dB, SSIM {r.ssim:.4f}"
+    # one pass over the set: every batch is read once and scored by every solver and the baselines
+    with tqdm(total=eval_set.num_batches, desc="eval", unit="batch", leave=False,
+              disable=jax.process_index() != 0 or eval_set.num_batches < 2) as bar:
+        results, grids = ev.run(params, solvers, progress=lambda done, total: bar.update(1))
+    for r in results[:len(solvers)]:
+        print(f"  {r.label}: NFE {r.nfe}, PSNR {r.psnr:.3f} dB, SSIM {r.ssim:.4f}"
               + (f", FID {r.fid:.4g}, patch-FID {r.patch_fid:.4g}" if r.fid is not None else "")
               + f", {r.seconds_per_image:.3f} s/image", flush=True)
+    grid_images = {s.label: grids[s.label] for s in solvers}
 
     out = _OUT.value or os.path.join(workdir, "eval")
     record = {"checkpoint": os.path.abspath(workdir), "step": step, "weights": "ema" if use_ema else "online",
-              "data": data_desc, "num_images": ev.num_images, "image_size": d.image_size,
-              "lowres_size": d.lowres_size, "seed": _SEED.value, "devices": mesh.devices.size,
+              "data": eval_set.description, "num_images": ev.num_images, "image_size": d.image_size,
+              "lowres_size": d.lowres_size, "seed": seed, "devices": mesh.devices.size,
               "processes": jax.process_count(),
-              "fid": ({"inception": os.path.abspath(_INCEPTION.value), "num_crops": _NUM_CROPS.value,
+              "fid": ({"inception": os.path.abspath(inception), "num_crops": num_crops,
                        "crop_size": ev.crop_size} if fid_cfg else None)}
     notes = [] if fid_cfg else ["FID and patch-FID not computed: pass --inception with pytorch-fid's "
                                 "pt_inception-2015-12-05-6726825d.pth."]

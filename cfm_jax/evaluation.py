@@ -1,7 +1,8 @@
-"""Offline evaluation of a CFM checkpoint (the library behind ``eval.py``).
+"""Scoring a CFM checkpoint on a fixed set of images: the one evaluator behind training
+validation (``trainer.train``, every ``train.eval_every`` steps) and ``eval.py``.
 
-For every solver of a sweep (:class:`cfm_jax.solvers.SolverSpec`) the checkpoint up-samples
-the evaluation set, and the prediction is compared with the ground truth by
+For every solver (:class:`cfm_jax.solvers.SolverSpec`) the checkpoint up-samples the
+evaluation set and the prediction is compared with the ground truth by
 
 * PSNR, SSIM, MSE per image (:mod:`cfm_jax.metrics`: dm-pix, checked against
   scikit-image), averaged over the set;
@@ -11,14 +12,32 @@ the evaluation set, and the prediction is compared with the ground truth by
   weights are given.
 
 Bicubic and bilinear up-sampling of the same low-res images are scored the same way as
-baselines (they do not depend on the solver, so they are computed once).
+baselines; they do not depend on the weights, so an evaluator scores them once and
+reuses them (training validates many times with one evaluator).
+
+Streaming: the set is an :class:`cfm_jax.data.eval_data.EvalSet` (records, an image folder
+or the bundled photos), read batch by batch. One :meth:`Evaluator.run` is one pass over
+it: each batch is scored by every requested solver, the baselines and, for FID, the real
+images' reference statistics before the next batch is read. Host memory holds, whatever
+the number of images: a few batches; three scores per image and method; the Inception
+features of the first 2,048 images of each method (the exact small-set FID needs them),
+after which only their float64 sum and sum of outer products are kept (:class:`FeatureStats`,
+at most 2048² x 8 bytes = 32 MiB each, two per method: whole images and crops); and the
+first ``num_grid`` images of each method for the grid. Latents of sets without them (image
+folders with an autoencoder) are encoded once per batch and pass, shared by the solvers
+of the pass, and not kept after it.
+
+Seeds: validation uses ``config.seed``, ``eval.py`` ``--seed`` (default: the run's
+``config.seed``), so for the same checkpoint, solver and images the numbers training logs
+and those ``eval.py`` writes are the same (tested).
 
 Sharding and determinism: each global batch is split over every device of every process
-(``sharding.shard_batch``); predictions, Inception features and per-image scores are
-gathered to every process, which all write the same numbers (process 0 writes the files).
-Example ``i`` of the set draws its coupling / SDE noise and its crop positions from
-``fold_in(PRNGKey(seed), i)``, so results do not depend on the batch size, the number of
-devices or hosts, or which other solvers are in the sweep.
+(every process reads the whole global batch and contributes its own rows, ``_local``);
+predictions, Inception features and per-image scores are gathered to every process, which
+all compute the same numbers (process 0 writes the files). Example ``i`` of the set draws
+its coupling / SDE noise and its crop positions from ``fold_in(PRNGKey(seed), i)``, so
+results do not depend on the batch size, the number of devices or hosts, or which other
+solvers are in the sweep.
 """
 from __future__ import annotations
 
@@ -37,48 +56,13 @@ from cfm_jax import fid as fid_lib
 from cfm_jax import metrics as image_metrics
 from cfm_jax import sharding
 from cfm_jax.data import photos
+from cfm_jax.data.eval_data import EvalSet
 
 log = logging.getLogger(__name__)
 
 BASELINES = ("bicubic", "bilinear")
-FEATURE_BATCH = 32  # images per Inception call (a multiple of the device count)
+FEATURE_BATCH = 32  # at most this many images per Inception call (a multiple of the device count)
 _CROP_STREAM = 7  # fold_in stream of the patch-FID crop positions (noise uses streams 0/1 of the sample key)
-
-
-# --------------------------------------------------------------------------- data
-def image_folder_batches(folder: str, *, image_size: int, lowres_size: int, num_images: int, batch_size: int,
-                         n_devices: int) -> list[dict]:
-    """Evaluation batches from a folder of high-res images: the short side resized to
-    ``image_size`` (PIL bicubic, antialiased), the centre ``image_size``² crop, its low-res
-    version by the records' area down-sampling. Images smaller than ``image_size`` are
-    skipped with a warning (they have no high-res ground truth)."""
-    from cfm_jax.data import image_io, prepare
-
-    names, _ = image_io.list_images(folder)
-    if not names:
-        raise FileNotFoundError(f"No images ({image_io.IMAGE_EXTENSIONS}) in {folder}.")
-    crops, skipped = [], []
-    for name in names:
-        if len(crops) >= num_images:
-            break
-        loaded = image_io.load_image(os.path.join(folder, name), min_size=image_size)
-        if not loaded.ok:
-            skipped.append(f"{name} ({loaded.skip_reason}: {loaded.detail})")
-            continue
-        img = prepare.resize_short_side(loaded.image, image_size)
-        crops.append(prepare.make_crops(img, image_size=image_size, crop="center", crops_per_image=1)[0][0])
-    if skipped:
-        log.warning("Skipped %d image(s) of %s: %s", len(skipped), folder, "; ".join(skipped[:5]))
-    n = len(crops) - len(crops) % n_devices
-    if n == 0:
-        raise ValueError(f"{folder}: {len(crops)} usable image(s) of at least {image_size}² pixels; need at least "
-                         f"{n_devices} (one per device).")
-    if n < len(crops):
-        log.warning("Evaluating %d of %d images (a multiple of the %d devices).", n, len(crops), n_devices)
-    images = prepare.to_unit_range(np.stack(crops[:n]))
-    lowres = prepare.downsample_antialiased(images, lowres_size)
-    bs = max(n_devices, batch_size - batch_size % n_devices)
-    return [{"image": images[i:i + bs], "image_lowres": lowres[i:i + bs]} for i in range(0, n, bs)]
 
 
 # --------------------------------------------------------------------------- results
@@ -109,38 +93,105 @@ class FIDConfig:
     crop_size: int = 0  # 0: image_size // 2 (the paper: 512 of 1024)
     reference_stats: str | None = None  # npz (pytorch-fid format) of the real images: read if present, else written
 
+    @classmethod
+    def from_path(cls, inception: str, *, num_crops: int = 4, crop_size: int = 0,
+                  reference_stats: str | None = None) -> "FIDConfig | None":
+        """With the FID Inception at ``inception`` (pytorch-fid's ``.pth`` or a converted
+        folder); ``None`` for an empty path (no FID)."""
+        if not inception:
+            return None
+        if not os.path.exists(inception):
+            raise FileNotFoundError(
+                f"FID Inception weights {inception!r} do not exist (pytorch-fid's "
+                "pt_inception-2015-12-05-6726825d.pth or a folder written by `python -m cfm_jax.convert inception`).")
+        if num_crops < 1:
+            raise ValueError(f"patch-FID num_crops must be >= 1, got {num_crops}.")
+        return cls(features=fid_lib.InceptionFeatures.from_path(inception), num_crops=int(num_crops),
+                   crop_size=int(crop_size), reference_stats=reference_stats or None)
+
+
+class FeatureStats:
+    """Inception features of a streamed set in bounded memory: the features themselves while
+    there are at most ``keep`` (default 2,048, the feature dimension: below it the exact
+    low-rank FID needs them), then only their float64 sum and sum of outer products, from
+    which pytorch-fid's mean and unbiased covariance follow."""
+
+    def __init__(self, keep: int = fid_lib.FEATURE_DIM):
+        self.keep = int(keep)
+        self.count = 0
+        self._kept: list[np.ndarray] = []
+        self._sum: np.ndarray | None = None  # [D] float64
+        self._outer: np.ndarray | None = None  # [D, D] float64
+
+    def add(self, features: np.ndarray) -> None:
+        f = np.asarray(features, np.float32)
+        self.count += len(f)
+        if self._sum is None:
+            self._kept.append(f)
+            if self.count <= self.keep:
+                return
+            f, self._kept = np.concatenate(self._kept), []
+            self._sum = np.zeros(f.shape[1], np.float64)
+            self._outer = np.zeros((f.shape[1],) * 2, np.float64)
+        f64 = f.astype(np.float64)
+        self._sum += f64.sum(axis=0)
+        self._outer += f64.T @ f64
+
+    def reference(self) -> dict:
+        """``mu``, ``sigma`` and, while at most ``keep`` were added, ``features``."""
+        if self.count < 2:
+            raise ValueError(f"FID needs at least 2 images, got {self.count}.")
+        if self._sum is None:
+            features = np.concatenate(self._kept)
+            mu, sigma = fid_lib.statistics(features)
+            return {"mu": mu, "sigma": sigma, "features": features}
+        n = self.count
+        mu = self._sum / n
+        sigma = (self._outer - n * np.outer(mu, mu)) / (n - 1)
+        return {"mu": mu, "sigma": sigma}
+
+
+class _MethodStats:
+    """What a pass keeps of one method: per-image scores, feature statistics, grid images."""
+
+    def __init__(self, with_fid: bool):
+        self.scores: dict[str, list[np.ndarray]] = {}
+        self.features = FeatureStats() if with_fid else None
+        self.crop_features = FeatureStats() if with_fid else None
+        self.grid: list[np.ndarray] = []
+
+    def mean_scores(self) -> dict[str, float]:
+        return {k: float(np.mean(np.concatenate(v))) for k, v in self.scores.items()}
+
 
 # --------------------------------------------------------------------------- the evaluator
 class Evaluator:
-    """Runs sweeps of solvers over fixed evaluation batches on a mesh."""
+    """Scores solvers of a checkpoint and the baselines on an evaluation set, streaming it
+    over a mesh (module docstring). ``seed``: of the sampling noise and the crop positions."""
 
-    def __init__(self, upsampler, params, batches: Sequence[dict], mesh, *, seed: int = 0,
-                 fid: FIDConfig | None = None, num_grid: int = 8):
-        if not batches:
-            raise ValueError("The evaluation set is empty.")
-        self.upsampler = upsampler
-        self.batches = list(batches)
-        self.mesh = mesh
-        self.rng = jax.random.PRNGKey(seed)
-        self.fid = fid if (fid is not None and fid.features is not None) else None
-        self.num_grid = num_grid
-        self.params = jax.device_put(params, sharding.replicated(mesh))
-        self.image_size = int(self.batches[0]["image"].shape[1])
-        self.num_images = sum(len(b["image"]) for b in self.batches)
+    def __init__(self, upsampler, eval_set: EvalSet, mesh, *, seed: int = 0, fid: FIDConfig | None = None,
+                 num_grid: int = 8):
         n_dev = mesh.devices.size
-        for i, b in enumerate(self.batches):
-            if len(b["image"]) % n_dev:
-                raise ValueError(f"Evaluation batch {i} has {len(b['image'])} images, not a multiple of the {n_dev} "
-                                 "devices.")
+        if num_grid < 1:
+            raise ValueError(f"The grid needs at least one image (train.num_grid_images), got {num_grid}.")
+        if eval_set.num_images < 1:
+            raise ValueError("The evaluation set is empty.")
+        if eval_set.num_images % n_dev or eval_set.batch_size % n_dev:
+            raise ValueError(f"The evaluation set ({eval_set.num_images} images in batches of {eval_set.batch_size}) "
+                             f"does not split over the {n_dev} devices: use multiples of {n_dev}.")
+        self.upsampler = upsampler
+        self.eval_set = eval_set
+        self.mesh = mesh
+        self.seed = int(seed)
+        self.rng = jax.random.PRNGKey(self.seed)
+        self.fid = fid if (fid is not None and fid.features is not None) else None
+        self.num_grid = int(num_grid)
+        self.image_size = int(eval_set.image_size)
+        self.num_images = int(eval_set.num_images)
         self.crop_size = 0
-        if self.fid is not None:
-            self.crop_size = self.fid.crop_size or self.image_size // 2
-            if not 1 <= self.crop_size <= self.image_size:
-                raise ValueError(f"patch-FID crop_size={self.crop_size} does not fit {self.image_size}² images.")
-            if self.fid.num_crops < 1:
-                raise ValueError(f"patch-FID num_crops must be >= 1, got {self.fid.num_crops}.")
-        self._gather = jax.jit(lambda x: x, out_shardings=sharding.replicated(mesh))
-        self._latents = upsampler.make_latents_fn()
+        rep = sharding.replicated(mesh)
+        self._gather = jax.jit(lambda x: x, out_shardings=rep)
+        self._encode = upsampler.make_latents_fn()
 
         @jax.jit
         def scores(pred, target):
@@ -148,22 +199,31 @@ class Evaluator:
                     "mse": image_metrics.mse(pred, target)}
         self._scores = scores
         self._compiled: dict = {}
-        self._latent_cache: dict[int, dict] = {}
-        self._real = None
+        self._baselines: tuple[list[MethodResult], dict[str, np.ndarray]] | None = None
+        self._real: tuple[dict, dict] | None = None  # FID reference of the real images: whole, crops
         if self.fid is not None:
             from cfm_jax.models import inception
 
+            self.crop_size = self.fid.crop_size or self.image_size // 2
+            if not 1 <= self.crop_size <= self.image_size:
+                raise ValueError(f"patch-FID crop_size={self.crop_size} does not fit {self.image_size}² images.")
+            if self.fid.num_crops < 1:
+                raise ValueError(f"patch-FID num_crops must be >= 1, got {self.fid.num_crops}.")
             feats = self.fid.features
+            # one Inception batch size for whole images and crops: one compiled Inception
+            self._feature_batch = -(-min(FEATURE_BATCH, eval_set.batch_size * self.fid.num_crops) // n_dev) * n_dev
             self._to_299 = jax.jit(lambda x: inception.resize_bilinear(
                 fid_lib.to_unit_range(x, value_range=feats.value_range, clip=feats.clip, quantize=feats.quantize),
                 (inception.INPUT_SIZE, inception.INPUT_SIZE)))
-            self._inception = jax.jit(feats.model.apply, out_shardings=sharding.replicated(mesh))
+            self._inception = jax.jit(feats.model.apply, out_shardings=rep)
+            self._inception_vars = jax.device_put(feats.variables, rep)  # sent once, not with every call
+            crop = self.crop_size
+            self._take_crops = jax.jit(lambda images, anchors: fid_lib.take_crops(images, anchors, crop))
+            self._real = self._read_reference()
 
     # ---------------------------------------------------------------- helpers
-    def _offsets(self) -> list[int]:
-        return list(np.cumsum([0] + [len(b["image"]) for b in self.batches])[:-1])
-
     def _local(self, x: np.ndarray) -> np.ndarray:
+        """This process's rows of a global host batch (every process reads the whole batch)."""
         rows = len(x) // jax.process_count()
         p = jax.process_index()
         return x[p * rows:(p + 1) * rows]
@@ -174,160 +234,181 @@ class Evaluator:
     def _keys(self, start: int, n: int) -> np.ndarray:
         return np.asarray(jax.vmap(lambda i: jax.random.fold_in(self.rng, i))(jnp.arange(start, start + n)))
 
-    def _prepared(self, i: int, batch: dict) -> dict:
-        """``latent``/``latent_lowres`` (unscaled) of batch ``i``, sharded; encoded once (image
-        folders with an autoencoder) and kept on the devices for the other solvers of a sweep."""
-        if i not in self._latent_cache:
-            if "latent_lowres" in batch:
-                g = self._shard({k: batch[k] for k in ("latent", "latent_lowres")})
-            else:
-                g = self._latents(self._shard({k: batch[k] for k in ("image", "image_lowres")}))
-            self._latent_cache[i] = {k: g[k] for k in ("latent", "latent_lowres")}
-        return self._latent_cache[i]
+    def _params(self, params):
+        """Weights already placed on this mesh (the trainer's state) as they are, others replicated."""
+        if all(isinstance(x, jax.Array) and getattr(x.sharding, "mesh", None) == self.mesh
+               for x in jax.tree.leaves(params)):
+            return params
+        return jax.device_put(params, sharding.replicated(self.mesh))
 
-    def _features(self, images: np.ndarray) -> np.ndarray:
+    def _latents(self, batch: dict) -> dict:
+        """``latent``/``latent_lowres`` (unscaled) of a host batch, sharded: the set's own
+        (records, pixel-space photos) or encoded by the first stage (image folders)."""
+        if "latent" in batch and "latent_lowres" in batch:
+            return self._shard({k: batch[k] for k in ("latent", "latent_lowres")})
+        g = self._encode(self._shard({k: batch[k] for k in ("image", "image_lowres")}))
+        return {k: g[k] for k in ("latent", "latent_lowres")}
+
+    def _features(self, images) -> np.ndarray:
         """Inception features [N, 2048] of host images (all rows; every process has them), in
         fixed-size batches split over the devices. Images are resized to 299² by a small
         jitted function first, so one compiled Inception serves whole images and crops."""
-        n_dev = self.mesh.devices.size
-        n = len(images)
-        fb = -(-min(FEATURE_BATCH, n) // n_dev) * n_dev
-        out = []
-        for s in range(0, n, fb):
-            chunk = np.asarray(images[s:s + fb])
+        images = np.asarray(images)
+        fb, out = self._feature_batch, []
+        for s in range(0, len(images), fb):
+            chunk = images[s:s + fb]
             m = len(chunk)
             if m < fb:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fb - m, axis=0)])
             g = self._shard({"x": chunk})["x"]
-            out.append((self._inception(self.fid.features.variables, self._to_299(g)), m))
+            out.append((self._inception(self._inception_vars, self._to_299(g)), m))
         return np.concatenate([np.asarray(f)[:m] for f, m in out])
 
-    def _crops(self, images: np.ndarray, start: int) -> np.ndarray:
-        n = images.shape[0]
+    def _anchors(self, start: int, n: int) -> jax.Array:
+        """Crop positions [n, num_crops, 2] of examples ``start .. start + n - 1``."""
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(self.rng, i), _CROP_STREAM))(
             jnp.arange(start, start + n))
-        anchors = jax.vmap(lambda k: fid_lib.crop_anchors(k, 1, self.fid.num_crops, self.image_size,
-                                                          self.crop_size)[0])(keys)
-        return np.asarray(fid_lib.take_crops(images, anchors, self.crop_size))
+        return jax.vmap(lambda k: fid_lib.crop_anchors(k, 1, self.fid.num_crops, self.image_size,
+                                                       self.crop_size)[0])(keys)
 
-    def _predict_fn(self, solver) -> Callable:
-        ups = self.upsampler
+    def _add(self, stats: _MethodStats | None, images: np.ndarray, target: np.ndarray | None, anchors) -> None:
+        """Scores and grid images (when there is a ``target``) and features of one batch of a
+        method (of the real images: no target)."""
+        if stats is None:
+            return
+        if self.fid is not None:
+            stats.features.add(self._features(images))
+            stats.crop_features.add(self._features(self._take_crops(images, anchors)))
+        if target is None:
+            return
+        for k, v in self._scores(images, target).items():
+            stats.scores.setdefault(k, []).append(np.asarray(v))
+        have = sum(len(g) for g in stats.grid)
+        if have < self.num_grid:  # kept as uint8, as the grid shows them (a quarter of float32)
+            stats.grid.append(to_uint8(images[:self.num_grid - have]))
 
-        def predict(params, fs, batch, keys):
-            images, r = ups.predict(params, batch, keys, solver=solver, first_stage=fs)
-            return images, r.nfe, r.success
-        return jax.jit(predict)
+    def _sample(self, solver, params, latents: dict, keys, timing: dict) -> np.ndarray:
+        """The solver's prediction of one sharded batch, gathered to host [B, H, W, 3]."""
+        ups, fs = self.upsampler, self.upsampler.first_stage
+        args = (params, fs, latents, keys)
+        shape_key = (solver, tuple(latents["latent"].shape))
+        t0 = time.perf_counter()
+        if shape_key not in self._compiled:
+            def predict(params, fs, batch, keys):
+                images, r = ups.predict(params, batch, keys, solver=solver, first_stage=fs)
+                return images, r.nfe, r.success
+            self._compiled[shape_key] = jax.jit(predict).lower(*args).compile()
+            timing["compile"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+        pred, nfe, ok = self._compiled[shape_key](*args)
+        pred.block_until_ready()
+        timing["run"] += time.perf_counter() - t0
+        if not bool(np.all(np.asarray(self._gather(ok)))):
+            raise RuntimeError(f"The sampler {solver.label} failed (non-finite values, or an adaptive solver hit "
+                               "max_steps): raise sample.max_steps (--config.sample.max_steps when training, the "
+                               "run's config.json for eval.py) or loosen the tolerance (e.g. dopri5:1e-2).")
+        timing["nfe"] = max(timing["nfe"], int(np.max(np.asarray(self._gather(nfe)))))
+        return np.asarray(self._gather(pred))
 
-    # ---------------------------------------------------------------- stats of a set
-    def _accumulate(self, images_fn: Callable[[int, dict], Any]) -> tuple[dict, np.ndarray | None,
-                                                                           np.ndarray | None, list]:
-        """Per-image scores, features and crop features of the images ``images_fn(i, batch)``
-        (a global array or host array per batch)."""
-        per_image: dict[str, list] = {}
-        feats, crop_feats, grid = [], [], []
-        for i, (start, batch) in enumerate(zip(self._offsets(), self.batches)):
-            images = images_fn(i, batch)
-            full = images if isinstance(images, np.ndarray) else np.asarray(self._gather(images))
-            for k, v in self._scores(full, batch["image"]).items():
-                per_image.setdefault(k, []).append(np.asarray(v))
-            if self.fid is not None:
-                feats.append(self._features(full))
-                crop_feats.append(self._features(self._crops(full, start)))
-            if sum(len(g) for g in grid) < self.num_grid:
-                grid.append(full)
-        scores = {k: float(np.mean(np.concatenate(v))) for k, v in per_image.items()}
-        if self.fid is None:
-            return scores, None, None, grid
-        return scores, np.concatenate(feats), np.concatenate(crop_feats), grid
+    # ---------------------------------------------------------------- FID reference
+    def _reference_paths(self) -> tuple[str, str] | None:
+        path = self.fid.reference_stats
+        return (path, _crop_stats_path(path)) if path else None
 
-    def real_reference(self) -> tuple[dict, dict]:
-        """The real images' reference for FID, whole images and crops: each a dict with
-        ``mu``, ``sigma`` and, for sets smaller than the feature dimension, ``features``.
-        Read from ``FIDConfig.reference_stats`` (+ ``_crops``) when present, else computed
-        (and written there)."""
-        if self._real is None:
-            path = self.fid.reference_stats
-            paths = (path, _crop_stats_path(path)) if path else None
-            if paths and all(os.path.exists(p) for p in paths):
-                log.info("FID reference statistics from %s", path)
-                self._real = tuple(_read_reference(p) for p in paths)
-            else:
-                _, f, cf, _ = self._accumulate(lambda i, b: np.asarray(b["image"]))
-                self._real = tuple(_reference(x) for x in (f, cf))
-                if paths and jax.process_index() == 0:
-                    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                    for p, ref in zip(paths, self._real):
-                        fid_lib.save_stats(p, ref["mu"], ref["sigma"], features=ref.get("features"))
-        return self._real
+    def _read_reference(self) -> tuple[dict, dict] | None:
+        paths = self._reference_paths()
+        if paths and all(os.path.exists(p) for p in paths):
+            log.info("FID reference statistics from %s", paths[0])
+            return tuple(_read_reference(p) for p in paths)
+        return None
 
-    def _fids(self, feats, crop_feats) -> tuple[float | None, float | None]:
-        if self.fid is None:
-            return None, None
-        return tuple(_fid(ref, f) for ref, f in zip(self.real_reference(), (feats, crop_feats)))
+    def _write_reference(self) -> None:
+        paths = self._reference_paths()
+        if paths and jax.process_index() == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(paths[0])), exist_ok=True)
+            for p, ref in zip(paths, self._real):
+                fid_lib.save_stats(p, ref["mu"], ref["sigma"], features=ref.get("features"))
 
     # ---------------------------------------------------------------- public
-    def baselines(self) -> tuple[list[MethodResult], dict[str, list]]:
-        results, grids = [], {}
-        for name in BASELINES:
-            fn = photos.upsample_bicubic if name == "bicubic" else photos.upsample_bilinear
-            scores, f, cf, grid = self._accumulate(
-                lambda i, b, fn=fn: np.asarray(fn(b["image_lowres"], self.image_size), np.float32))
-            fid_v, patch = self._fids(f, cf)
-            results.append(MethodResult(method=name, label=name, solver=None, nfe=0, fid=fid_v, patch_fid=patch,
-                                        **scores))
-            grids[name] = grid
-        return results, grids
+    def run(self, params, solvers: Sequence = (), *, baselines: bool = True,
+            progress: Callable[[int, int], None] | None = None) -> tuple[list[MethodResult], dict[str, np.ndarray]]:
+        """Scores ``params`` (host or device arrays) sampled with each of ``solvers`` and, with
+        ``baselines``, bicubic and bilinear up-sampling, in one pass over the set.
 
-    def evaluate(self, solver, *, progress: Callable[[int, int], None] | None = None) -> tuple[MethodResult, list]:
-        """Scores of the CFM model sampled with ``solver``; also the first grid images.
+        Returns the results (the solvers in order, then the baselines) and, per label, a uint8
+        grid of the first ``num_grid`` images: high-res | low-res (bilinear) | the method.
         ``progress(done, total)`` is called after every batch."""
-        predict = self._predict_fn(solver)
-        fs = self.upsampler.first_stage
-        timing = {"run": 0.0, "compile": 0.0}
-        nfe = [0]
-
-        def images(i, batch):
-            g = self._prepared(i, batch)
-            start = self._offsets()[i]
-            keys = self._shard({"k": self._keys(start, len(batch["image"]))})["k"]
-            args = (self.params, fs, g, keys)
-            shape_key = (solver, tuple(g["latent"].shape))
-            t0 = time.perf_counter()
-            if shape_key not in self._compiled:
-                self._compiled[shape_key] = predict.lower(*args).compile()
-                timing["compile"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-            pred, n, ok = self._compiled[shape_key](*args)
-            pred.block_until_ready()
-            timing["run"] += time.perf_counter() - t0
-            if not bool(np.all(np.asarray(self._gather(ok)))):
-                raise RuntimeError(f"Solver {solver.label} failed (non-finite values, or an adaptive solver hit "
-                                   "max_steps): raise sample.max_steps in the run's config.json or loosen the "
-                                   "tolerance (e.g. dopri5:1e-2).")
-            nfe[0] = max(nfe[0], int(np.max(np.asarray(self._gather(n)))))
+        solvers = list(solvers)
+        if len({s.label for s in solvers}) != len(solvers):
+            raise ValueError(f"Solvers repeat: {[s.label for s in solvers]}.")
+        with_fid = self.fid is not None
+        fresh_baselines = baselines and self._baselines is None
+        real = _MethodStats(with_fid) if with_fid and self._real is None else None  # reference in this pass
+        methods = {s.label: _MethodStats(with_fid) for s in solvers}
+        if fresh_baselines:
+            methods.update({name: _MethodStats(with_fid) for name in BASELINES})
+        timing = {s.label: {"run": 0.0, "compile": 0.0, "nfe": 0} for s in solvers}
+        if solvers:
+            params = self._params(params)
+        grid_high, grid_low = [], []
+        start, total = 0, self.eval_set.num_batches
+        for b, batch in enumerate(self.eval_set):
+            target = np.asarray(batch["image"], np.float32)  # [B, H, W, 3]
+            n = len(target)
+            if n % self.mesh.devices.size:
+                raise ValueError(f"Evaluation batch {b} has {n} images, not a multiple of the "
+                                 f"{self.mesh.devices.size} devices.")
+            anchors = self._anchors(start, n) if with_fid else None
+            have = sum(len(g) for g in grid_high)
+            low_up = None
+            if fresh_baselines or have < self.num_grid:
+                low_up = np.asarray(photos.upsample_bilinear(batch["image_lowres"], self.image_size), np.float32)
+            if have < self.num_grid:
+                grid_high.append(to_uint8(target[:self.num_grid - have]))
+                grid_low.append(to_uint8(low_up[:self.num_grid - have]))
+            self._add(real, target, None, anchors)
+            if fresh_baselines:
+                self._add(methods["bicubic"], np.asarray(
+                    photos.upsample_bicubic(batch["image_lowres"], self.image_size), np.float32), target, anchors)
+                self._add(methods["bilinear"], low_up, target, anchors)
+            del low_up
+            if solvers:
+                latents = self._latents(batch)  # encoded once per batch for every solver of the pass
+                keys = self._shard({"k": self._keys(start, n)})["k"]  # example i's noise: fold_in(rng, i)
+                for s in solvers:
+                    self._add(methods[s.label], self._sample(s, params, latents, keys, timing[s.label]), target,
+                              anchors)
+            start += n
             if progress:
-                progress(i + 1, len(self.batches))
-            return pred
+                progress(b + 1, total)
+        if real is not None:
+            self._real = (real.features.reference(), real.crop_features.reference())
+            self._write_reference()
 
-        scores, f, cf, grid = self._accumulate(images)
-        fid_v, patch = self._fids(f, cf)
-        result = MethodResult(method="cfm", label=solver.label, solver=solver.as_dict(), nfe=nfe[0], fid=fid_v,
-                              patch_fid=patch, seconds_per_image=timing["run"] / self.num_images,
-                              compile_seconds=timing["compile"], **scores)
-        return result, grid
+        high, low = np.concatenate(grid_high), np.concatenate(grid_low)
 
-    def grid_rows(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        high = np.concatenate([b["image"] for b in self.batches])[:n]
-        low = np.concatenate([b["image_lowres"] for b in self.batches])[:n]
-        return np.asarray(high), np.asarray(photos.upsample_bilinear(low, self.image_size))
+        def finish(label: str, **fields) -> tuple[MethodResult, np.ndarray]:
+            stats = methods[label]
+            fid_v = patch = None
+            if with_fid:
+                fid_v = _fid(self._real[0], stats.features.reference())
+                patch = _fid(self._real[1], stats.crop_features.reference())
+            result = MethodResult(label=label, fid=fid_v, patch_fid=patch, **fields, **stats.mean_scores())
+            return result, image_grid([high, low, np.concatenate(stats.grid)])
 
-
-def _reference(features: np.ndarray) -> dict:
-    mu, sigma = fid_lib.statistics(features)
-    ref = {"mu": mu, "sigma": sigma}
-    if len(features) <= features.shape[1]:  # small set: keep the features for the exact low-rank FID
-        ref["features"] = features
-    return ref
+        results, grids = [], {}
+        for s in solvers:
+            t = timing[s.label]
+            r, grids[s.label] = finish(s.label, method="cfm", solver=s.as_dict(), nfe=t["nfe"],
+                                       seconds_per_image=t["run"] / self.num_images, compile_seconds=t["compile"])
+            results.append(r)
+        if fresh_baselines:
+            base = [finish(name, method=name, solver=None, nfe=0) for name in BASELINES]
+            self._baselines = ([r for r, _ in base], {r.label: g for r, g in base})
+        if baselines:
+            results += self._baselines[0]
+            grids.update(self._baselines[1])
+        return results, grids
 
 
 def _read_reference(path: str) -> dict:
@@ -339,12 +420,12 @@ def _read_reference(path: str) -> dict:
     return ref
 
 
-def _fid(ref: dict, features: np.ndarray) -> float:
-    """FID of generated features against a reference: the exact low-rank computation when
-    both sets are small and the reference kept its features, else pytorch-fid's."""
-    if "features" in ref:
-        return fid_lib.features_fid(ref["features"], features)
-    return fid_lib.frechet_distance(ref["mu"], ref["sigma"], *fid_lib.statistics(features))
+def _fid(ref: dict, gen: dict) -> float:
+    """FID of generated statistics against a reference: the exact low-rank computation when
+    both sets kept their features (small sets), else pytorch-fid's."""
+    if "features" in ref and "features" in gen:
+        return fid_lib.features_fid(ref["features"], gen["features"])
+    return fid_lib.frechet_distance(ref["mu"], ref["sigma"], gen["mu"], gen["sigma"])
 
 
 def _crop_stats_path(path: str) -> str:
@@ -353,11 +434,19 @@ def _crop_stats_path(path: str) -> str:
 
 
 # --------------------------------------------------------------------------- reports
+def to_uint8(images) -> np.ndarray:
+    """Images in [-1, 1] -> uint8 (rounded, clipped); uint8 images unchanged."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images
+    return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
 def image_grid(columns: Sequence[np.ndarray]) -> np.ndarray:
-    """uint8 grid: one row per image, one column per array of [N, H, W, 3] images in [-1, 1]."""
-    rows = np.concatenate([np.asarray(c) for c in columns], axis=2)
-    rows = rows.reshape((-1,) + rows.shape[2:])
-    return np.clip(np.round((rows + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    """uint8 grid: one row per image, one column per array of [N, H, W, 3] images in [-1, 1]
+    (or uint8)."""
+    rows = np.concatenate([to_uint8(c) for c in columns], axis=2)
+    return rows.reshape((-1,) + rows.shape[2:])
 
 
 def _family(r: MethodResult) -> str:

@@ -5,8 +5,9 @@
 2. The update step: coupling -> flow matching loss -> gradients (optionally
    accumulated over micro-batches) -> optax update -> EMA, one ``jax.jit`` with
    explicit shardings and the state donated (``make_train_step``).
-3. Validation: sample the held-out crops with the EMA weights, PSNR/SSIM of the
-   prediction and of bicubic up-sampling, an image grid (``Validator``).
+3. Validation: the evaluator of ``eval.py`` (:class:`cfm_jax.evaluation.Evaluator`) on the
+   held-out set with the EMA weights: PSNR/SSIM/MSE (and FID, patch-FID) of the prediction
+   and of bicubic/bilinear up-sampling, an image grid (``make_validator``).
 4. The loop: resume from the newest checkpoint, log, validate, checkpoint, stop on a
    NaN/inf loss or a SIGTERM/SIGINT (``train``).
 """
@@ -28,11 +29,10 @@ import optax
 from etils import epath
 from PIL import Image
 
-from cfm_jax import checkpointing, distributed, flops as flops_lib, metrics as image_metrics, sharding
-from cfm_jax.data import photos
+from cfm_jax import checkpointing, distributed, flops as flops_lib, sharding
 from cfm_jax.data.train_data import make_data
 from cfm_jax.ema import EMAConfig, ema_update
-from cfm_jax.evaluation import image_grid
+from cfm_jax.evaluation import Evaluator, FIDConfig
 from cfm_jax.metric_writers import MetricWriter
 from cfm_jax.optim import make_optimizer
 from cfm_jax.solvers import SolverSpec
@@ -163,69 +163,28 @@ def make_train_step(upsampler: CFMUpsampler, tx: optax.GradientTransformation,
 
 
 # --------------------------------------------------------------------------- 3. validation
-class Validator:
-    """PSNR/SSIM of the CFM prediction and of bicubic up-sampling on fixed held-out crops."""
+def make_validator(config, upsampler: CFMUpsampler, val_set, mesh) -> Evaluator | None:
+    """The evaluator of validation (``None`` when ``train.eval_every`` is 0): ``eval.py``'s
+    :class:`cfm_jax.evaluation.Evaluator` on the validation set, seeded with ``config.seed``,
+    with FID and patch-FID when ``eval.inception`` is set."""
+    if config.train.eval_every <= 0 or val_set is None:
+        return None
+    e = config.eval
+    fid = FIDConfig.from_path(e.inception, num_crops=e.num_crops, crop_size=e.crop_size)
+    return Evaluator(upsampler, val_set, mesh, seed=config.seed, fid=fid, num_grid=config.train.num_grid_images)
 
-    def __init__(self, upsampler: CFMUpsampler, batches: list[dict], mesh, sample_cfg, seed: int,
-                 prepare: Callable[[dict], dict] | None = None):
-        self.upsampler = upsampler
-        self.batches = batches
-        self.prepare = prepare or (lambda b: b)
-        self.mesh = mesh
-        self.rng = jax.random.PRNGKey(seed + 1_000_003)
-        # any ODE or SDE sampler of config.sample (an unknown one fails here, before training)
-        solver = SolverSpec.from_config(sample_cfg)
-        self.solver = solver
 
-        jitted = jax.jit(lambda params, fs, batch, keys: upsampler.predict(params, batch, keys, solver=solver,
-                                                                          first_stage=fs))
-        self.predict = lambda params, batch, keys: jitted(params, upsampler.first_stage, batch, keys)
-
-        self.gather = jax.jit(lambda x: x, out_shardings=sharding.replicated(mesh))
-
-        @jax.jit
-        def scores(pred, target):
-            return {"psnr": image_metrics.psnr(pred, target), "ssim": image_metrics.ssim(pred, target),
-                    "mse": image_metrics.mse(pred, target)}
-        self.scores = scores
-
-    def run(self, params, num_grid: int = 8):
-        """``(metrics, grid)`` for ``params`` (pass the EMA params to evaluate the EMA)."""
-        per_image: dict[str, list] = {}
-        grid_parts = ([], [], [])
-        nfe = 0
-        n_proc, proc = jax.process_count(), jax.process_index()
-        start = 0
-        for batch in self.batches:
-            # every process holds the whole batch on the host and contributes its own rows
-            n = len(batch["image"])
-            rows = n // n_proc
-            keys = np.asarray(jax.vmap(lambda j: jax.random.fold_in(self.rng, j))(np.arange(start, start + n)))
-            local = {k: v[proc * rows:(proc + 1) * rows] for k, v in batch.items()}
-            gbatch = self.prepare(sharding.shard_batch(local, self.mesh))
-            gkeys = sharding.shard_batch({"k": keys[proc * rows:(proc + 1) * rows]}, self.mesh)["k"]
-            pred, result = self.predict(params, gbatch, gkeys)  # example j's noise: fold_in(rng, j)
-            pred = self.gather(pred)  # replicated: every process can read all of it
-            if not bool(np.all(np.asarray(self.gather(result.success)))):
-                raise RuntimeError(f"The sampler {self.solver.label} failed during validation (non-finite values, or "
-                                   "an adaptive solver hit max_steps); raise --config.sample.max_steps or loosen "
-                                   "sample.rtol/atol.")
-            nfe = int(np.max(np.asarray(self.gather(result.nfe))))
-            start += n
-            target = np.asarray(batch["image"])
-            bicubic = photos.upsample_bicubic(batch["image_lowres"], target.shape[1])
-            bilinear = photos.upsample_bilinear(batch["image_lowres"], target.shape[1])
-            for name, img in (("cfm", pred), ("bicubic", bicubic), ("bilinear", bilinear)):
-                for k, v in self.scores(img, target).items():
-                    per_image.setdefault(f"{name}_{k}", []).append(np.asarray(v))
-            if sum(len(p) for p in grid_parts[0]) < num_grid:
-                grid_parts[0].append(np.asarray(batch["image"]))
-                grid_parts[1].append(np.asarray(bilinear))
-                grid_parts[2].append(np.asarray(pred))
-        results = {f"val/{k}": float(np.mean(np.concatenate(v))) for k, v in per_image.items()}
-        results["val/nfe"] = nfe
-        grid = image_grid([np.concatenate(p)[:num_grid] for p in grid_parts])
-        return results, grid
+def validation_metrics(results) -> dict:
+    """``val/<method>_<metric>`` (psnr, ssim, mse; fid and patch_fid when computed) of the
+    CFM sampler and the baselines, and ``val/nfe``."""
+    out = {}
+    for r in results:
+        for k in ("psnr", "ssim", "mse", "fid", "patch_fid"):
+            if getattr(r, k) is not None:
+                out[f"val/{r.method}_{k}"] = float(getattr(r, k))
+        if r.method == "cfm":
+            out["val/nfe"] = r.nfe
+    return out
 
 
 # --------------------------------------------------------------------------- 4. the loop
@@ -296,8 +255,9 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
     latent_size = upsampler.latent_size(config.data.image_size)
     tx, schedule = make_optimizer(config.optim)
     ema_cfg = EMAConfig.from_config(config.ema)
-    SolverSpec.from_config(config.sample)  # the validation sampler (ODE or SDE) exists
-    train_data, val_batches = make_data(config, upsampler.first_stage, n_devices=mesh.devices.size)
+    solver = SolverSpec.from_config(config.sample)  # the validation sampler (ODE or SDE) exists
+    train_data, val_set = make_data(config, upsampler.first_stage, n_devices=mesh.devices.size)
+    validator = make_validator(config, upsampler, val_set, mesh)
 
     wd = epath.Path(workdir)  # a local folder or a bucket URL (gs://...)
     remote = "://" in str(workdir)
@@ -347,7 +307,6 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
     flops_per_example = flops_lib.train_flops_per_example(config.model, latent_size)
     n_devices = mesh.devices.size
     prepare = batch_preparer(upsampler, train_data.has_latents) or (lambda b: b)
-    validator = Validator(upsampler, val_batches, mesh, config.sample, config.seed, prepare=prepare)
     t_cfg = config.train
     num_steps = t_cfg.num_steps
     step = int(state.step)
@@ -363,7 +322,8 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
 
     def validate(step_now: int, state_now: TrainState):
         params = state_now.ema_params if config.sample.use_ema else state_now.params
-        results, grid = validator.run(params, num_grid=t_cfg.num_grid_images)
+        evaluated, grids = validator.run(params, [solver])
+        results, grid = validation_metrics(evaluated), grids[solver.label]
         writer.write(step_now, results)
         if is_main:
             (wd / "samples").mkdir(parents=True, exist_ok=True)
@@ -403,7 +363,7 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
             stop_by = _agreed_stop(stop.received, step)
             at_log = step % t_cfg.log_every == 0 or step == num_steps
             at_ckpt = step % t_cfg.checkpoint_every == 0 or step == num_steps
-            at_eval = t_cfg.eval_every > 0 and (step % t_cfg.eval_every == 0 or step == num_steps)
+            at_eval = validator is not None and (step % t_cfg.eval_every == 0 or step == num_steps)
             if at_log or at_ckpt or at_eval or stop_by:
                 host = _host_metrics(pending)
                 for i, m in enumerate(host):
@@ -521,5 +481,5 @@ def _load_weights(state: TrainState, path: str, mesh) -> TrainState:
     return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
 
 
-__all__ = ["TrainState", "TrainingDiverged", "Validator", "create_train_state", "make_train_step",
-           "split_microbatches", "train"]
+__all__ = ["TrainState", "TrainingDiverged", "create_train_state", "make_train_step", "make_validator",
+           "split_microbatches", "train", "validation_metrics"]

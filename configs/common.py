@@ -100,6 +100,17 @@ def base_config() -> ml_collections.ConfigDict:
         num_grid_images=8,
     ))
 
+    # Scoring shared by validation (every train.eval_every steps) and eval.py (cfm_jax/evaluation.py):
+    # PSNR/SSIM/MSE always; FID and patch-FID (num_crops random crop_size² crops per image, 0:
+    # half the image side) when `inception` names the FID Inception weights (pytorch-fid's
+    # pt_inception-2015-12-05-6726825d.pth or a `python -m cfm_jax.convert inception` folder).
+    # eval.py takes these as the defaults of --inception, --num_crops and --crop_size.
+    c.eval = ml_collections.ConfigDict(dict(
+        inception="",  # '' : no FID
+        num_crops=4,
+        crop_size=0,
+    ))
+
     c.logging = ml_collections.ConfigDict(dict(
         csv=True, tensorboard=True, wandb=False, wandb_project="cfm-jax", wandb_name="",
         progress_bar=True,

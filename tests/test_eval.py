@@ -1,7 +1,8 @@
-"""Offline evaluation end to end: a tiny checkpoint trained on records -> eval.py on their
-validation split (solver sweep, FID and patch-FID with random Inception weights) ->
-metrics.json / CSV / report / grids / plots; the same numbers on 1 and 2 devices; an
-image-folder evaluation set; option errors; the report's SVG plot; solver specs."""
+"""Evaluation end to end: a tiny checkpoint trained on records, validated with FID and patch-FID
+(random Inception weights) -> eval.py on their validation split (solver sweep) ->
+metrics.json / CSV / report / grids / plots; the same numbers on 1 and 2 devices and as
+training's validation; an image-folder evaluation set; option errors; streamed FID statistics;
+the report's SVG plot; solver specs."""
 import csv
 import json
 import os
@@ -22,21 +23,6 @@ FIELDS_SAME_ON_ANY_DEVICES = ("nfe", "psnr", "ssim", "mse", "fid", "patch_fid")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny run trained on prepared records (the photos, 8² -> 16²); eval.py reads their
-    validation split."""
-    from cfm_jax.data import train_data
-
-    records = str(tmp_path_factory.mktemp("photo_records"))
-    train_data.ensure_photo_records(records, image_size=16, lowres_size=8, progress=False)
-    workdir = str(tmp_path_factory.mktemp("eval_run"))
-    c = tiny_config(num_steps=4, checkpoint_every=4)
-    c.data.update(name="records", path=records, prepare_photos=False, num_val_images=4)
-    train(c, workdir)
-    return workdir
-
-
-@pytest.fixture(scope="module")
 def inception_dir(tmp_path_factory):
     """The FID Inception with random weights (the real file is user-supplied)."""
     from cfm_jax.convert.inception import save_converted
@@ -54,6 +40,22 @@ def inception_dir(tmp_path_factory):
     save_converted(out, {"params": params, "batch_stats": stats},
                    source="random weights (test)")
     return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, inception_dir):
+    """A tiny run trained on prepared records (the photos, 8² -> 16²), validated at its last
+    step with FID and patch-FID; eval.py reads their validation split."""
+    from cfm_jax.data import train_data
+
+    records = str(tmp_path_factory.mktemp("photo_records"))
+    train_data.ensure_photo_records(records, image_size=16, lowres_size=8, progress=False)
+    workdir = str(tmp_path_factory.mktemp("eval_run"))
+    c = tiny_config(num_steps=4, checkpoint_every=4, eval_every=4)
+    c.data.update(name="records", path=records, prepare_photos=False, num_val_images=4)
+    c.eval.update(inception=inception_dir, num_crops=2, crop_size=8)
+    train(c, workdir)
+    return workdir
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +126,30 @@ def test_eval_numbers_do_not_depend_on_the_device_count_or_the_sweep(trained, in
             # FID of 4 images (rank-deficient covariances) amplifies float32 feature rounding
             rtol = 1e-3 if "fid" in k else 1e-5
             assert one[label][k] == pytest.approx(two[label][k], rel=rtol, abs=1e-6), (label, k)
+    # eval.py's defaults (the run's sampler, seed and validation set) give the numbers training
+    # logged at its last step: both use the same evaluator
+    with open(os.path.join(trained, "train_summary.json")) as f:
+        val = json.load(f)["validation"]
+    assert val["val/nfe"] == one["euler-3"]["nfe"]
+    for method, label in (("cfm", "euler-3"), ("bicubic", "bicubic"), ("bilinear", "bilinear")):
+        for k in ("psnr", "ssim", "mse"):
+            assert val[f"val/{method}_{k}"] == pytest.approx(one[label][k], rel=1e-6), (method, k)
+        for k in ("fid", "patch_fid"):  # reference statistics from the 2-device run's cache
+            assert val[f"val/{method}_{k}"] == pytest.approx(one[label][k], rel=1e-3), (method, k)
+
+
+def test_validation_logs_fid_and_patch_fid(trained):
+    """With eval.inception set, training's validation logs FID and patch-FID of the CFM
+    prediction and of the baselines, and the usual grid."""
+    with open(os.path.join(trained, "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/cfm_fid")]
+    assert len(rows) == 1 and rows[0]["step"] == "4"
+    for method in ("cfm", "bicubic", "bilinear"):
+        for k in ("fid", "patch_fid", "psnr", "ssim", "mse"):
+            v = float(rows[0][f"val/{method}_{k}"])
+            assert np.isfinite(v) and (v > 0 or k == "mse"), (method, k)
+    grid = np.asarray(Image.open(os.path.join(trained, "samples", "val_0000004.png")))
+    assert grid.shape == (2 * 16, 3 * 16, 3)  # train.num_grid_images rows: high | bilinear | CFM
 
 
 def test_eval_on_a_folder_of_images(trained, tmp_path):
@@ -136,7 +162,7 @@ def test_eval_on_a_folder_of_images(trained, tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "tiny.png")  # smaller than 16²: skipped
     out = str(tmp_path / "ev")
     proc = run_cli(["eval.py", "--workdir", trained, "--images", str(folder), "--num_images", "4", "--out", out,
-                    "--solvers", "euler:2"])
+                    "--solvers", "euler:2", "--inception="])  # FID off (the run's eval.inception is set)
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(os.path.join(out, "metrics.json")) as f:
         record = json.load(f)
@@ -163,6 +189,54 @@ def test_eval_rejects_bad_options_before_loading(trained, tmp_path):
     assert proc.returncode == 2 and "pt_inception" in proc.stderr
     proc = run_cli(["eval.py", "--workdir", str(tmp_path)])
     assert proc.returncode == 2 and "config.json" in proc.stderr
+
+
+def test_image_folder_set_reads_batch_by_batch_and_explains_bad_folders(tmp_path):
+    from cfm_jax.data import eval_data
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "tiny.png")  # smaller than 16²: skipped
+    s = eval_data.image_folder_set(str(folder), image_size=16, lowres_size=8, num_images=10, batch_size=2,
+                                   n_devices=1)
+    assert (s.num_images, s.batch_size, s.num_batches) == (5, 2, 3)
+    first, again = list(s), list(s)  # re-iterable: every pass reads the images afresh
+    assert [len(b["image"]) for b in first] == [2, 2, 1]
+    assert first[0]["image"].shape == (2, 16, 16, 3) and first[0]["image_lowres"].shape == (2, 8, 8, 3)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    os.remove(folder / "4.png")  # images are loaded when their batch is read, not before
+    with pytest.raises(RuntimeError, match="not any more"):
+        list(s)
+    with pytest.raises(ValueError, match=r"4 usable image\(s\).*at least 8 \(one per device\)"):
+        eval_data.image_folder_set(str(folder), image_size=16, lowres_size=8, num_images=8, batch_size=8,
+                                   n_devices=8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="No images"):
+        eval_data.image_folder_set(str(tmp_path / "empty"), image_size=16, lowres_size=8, num_images=4,
+                                   batch_size=2, n_devices=1)
+
+
+def test_streamed_feature_statistics_equal_pytorch_fids():
+    """FeatureStats keeps the features of small sets, then only their sums: the mean and the
+    covariance equal fid.statistics of all the features at once."""
+    from cfm_jax import fid
+
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((40, 6)).astype(np.float32) + 3.0
+    small, large = evaluation.FeatureStats(keep=64), evaluation.FeatureStats(keep=8)
+    for chunk in np.split(features, [5, 12, 30]):
+        small.add(chunk)
+        large.add(chunk)
+    mu, sigma = fid.statistics(features)
+    np.testing.assert_array_equal(small.reference()["features"], features)
+    assert "features" not in large.reference()
+    for ref in (small.reference(), large.reference()):
+        np.testing.assert_allclose(ref["mu"], mu, rtol=1e-12)
+        np.testing.assert_allclose(ref["sigma"], sigma, rtol=1e-10, atol=1e-12)
 
 
 def test_solver_specs_parse_and_label():

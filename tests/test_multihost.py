@@ -37,9 +37,10 @@ if {evaluate}:  # offline evaluation over every device of every process, SDE noi
     from cfm_jax.solvers import SolverSpec
     from cfm_jax.upsampler import CFMUpsampler
     ups, mesh = CFMUpsampler(c), sharding.make_data_mesh()
-    _, batches = make_data(c, ups.first_stage, n_devices=mesh.devices.size, train=False)
-    ev = evaluation.Evaluator(ups, checkpointing.read_params({workdir!r}), batches, mesh, seed=3)
-    r, _ = ev.evaluate(SolverSpec(method="sde_euler", num_steps=3))
+    _, val_set = make_data(c, ups.first_stage, n_devices=mesh.devices.size, train=False)
+    ev = evaluation.Evaluator(ups, val_set, mesh, seed=3)
+    (r,), _ = ev.run(checkpointing.read_params({workdir!r}), [SolverSpec(method="sde_euler", num_steps=3)],
+                     baselines=False)
     scores = [r.psnr, r.ssim, r.mse, r.nfe, ev.num_images]
 print("SUMMARY", json.dumps({{"final": s["final_step"], "start": s["start_step"], "pid": jax.process_index(),
                              "eval": scores}}))

@@ -14,4 +14,6 @@ Modules (imported explicitly, this package imports nothing heavy on its own):
 * :mod:`cfm_jax.data.photos` -- deterministic random crops of the real photos that
   ship with scikit-image (quick start / tests), plus the resampling helpers
   ``downsample``, ``upsample_bilinear``, ``upsample_bicubic``.
+* :mod:`cfm_jax.data.eval_data` -- evaluation sets read batch by batch (records, image
+  folders, the bundled photos) for validation and ``eval.py``.
 """

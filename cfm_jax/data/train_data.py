@@ -8,7 +8,8 @@
   each process reading its own shard of the records. The loader's iterator is saved
   in every checkpoint (orbax item ``data``), so a resumed run continues with exactly
   the batches an uninterrupted run would have seen. Validation reads the first
-  ``data.num_val_images`` records of split ``data.val_split`` in order.
+  ``data.num_val_images`` records of split ``data.val_split`` in order, batch by batch
+  (:mod:`cfm_jax.data.eval_data`).
   With ``data.prepare_photos=True`` a missing dataset is first prepared from the photos
   bundled with scikit-image (pixel space; see :func:`ensure_photo_records`): this is the
   quick start's path.
@@ -30,7 +31,7 @@ import os
 import jax
 import numpy as np
 
-from cfm_jax.data import photos
+from cfm_jax.data import eval_data, photos
 
 log = logging.getLogger(__name__)
 
@@ -200,39 +201,15 @@ def check_records(path: str, config, first_stage) -> dict:
     return meta
 
 
-def _record_val_batches(path: str, split: str, num_images: int, batch_size: int, n_devices: int) -> list[dict]:
-    from cfm_jax.data import pipeline, records
-
-    available = len(records.data_source(path, split))
-    n = min(num_images, available)
-    n -= n % n_devices
-    if n == 0:
-        raise ValueError(f"Split {split!r} of {path} has {available} records; validation needs at least "
-                         f"{n_devices} (one per device).")
-    if n < num_images:
-        log.warning("Validation uses %d records: split %r has %d (data.num_val_images=%d).", n, split,
-                    available, num_images)
-    bs = min(batch_size, n)
-    bs -= bs % n_devices
-    loader = pipeline.make_record_loader(path, split=split, batch_size=bs, shuffle=False, num_epochs=1,
-                                         process_index=0, process_count=1, drop_remainder=False)
-    batches, seen = [], 0
-    for batch in loader:
-        take = min(len(batch["image"]), n - seen)
-        take -= take % n_devices
-        if take <= 0:
-            break
-        batches.append({k: v[:take] for k, v in batch.items()})
-        seen += take
-    return batches
-
-
 # --------------------------------------------------------------------------- both
 def make_data(config, first_stage, *, n_devices: int | None = None, train: bool = True
-              ) -> tuple[TrainData | None, list[dict]]:
-    """``(train_data, validation_batches)`` for ``config.data`` (``train=False``: validation only).
+              ) -> tuple[TrainData | None, eval_data.EvalSet | None]:
+    """``(train_data, validation_set)`` for ``config.data`` (``train=False``: validation only).
 
-    Validation batches are host numpy dicts, the same on every process."""
+    The validation set (:class:`cfm_jax.data.eval_data.EvalSet`, read batch by batch) is
+    ``data.num_val_images`` images of the validation split in batches of
+    ``min(data.batch_size, data.num_val_images)``; ``None`` when ``data.val_split`` is empty
+    and ``train.eval_every`` is 0."""
     d = config.data
     n_devices = jax.device_count() if n_devices is None else n_devices
     n_proc = jax.process_count()
@@ -247,9 +224,9 @@ def make_data(config, first_stage, *, n_devices: int | None = None, train: bool 
                                       batch_size=d.batch_size, seed=config.seed)
             train_data = PhotoTrainData(crops, has_latents=first_stage.name == "identity",
                                         process_index=jax.process_index(), process_count=n_proc)
-        val = photos.PhotoCrops("validation", image_size=d.image_size, lowres_size=d.lowres_size,
-                                batch_size=val_bs, seed=12345)
-        return train_data, [val.batch_at(i) for i in range(max(1, d.num_val_images // val_bs))]
+        val = eval_data.photo_set(image_size=d.image_size, lowres_size=d.lowres_size, num_images=d.num_val_images,
+                                  batch_size=val_bs, with_latents=first_stage.name == "identity")
+        return train_data, val
     if d.name != "records":
         raise ValueError(f"data.name={d.name!r}: choose 'records' (prepared latent records at data.path) or "
                          "'photos' (crops of the bundled photos drawn on the fly).")
@@ -272,14 +249,15 @@ def make_data(config, first_stage, *, n_devices: int | None = None, train: bool 
             num_epochs=None, flip=d.flip, worker_count=d.worker_count, worker_buffer_size=d.worker_buffer_size,
             with_pixels=False)  # the train step reads only the latents
         train_data = RecordTrainData(loader)
-    val_batches: list[dict] = []
+    val = None
     if d.val_split:
         _check_split(path, d.val_split)
-        val_batches = _record_val_batches(path, d.val_split, d.num_val_images, val_bs, n_devices)
+        val = eval_data.record_set(path, d.val_split, num_images=d.num_val_images, batch_size=val_bs,
+                                   n_devices=n_devices)
     elif config.train.eval_every > 0 or not train:
         raise ValueError("data.val_split is empty: there is nothing to validate on. Prepare a validation split "
                          "(python -m cfm_jax.data.prepare --split validation ...) or set train.eval_every=0.")
-    return train_data, val_batches
+    return train_data, val
 
 
 def _check_split(path: str, split: str) -> None:
