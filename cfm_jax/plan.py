@@ -81,7 +81,7 @@ CHIPS = {
 }
 _GENERATIONS = {"v4": 3, "v5e": 2, "v5litepod": 2, "v5p": 3, "v6e": 2}
 # chips -> torus shape of the usual slices
-_SHAPES_2D = {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 _SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
               512: "8x8x8"}
 
@@ -139,6 +139,9 @@ def tpu_devices(topology: str) -> list:
     from jax.experimental import topologies
 
     kwargs = {"chip_config_name": "megacore"} if name.startswith("v4:") else {}
+    dims = [int(d) for d in name.split(":")[1].split("x")]
+    if len(dims) == 2 and math.prod(dims) < 4:  # a single-chip host (v5e:1x1): libtpu assumes 2x2 hosts
+        kwargs["chips_per_host_bounds"] = (dims[0], dims[1], 1)
     try:
         devices = list(topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs).devices)
     except Exception as e:  # libtpu rejects the topology

@@ -1,8 +1,8 @@
 """The compile-only TPU planner (cfm_jax/plan.py), with the real TPU compiler from libtpu.
 
 No TPU is needed: libtpu compiles for a topology's compile-only devices on this CPU machine.
-A tiny config is planned for v5e:2x2 (4 chips; v5e:1x1 is refused by libtpu's host bounds),
-and the plan's numbers are compared with ``memory_analysis()`` of programs compiled here.
+A tiny config compiles for one v5e chip (v5e:1x1) and is planned for v5e:2x2 (4 chips, to
+exercise the sharding); the plan's numbers are compared with ``memory_analysis()`` of programs compiled here.
 """
 import dataclasses
 import json
@@ -34,7 +34,7 @@ def tiny_config():
 
 @pytest.mark.parametrize("text, expected", [
     ("v5e:4x4", "v5e:4x4"), ("v4-8", "v4:2x2x1"), ("v4-32", "v4:2x2x4"), ("v5litepod-16", "v5e:4x4"),
-    ("v5e-64", "v5e:8x8"), ("v5p-8", "v5p:2x2x1"), ("v6e-16", "v6e:4x4"), ("v4:2x2x1", "v4:2x2x1"),
+    ("v5e-64", "v5e:8x8"), ("v5litepod-1", "v5e:1x1"), ("v5p-8", "v5p:2x2x1"), ("v6e-16", "v6e:4x4"), ("v4:2x2x1", "v4:2x2x1"),
 ])
 def test_topology_names(text, expected):
     assert plan_lib.topology_name(text) == expected
@@ -47,9 +47,19 @@ def test_unknown_topologies_are_usage_errors(text):
 
 
 def test_devices_are_chips_with_known_figures():
-    for topo, chips, kind in (("v4-8", 4, "TPU v4"), ("v5e:2x2", 4, "TPU v5 lite"), ("v5p-8", 4, "TPU v5")):
+    for topo, chips, kind in (("v4-8", 4, "TPU v4"), ("v5e:2x2", 4, "TPU v5 lite"), ("v5p-8", 4, "TPU v5"),
+                              ("v5litepod-1", 1, "TPU v5 lite")):
         devices = plan_lib.tpu_devices(topo)
         assert len(devices) == chips and devices[0].device_kind == kind  # v4 in megacore mode: 1 device/chip
+
+
+def test_the_smallest_topology_one_chip_compiles():
+    """v5e:1x1, a single chip: the tiny config's sampler compiles and reports its memory."""
+    config = tiny_config()
+    config.data.batch_size = 2
+    compiled = plan_lib.lower_program("sample", config, plan_lib.tpu_devices("v5e:1x1"))[0].compile()
+    r = plan_lib.analyse(compiled, plan_lib.CHIPS["TPU v5 lite"], {"per_chip_batch": 2, "loop": None})
+    assert r["fits"] and 0 < r["peak_bytes"] < 2 ** 30 and r["collective_bytes"] == 0  # one chip talks to nobody
 
 
 def test_collective_bytes_of_hlo():
