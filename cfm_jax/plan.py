@@ -546,11 +546,17 @@ def _short(r: dict) -> str:
             + (", cached" if r.get("cached") else f", compiled in {r['compile_seconds']:.0f} s"))
 
 
+TIE = 0.02  # estimates within 2 % of the best count as equal: the estimate is no finer than that
+
+
 def _best(tried: list[tuple[Layout, dict]]) -> tuple[Layout, dict] | None:
+    """The fastest layout that fits; among those within ``TIE`` of it, the first tried (the
+    config as given comes first, then fewer changes), so a layout is changed only for a gain."""
     fitting = [(l, r) for l, r in tried if r.get("fits") and r.get("predicted_examples_per_s_per_chip")]
     if not fitting:
         return None
-    return max(fitting, key=lambda lr: lr[1]["predicted_examples_per_s_per_chip"])
+    top = max(r["predicted_examples_per_s_per_chip"] for _, r in fitting)
+    return next((l, r) for l, r in fitting if r["predicted_examples_per_s_per_chip"] >= (1 - TIE) * top)
 
 
 def plan(config, topology: str, *, programs=PROGRAMS, search: int = 4, cache_dir: str | None = None,

@@ -205,3 +205,16 @@ def test_search_grows_the_per_chip_batch_while_it_fits():
     sizes = [l.batch_size for l, _ in tried]
     assert sizes == [8, 8, 16, 32, 64]  # base, the other fsdp split, 4/chip, 8/chip, 16/chip (no fit)
     assert [r["fits"] for _, r in tried] == [True, True, True, True, False]
+
+
+def test_the_recommendation_changes_the_layout_only_for_a_real_gain():
+    base = plan_lib.Layout(data=4, fsdp=1, remat="none", param_dtype="float32", grad_accum=1, batch_size=64)
+    fsdp = dataclasses.replace(base, data=1, fsdp=4)
+    big = dataclasses.replace(base, batch_size=128)
+
+    def r(rate, fits=True):
+        return {"fits": fits, "predicted_examples_per_s_per_chip": rate}
+    # measured on a v4-8 at 256² latents: 51.07 (as given), 51.08 (FSDP), 49.3 (batch 128)
+    assert plan_lib._best([(base, r(51.07)), (fsdp, r(51.08)), (big, r(49.3))])[0] == base
+    assert plan_lib._best([(base, r(40.0)), (fsdp, r(51.08)), (big, r(49.3))])[0] == fsdp
+    assert plan_lib._best([(base, r(60.0, fits=False)), (fsdp, r(51.08))])[0] == fsdp
