@@ -8,8 +8,14 @@ At each update with counter ``step`` (the number of earlier updates):
 * ``step <= update_after_step``: the EMA is a copy of the online weights, and so is
   the first update after that (ema-pytorch's ``initted`` flag);
 * otherwise ``decay = clamp(1 - (1 + e / inv_gamma) ** -power, min_value, beta)``
-  with ``e = step - update_after_step - 1`` (``decay = 0`` when ``e <= 0``) and
+  with ``e = step - update_after_step`` (``decay = 0`` when ``e <= 0``) and
   ``ema <- ema + (1 - decay) * (online - ema)``.
+
+  ema-pytorch's ``get_current_decay()`` reads ``self.step - update_after_step - 1``, but
+  ``update()`` has already incremented ``self.step`` when it calls it, so in terms of the
+  counter *before* the update the ``- 1`` cancels. (An earlier version of this module kept
+  the ``- 1``, one update behind the original; tests/test_ema.py now checks values recorded
+  by running the original's ``fmboost/ema.py``.)
 
 A timing detail that parity depends on: the original calls ``ema.update()``
 inside Lightning's ``training_step``, i.e. *before* that step's optimizer update,
@@ -48,7 +54,7 @@ class EMAConfig:
 
 def ema_decay(step: jax.Array, cfg: EMAConfig) -> jax.Array:
     """The decay used by the update with counter ``step`` once past ``update_after_step``."""
-    e = jnp.maximum(jnp.asarray(step, jnp.float32) - cfg.update_after_step - 1, 0.0)
+    e = jnp.maximum(jnp.asarray(step, jnp.float32) - cfg.update_after_step, 0.0)
     value = jnp.clip(1.0 - (1.0 + e / cfg.inv_gamma) ** -cfg.power, cfg.min_value, cfg.beta)
     return jnp.where(e <= 0, 0.0, value)
 
