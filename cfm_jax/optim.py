@@ -21,7 +21,11 @@ SCHEDULES = ("constant", "cosine")
 
 def learning_rate_schedule(cfg) -> optax.Schedule:
     """``cfg``: ``lr``, ``schedule`` ('constant' | 'cosine'), ``warmup_steps``, ``total_steps``
-    (cosine only), ``min_lr_ratio`` (cosine floor as a fraction of ``lr``)."""
+    (cosine only), ``min_lr_ratio`` (cosine floor as a fraction of ``lr``), ``num_cycles`` (cosine
+    waves over the decay, the original's ``get_cosine_schedule_with_warmup``; 0.5 = one half-cosine).
+
+    Past ``total_steps`` the cosine holds its end value; the original's keeps following the
+    cosine (for ``num_cycles=0.5`` it rises again), see docs/differences.md."""
     lr, warmup = float(cfg.lr), int(cfg.warmup_steps)
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"optim.schedule={cfg.schedule!r} is unknown; choose one of {SCHEDULES}.")
@@ -32,6 +36,9 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
         raise ValueError(f"optim.schedule='cosine' needs optim.total_steps ({total}) > "
                          f"optim.warmup_steps ({warmup}).")
     floor = float(cfg.min_lr_ratio)
+    cycles = float(cfg.get("num_cycles", 0.5))  # absent from the config.json of older runs
+    if cycles <= 0:
+        raise ValueError(f"optim.num_cycles must be > 0, got {cycles}.")
 
     def schedule(count):
         k = jnp.asarray(count, jnp.float32)
@@ -39,7 +46,7 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
         if cfg.schedule == "constant":
             return lr * warm
         progress = jnp.clip((k + 1.0 - warmup) / (total - warmup), 0.0, 1.0)
-        cosine = floor + (1.0 - floor) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+        cosine = floor + (1.0 - floor) * 0.5 * (1.0 + jnp.cos(2.0 * math.pi * cycles * progress))
         return lr * jnp.where(k + 1.0 < warmup, warm, cosine)
 
     return schedule

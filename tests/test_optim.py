@@ -33,6 +33,29 @@ def test_cosine_schedule_end_points():
         learning_rate_schedule(optim_cfg(schedule="cosine", total_steps=0))
 
 
+# lr of update k (lambda(k + 1), the scheduler being stepped before each update) of the original's
+# get_cosine_schedule_with_warmup(num_warmup_steps=3, num_training_steps=15, num_cycles=C), base lr 2.0,
+# recorded by running CompVis/fm-boosting@8f38bd3 fmboost/lr_schedulers.py (torch 2.13.0).
+ORIGINAL_COSINE_LR = {
+    0.5: [0.6666666666666666, 1.3333333333333333, 2.0, 1.9659258262890682, 1.8660254037844388,
+          1.7071067811865475, 1.5, 1.2588190451025207, 1.0, 0.7411809548974791, 0.5000000000000002,
+          0.29289321881345254, 0.1339745962155613, 0.0340741737109318, 0.0],
+    1.5: [0.6666666666666666, 1.3333333333333333, 2.0, 1.7071067811865475, 1.0, 0.29289321881345254,
+          0.0, 0.2928932188134523, 0.9999999999999998, 1.7071067811865475, 2.0, 1.7071067811865477,
+          1.0000000000000002, 0.2928932188134533, 0.0],
+}
+
+
+@pytest.mark.parametrize("cycles", sorted(ORIGINAL_COSINE_LR))
+def test_cosine_num_cycles_matches_original(cycles):
+    sched = learning_rate_schedule(optim_cfg(lr=2.0, warmup_steps=3, schedule="cosine", total_steps=15,
+                                             num_cycles=cycles))
+    got = [float(sched(k)) for k in range(15)]
+    np.testing.assert_allclose(got, ORIGINAL_COSINE_LR[cycles], rtol=1e-5, atol=2e-6)
+    with pytest.raises(ValueError, match="num_cycles"):
+        learning_rate_schedule(optim_cfg(schedule="cosine", warmup_steps=0, total_steps=10, num_cycles=0))
+
+
 @pytest.mark.parametrize("name", ["adam", "adamw"])
 def test_adam_matches_torch(name):
     wd, lr = 0.1, 0.05
