@@ -21,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="bfloat16",        # compute dtype; params stay in param_dtype
         param_dtype="float32",   # 'bfloat16' halves parameter, Adam-state and EMA memory
         remat="none",            # rematerialise blocks in the backward pass: none | full | save_matmuls
+        init="torch",            # torch: PyTorch's default init, as the original trains from | flax
     ))
 
     # Device mesh (cfm_jax/sharding.py): the batch is split over data x fsdp devices, the
@@ -64,6 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
         worker_buffer_size=2,  # records: batches each worker prepares ahead
         image_size=64,        # high-res crop, pixels
         lowres_size=32,       # low-res image, pixels
+        lowres_filter="box",  # how the low-res image is made: box (area average) | bilinear (the
+                              # original's F.interpolate, no antialiasing); equal at x2
         batch_size=16,        # global batch (all devices) per optimizer update
         num_val_images=16,    # validation crops (fixed set, held-out photos)
     ))
@@ -72,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(dict(
         name="adam", lr=3e-5, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
         schedule="constant", warmup_steps=1000, total_steps=0, min_lr_ratio=0.0,
+        num_cycles=0.5,       # cosine: waves over total_steps (0.5: one half-cosine down), as the original
         grad_clip_norm=0.0,   # 0: no clipping
         grad_accum_steps=1,   # micro-batches per optimizer update
     ))
