@@ -5,7 +5,9 @@
 
 Any config leaf can be overridden with ``--config.section.key=value``; unknown keys
 are rejected. Re-running with the same ``--workdir`` resumes from its newest
-checkpoint; ``--load_weights=PATH`` starts a new run from another run's weights.
+checkpoint, or from ``--resume_checkpoint=STEP|PATH``; ``--load_weights=PATH`` starts a new run from
+another run's (or an original fm-boosting ``.ckpt``'s) weights. SIGTERM, SIGINT and SIGUSR1 (SLURM's
+``--signal=USR1@90``) save a checkpoint at the next step boundary and stop.
 """
 import logging
 import os
@@ -26,8 +28,14 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the r
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (or JAX_PROCESS_ID).")
 _DIST_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for all processes to join, "
                                      "and at barriers, before failing.")
-_LOAD_WEIGHTS = flags.DEFINE_string("load_weights", None, "Start from the (EMA) weights of this checkpoint "
-                                    "(a work directory or checkpoint folder), non-strictly.")
+_LOAD_WEIGHTS = flags.DEFINE_string("load_weights", None, "Start a new run from the weights of this checkpoint "
+                                    "(a work directory, checkpoint folder or an original fm-boosting .ckpt), "
+                                    "non-strictly: online weights, EMA weights and the EMA's counter; a fresh "
+                                    "optimizer at step 0.")
+_RESUME = flags.DEFINE_string("resume_checkpoint", None, "Resume from this checkpoint instead of the work "
+                              "directory's newest: a step of --workdir (e.g. 20000) or a path (a step folder "
+                              ".../checkpoints/<step>, or another run's work directory into a fresh --workdir). "
+                              "Newer checkpoints of --workdir are moved to superseded_checkpoints/.")
 
 
 def main(argv):
@@ -49,7 +57,7 @@ def main(argv):
     workdir = _WORKDIR.value or os.path.join(
         "runs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
     try:
-        summary = train(config, workdir, load_weights=_LOAD_WEIGHTS.value)
+        summary = train(config, workdir, load_weights=_LOAD_WEIGHTS.value, resume=_RESUME.value)
     except TrainingDiverged as e:
         print(f"\nTraining stopped: {e}", file=sys.stderr)
         sys.exit(1)

@@ -27,11 +27,54 @@ def checkpoint_dir(workdir: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def make_manager(workdir: str, *, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+def make_manager(workdir: str, *, keep: int = 3, read_only: bool = False,
+                 directory: str | None = None) -> ocp.CheckpointManager:
+    """The manager of ``<workdir>/checkpoints`` (or of the checkpoints folder ``directory``)."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None, save_interval_steps=1, create=not read_only,
-        read_only=read_only, enable_async_checkpointing=False, cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+        read_only=read_only, enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
+    return ocp.CheckpointManager(directory or checkpoint_dir(workdir), options=options, item_names=ITEMS)
+
+
+def complete_steps(directory: str) -> list[int]:
+    """The steps of the complete checkpoints (``<step>/state`` present) in a checkpoints folder."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(d) for d in os.listdir(directory)
+                  if d.isdigit() and os.path.isdir(os.path.join(directory, d, "state")))
+
+
+def locate(path: str, step: int | None = None) -> tuple[str, int]:
+    """``(checkpoints folder, step)`` for ``path``: a work directory, its ``checkpoints`` folder
+    (the newest complete step, or ``step``) or one step folder ``.../checkpoints/<step>``."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    if os.path.isdir(os.path.join(path, "state")):  # a step folder
+        name = os.path.basename(path.rstrip(os.sep))
+        if not name.isdigit():
+            raise FileNotFoundError(f"{path} holds a 'state' folder but is not named after its step "
+                                    "(expected .../checkpoints/<step>).")
+        if step is not None and step != int(name):
+            raise ValueError(f"{path} is the checkpoint of step {name}, not {step}.")
+        return os.path.dirname(path.rstrip(os.sep)), int(name)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"No checkpoint directory at {path}.")
+    steps = complete_steps(path)
+    if not steps:
+        raise FileNotFoundError(f"No complete checkpoint in {path}.")
+    chosen = steps[-1] if step is None else step
+    if chosen not in steps:
+        raise FileNotFoundError(f"No checkpoint for step {chosen} in {path}; available: {steps}.")
+    return path, chosen
+
+
+def saved_state_keys(directory: str, step: int) -> set[str]:
+    """The top-level keys of the train state saved at ``step`` (e.g. to detect older layouts)."""
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(os.path.join(directory, str(step), "state"))
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    return set(tree)
 
 
 ITEMS = ("state", "meta", "data")
@@ -80,37 +123,41 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
     return out["state"], out["meta"]
 
 
-def read_params(path: str, *, use_ema: bool = True, step: int | None = None) -> dict:
-    """Reads the (EMA) parameters of a checkpoint as host numpy arrays, no target needed.
-
-    ``path`` is a work directory, its ``checkpoints`` folder, or one step folder.
-    """
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    if os.path.isdir(os.path.join(path, "state")):  # a step folder
-        state_dir = os.path.join(path, "state")
-    else:
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"No checkpoint directory at {path}.")
-        steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()
-                       and os.path.isdir(os.path.join(path, d, "state")))
-        if not steps:
-            raise FileNotFoundError(f"No complete checkpoint in {path}.")
-        chosen = steps[-1] if step is None else step
-        if chosen not in steps:
-            raise FileNotFoundError(f"No checkpoint for step {chosen} in {path}; available: {steps}.")
-        state_dir = os.path.join(path, str(chosen), "state")
+def _read_state_tree(path: str, step: int | None) -> tuple[dict, str]:
+    directory, chosen = locate(path, step)
+    state_dir = os.path.join(directory, str(chosen), "state")
     with ocp.PyTreeCheckpointer() as ckptr:
         # restore as host numpy arrays: works whatever devices or mesh wrote the checkpoint
         meta = ckptr.metadata(state_dir)
         structure = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), structure)
         tree = ckptr.restore(state_dir, restore_args=args)
+    return tree, state_dir
+
+
+def read_params(path: str, *, use_ema: bool = True, step: int | None = None) -> dict:
+    """Reads the (EMA) parameters of a checkpoint as host numpy arrays, no target needed.
+
+    ``path`` is a work directory, its ``checkpoints`` folder, or one step folder.
+    """
+    tree, state_dir = _read_state_tree(path, step)
     key = "ema_params" if use_ema else "params"
     if key not in tree:
         raise ValueError(f"{state_dir} holds no '{key}'; is it a cfm-jax train state?")
     return jax.tree.map(np.asarray, tree[key])
+
+
+def read_weights(path: str, *, step: int | None = None) -> tuple[dict, dict, int]:
+    """``(params, ema_params, ema_step)`` of a checkpoint as host arrays (see :func:`read_params`).
+
+    ``ema_step`` is the EMA's update counter: the state's ``ema_step``, or its ``step`` for
+    checkpoints written before the EMA had its own counter (the two were equal then)."""
+    tree, state_dir = _read_state_tree(path, step)
+    if "params" not in tree or "ema_params" not in tree:
+        raise ValueError(f"{state_dir} holds no 'params' and 'ema_params'; is it a cfm-jax train state?")
+    ema_step = tree.get("ema_step", tree.get("step", 0))
+    return (jax.tree.map(np.asarray, tree["params"]), jax.tree.map(np.asarray, tree["ema_params"]),
+            int(np.asarray(ema_step)))
 
 
 def merge_weights(target: dict, source: dict) -> tuple[dict, list[str], list[str], list[str]]:

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -53,6 +54,10 @@ class TrainState:
     opt_state: Any
     ema_params: Any
     rng: jax.Array  # uint32 [2], folded with the step for each update
+    # int32 [], the EMA's own update counter (ema-pytorch's ``step`` buffer): equal to ``step`` in a
+    # run trained from scratch; ``--load_weights`` of a checkpoint continues the checkpoint's counter
+    # while ``step`` starts again at 0, as the original's --load_weights does.
+    ema_step: jax.Array
 
 
 def _init_state(upsampler: CFMUpsampler, tx: optax.GradientTransformation, rng: jax.Array,
@@ -60,7 +65,8 @@ def _init_state(upsampler: CFMUpsampler, tx: optax.GradientTransformation, rng: 
     init_rng, state_rng = jax.random.split(rng)
     params = upsampler.init(init_rng, latent_size)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema_params=jax.tree.map(jnp.copy, params), rng=state_rng)
+                      ema_params=jax.tree.map(jnp.copy, params), rng=state_rng,
+                      ema_step=jnp.zeros((), jnp.int32))
 
 
 def _state_shapes(upsampler, tx, latent_size: int) -> TrainState:
@@ -142,8 +148,8 @@ def make_train_step(upsampler: CFMUpsampler, tx: optax.GradientTransformation,
             loss = loss_sum / grad_accum_steps
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        # EMA from the pre-update weights, counter = updates done (the original's order).
-        ema_params = ema_update(state.ema_params, state.params, state.step, ema_cfg)
+        # EMA from the pre-update weights with the EMA's counter before this update (the original's order).
+        ema_params = ema_update(state.ema_params, state.params, state.ema_step, ema_cfg)
         metrics = {
             "loss": loss,
             "grad_norm": optax.tree.norm(grads),
@@ -152,7 +158,7 @@ def make_train_step(upsampler: CFMUpsampler, tx: optax.GradientTransformation,
             "lr": schedule(state.step),
         }
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  ema_params=ema_params)
+                                  ema_params=ema_params, ema_step=state.ema_step + 1)
         return new_state, metrics
 
     rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
@@ -197,15 +203,21 @@ def batch_preparer(upsampler: CFMUpsampler, has_latents: bool = False):
     return upsampler.make_latents_fn()
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
 class _StopSignal:
-    """Turns SIGTERM/SIGINT into a flag checked at step boundaries (save, then exit)."""
+    """Turns SIGTERM/SIGINT/SIGUSR1 into a flag checked at step boundaries (save, then exit).
+
+    SIGUSR1 is what SLURM sends with ``--signal=USR1@<seconds>`` before a job's time limit; the
+    original saves ``interrupted.ckpt`` on it."""
 
     def __init__(self):
         self.received = None
         self._old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
@@ -243,8 +255,20 @@ def _host_metrics(metrics: list[dict]) -> list[dict]:
     return [{k: float(v) for k, v in m.items()} for m in jax.device_get(metrics)]
 
 
-def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
-    """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint). Returns a summary."""
+def train(config, workdir: str, *, load_weights: str | None = None, resume: str | None = None) -> dict:
+    """Trains ``config`` in ``workdir``; returns a summary.
+
+    By default a run resumes from the newest checkpoint of ``workdir``. ``resume`` picks another
+    checkpoint to resume from (the whole state: weights, optimizer, EMA, data position): a step
+    of ``workdir`` (``"20000"``), or a path (a step folder ``.../checkpoints/<step>``, a
+    checkpoints folder or another run's work directory, whose newest step is taken) -- the
+    original's ``--resume_checkpoint``. Checkpoints of ``workdir`` newer than the chosen step
+    are moved to ``workdir/superseded_checkpoints/`` (kept, not deleted). ``load_weights`` starts
+    a fresh run from another checkpoint's weights (see :func:`_load_weights`).
+    """
+    if resume is not None and load_weights:
+        raise ValueError("--resume_checkpoint and --load_weights exclude each other: resume continues a run "
+                         "(optimizer, EMA, data position); --load_weights starts a new one from weights.")
     # Everything that can reject the config runs before anything is written to workdir.
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.data.batch_size, mesh)
@@ -258,6 +282,7 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
     solver = SolverSpec.from_config(config.sample)  # the validation sampler (ODE or SDE) exists
     train_data, val_set = make_data(config, upsampler.first_stage, n_devices=mesh.devices.size)
     validator = make_validator(config, upsampler, val_set, mesh)
+    resume_from = _resume_source(resume, workdir) if resume is not None else None
 
     wd = epath.Path(workdir)  # a local folder or a bucket URL (gs://...)
     remote = "://" in str(workdir)
@@ -271,8 +296,16 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
     if remote and is_main:
         _fetch_logs(wd, log_dir)
 
+    if resume_from is not None and is_main:
+        _supersede_newer(workdir, resume_from)
+    distributed.barrier("cfm_jax.train.resume")
     manager = checkpointing.make_manager(workdir, keep=config.train.keep_checkpoints)
     start_step = manager.latest_step()
+    source = manager
+    if resume_from is not None:
+        start_step = resume_from[1]
+        if resume_from[0] != checkpointing.checkpoint_dir(workdir):
+            source = checkpointing.make_manager(None, read_only=True, directory=resume_from[0])
     fsdp_min = config.mesh.fsdp_min_size
     abstract = abstract_train_state(upsampler, tx, latent_size, mesh, fsdp_min)
     state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
@@ -282,14 +315,17 @@ def train(config, workdir: str, *, load_weights: str | None = None) -> dict:
              jax.process_count(), layout["bytes"] / 2**20, layout["bytes_per_device"] / 2**20,
              layout["sharded_leaves"], layout["replicated_leaves"])
     if start_step is not None:
-        state, _ = checkpointing.restore(manager, abstract)
+        state = _restore_state(source, abstract, start_step)
         if train_data.restore_arg() is not None:
-            if checkpointing.has_item(manager, start_step, "data"):
-                checkpointing.restore_data(manager, start_step, train_data.restore_arg())
+            if checkpointing.has_item(source, start_step, "data"):
+                checkpointing.restore_data(source, start_step, train_data.restore_arg())
             else:
                 log.warning("Checkpoint %d holds no data iterator (saved by a run on another data source?): "
                             "the records are read from the start of a new epoch order.", start_step)
-        log.info("Resumed from %s at step %d.", checkpointing.checkpoint_dir(workdir), int(state.step))
+        log.info("Resumed from %s at step %d.", os.path.join(str(source.directory), str(start_step)),
+                 int(state.step))
+        if source is not manager:
+            source.close()
         if load_weights:
             log.warning("--load_weights ignored: the work directory already has checkpoints (resuming).")
     else:
@@ -461,24 +497,78 @@ def _push_logs(log_dir: str, wd) -> None:
         dst.write_bytes(src.read_bytes())
 
 
+def _resume_source(resume: str, workdir: str) -> tuple[str, int]:
+    """``(checkpoints folder, step)`` named by ``--resume_checkpoint`` (see :func:`train`)."""
+    own = checkpointing.checkpoint_dir(workdir)
+    text = str(resume).strip()
+    if text.isdigit():
+        steps = checkpointing.complete_steps(own)
+        if int(text) not in steps:
+            raise FileNotFoundError(f"--resume_checkpoint={text}: no complete checkpoint of step {text} in {own}; "
+                                    f"available: {steps or 'none'}.")
+        return own, int(text)
+    directory, step = checkpointing.locate(text)
+    if directory != own and checkpointing.complete_steps(own):
+        raise ValueError(f"--resume_checkpoint={text} is another run's checkpoint, but {workdir} already has "
+                         f"checkpoints {checkpointing.complete_steps(own)}: resume into a fresh --workdir, or "
+                         "give a step of this one (--resume_checkpoint=STEP).")
+    return directory, step
+
+
+def _supersede_newer(workdir: str, resume_from: tuple[str, int]) -> None:
+    """Moves this run's checkpoints newer than the step it resumes from out of the way (into
+    ``superseded_checkpoints/``), so that the resumed run can save those steps again."""
+    own = checkpointing.checkpoint_dir(workdir)
+    if resume_from[0] != own:
+        return
+    newer = [s for s in checkpointing.complete_steps(own) if s > resume_from[1]]
+    if not newer:
+        return
+    aside = os.path.join(str(workdir), "superseded_checkpoints")
+    os.makedirs(aside, exist_ok=True)
+    for s in newer:
+        dst, n = os.path.join(aside, str(s)), 1
+        while os.path.exists(dst):
+            dst, n = os.path.join(aside, f"{s}.{n}"), n + 1
+        os.rename(os.path.join(own, str(s)), dst)
+    log.warning("Resuming from step %d: moved the newer checkpoints %s to %s.", resume_from[1], newer, aside)
+
+
+def _restore_state(manager, abstract: TrainState, step: int) -> TrainState:
+    """The train state of checkpoint ``step``; checkpoints written before the EMA had its own
+    counter (no ``ema_step``) restore with ``ema_step = step``, which is what it was then."""
+    keys = checkpointing.saved_state_keys(str(manager.directory), step)
+    if "ema_step" in keys:
+        return checkpointing.restore(manager, abstract, step)[0]
+    fields = [f.name for f in dataclasses.fields(TrainState) if f.name != "ema_step"]
+    tree, _ = checkpointing.restore(manager, {k: getattr(abstract, k) for k in fields}, step)
+    return TrainState(**tree, ema_step=jnp.copy(tree["step"]))  # a buffer of its own (donated)
+
+
 def _load_weights(state: TrainState, path: str, mesh) -> TrainState:
-    """Non-strict weights-only start (``--load_weights``): the EMA weights of a cfm-jax run or
-    checkpoint folder, or of an original fm-boosting Lightning checkpoint file."""
+    """Non-strict weights-only start (``--load_weights``) from a cfm-jax run, checkpoints or step
+    folder, or an original fm-boosting Lightning checkpoint file, as the original's
+    ``--load_weights`` (``load_state_dict(strict=False)`` of the whole module): the online weights
+    go to ``params``, the EMA weights to ``ema_params``, and the EMA continues the checkpoint's
+    update counter (no new warm-up copy when it was past ``ema.update_after_step``). The
+    optimizer and the step count start afresh."""
     host_params = jax.device_get(state.params)
     if os.path.isfile(path):
-        from cfm_jax.convert.fmboost_checkpoint import params_from_fmboost
-        _, source = params_from_fmboost(path, host_params)
+        from cfm_jax.convert.fmboost_checkpoint import load_fmboost
+        online, ema, ema_step = load_fmboost(path, host_params)
     else:
-        source = checkpointing.read_params(path, use_ema=True)
-    params, loaded, missing, mismatched = checkpointing.merge_weights(host_params, source)
+        online, ema, ema_step = checkpointing.read_weights(path)
+    params, loaded, missing, mismatched = checkpointing.merge_weights(host_params, online)
     if not loaded:
         raise ValueError(f"--load_weights={path}: no parameter of the checkpoint matches this model "
                          f"(missing {len(missing)}, wrong shape {len(mismatched)}).")
+    ema_params, _, _, _ = checkpointing.merge_weights(params, ema)  # leaves it lacks: the loaded/init ones
     log.warning("--load_weights: loaded %d tensors, %d missing (kept at init), %d with another shape "
-                "(kept at init)%s", len(loaded), len(missing), len(mismatched),
-                (": " + "; ".join(mismatched[:5])) if mismatched else ".")
-    params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, state.params))
-    return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+                "(kept at init)%s The EMA continues at update counter %d.", len(loaded), len(missing),
+                len(mismatched), (": " + "; ".join(mismatched[:5]) + ".") if mismatched else ".", ema_step)
+    shardings = jax.tree.map(lambda a: a.sharding, state.params)
+    return state.replace(params=jax.device_put(params, shardings), ema_params=jax.device_put(ema_params, shardings),
+                         ema_step=jax.device_put(jnp.asarray(ema_step, jnp.int32), state.ema_step.sharding))
 
 
 __all__ = ["TrainState", "TrainingDiverged", "create_train_state", "make_train_step", "make_validator",

@@ -13,6 +13,7 @@ from cfm_jax import checkpointing
 from cfm_jax.convert.fmboost_checkpoint import params_from_fmboost
 from cfm_jax.convert.fmboost_unet import unet_params_to_torch
 from cfm_jax.convert.vae import vae_params_to_ldm
+from cfm_jax.ema import EMAConfig, ema_decay
 from cfm_jax.first_stage import load_autoencoder
 from cfm_jax.models.autoencoder import AutoencoderKL, abstract_params
 from cfm_jax.upsampler import build_unet
@@ -51,8 +52,8 @@ def test_fmboost_checkpoint_round_trip_and_outputs(quickstart_unet, tmp_path):
     out = str(tmp_path / "run")
     proc = run_cli("fmboost", "--src", ckpt, "--out", out, "--config", "configs/quickstart.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got_ema = checkpointing.read_params(out, use_ema=True)
-    got_online = checkpointing.read_params(out, use_ema=False)
+    got_online, got_ema, ema_step = checkpointing.read_weights(out)
+    assert ema_step == 1234  # the original's ema_model.step, kept for --load_weights
     jax.tree.map(np.testing.assert_array_equal, got_ema, ema)
     jax.tree.map(np.testing.assert_array_equal, got_online, online)
     # back to the original's naming and layout, exactly
@@ -92,9 +93,16 @@ def test_load_weights_accepts_an_original_checkpoint_file(quickstart_unet, tmp_p
     c.data.update(image_size=16, lowres_size=8, batch_size=2, num_val_images=2)
     c.train.update(num_steps=1, eval_every=0, checkpoint_every=1, log_every=1)
     c.logging.update(progress_bar=False, tensorboard=False)
+    c.optim.lr = 0.0  # the params stay the loaded online weights exactly
     train(c, str(tmp_path / "ft"), load_weights=ckpt)
-    # after one update the EMA is the warm-up copy of the loaded (EMA) weights
-    jax.tree.map(np.testing.assert_array_equal, checkpointing.read_params(str(tmp_path / "ft")), ema)
+    # as the original's --load_weights: online -> params, EMA -> EMA, and the EMA's counter (1234, past
+    # update_after_step=100) continues: one decayed update from the loaded EMA toward the online weights
+    params, ema_params, ema_step = checkpointing.read_weights(str(tmp_path / "ft"))
+    assert ema_step == 1235
+    jax.tree.map(np.testing.assert_array_equal, params, online)
+    decay = float(ema_decay(1234, EMAConfig.from_config(c.ema)))
+    expected = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, online)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), ema_params, expected)
 
 
 def test_vae_cli_converts_ldm_file(tmp_path):

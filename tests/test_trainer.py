@@ -15,7 +15,7 @@ import pytest
 
 from cfm_jax import checkpointing, sharding
 from cfm_jax.data import photos
-from cfm_jax.ema import EMAConfig
+from cfm_jax.ema import EMAConfig, ema_decay
 from cfm_jax.trainer import TrainingDiverged, create_train_state, make_train_step, train
 from cfm_jax.upsampler import CFMUpsampler
 from configs.quickstart import get_config
@@ -136,14 +136,71 @@ def check_gradient_accumulation(mesh, batch_size: int = 4, fsdp_min_size: int | 
     assert float(metrics["loss"]) == pytest.approx(loss_sum / 2, rel=1e-5)
 
 
-def test_load_weights_starts_from_other_runs_ema(straight_run, tmp_path):
+def test_load_weights_takes_online_ema_and_the_ema_counter(straight_run, tmp_path):
+    """As the original's --load_weights: online -> params, EMA -> EMA, the EMA's counter continues
+    (here 6 > update_after_step=2: a decayed update, no warm-up copy); step and optimizer restart."""
     workdir_a, _ = straight_run
+    online_a = checkpointing.read_params(workdir_a, use_ema=False)
     ema_a = checkpointing.read_params(workdir_a, use_ema=True)
     workdir_c = str(tmp_path / "finetune")
-    train(tiny_config(num_steps=1, checkpoint_every=1), workdir_c, load_weights=workdir_a)
-    # after one update the EMA (warm-up copy of the pre-update weights) equals the loaded weights
-    ema_c = checkpointing.read_params(workdir_c, use_ema=True)
-    jax.tree.map(np.testing.assert_array_equal, ema_a, ema_c)
+    c = tiny_config(num_steps=1, checkpoint_every=1)
+    c.optim.lr = 0.0  # the params stay the loaded online ones exactly
+    train(c, workdir_c, load_weights=workdir_a)
+    state = read_state(workdir_c, 1)
+    assert int(state["step"]) == 1 and int(state["ema_step"]) == 7
+    jax.tree.map(np.testing.assert_array_equal, state["params"], online_a)
+    decay = float(ema_decay(6, EMAConfig.from_config(c.ema)))
+    assert 0.0 < decay < 1.0
+    expected = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema_a, online_a)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), state["ema_params"], expected)
+
+
+def test_resume_from_an_explicit_step_or_path(straight_run, tmp_path):
+    import shutil
+    workdir_a, _ = straight_run
+    final_a = read_state(workdir_a, 6)
+    # another run's step folder into a fresh work directory (the original's --resume_checkpoint=PATH)
+    fresh = str(tmp_path / "from_path")
+    out = train(tiny_config(num_steps=6), fresh, resume=os.path.join(workdir_a, "checkpoints", "3"))
+    assert out["start_step"] == 3 and out["final_step"] == 6
+    jax.tree.map(np.testing.assert_array_equal, read_state(fresh, 6), final_a)
+    # a step of this run: the newer checkpoint is moved aside, kept, and the run redone from 3
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir_a, copy)
+    out = train(tiny_config(num_steps=6), copy, resume="3")
+    assert out["start_step"] == 3 and out["final_step"] == 6
+    assert os.path.isdir(os.path.join(copy, "superseded_checkpoints", "6", "state"))
+    jax.tree.map(np.testing.assert_array_equal, read_state(copy, 6), final_a)
+    # errors, before anything is written
+    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint of step 4 .*available: \[3, 6\]"):
+        train(tiny_config(num_steps=6), copy, resume="4")
+    with pytest.raises(ValueError, match="another run's checkpoint"):
+        train(tiny_config(num_steps=6), copy, resume=workdir_a)
+    with pytest.raises(ValueError, match="exclude each other"):
+        train(tiny_config(num_steps=6), copy, resume="3", load_weights=workdir_a)
+
+
+def test_checkpoint_without_an_ema_counter_resumes(straight_run, tmp_path):
+    """Checkpoints written before TrainState had ema_step restore with ema_step = step."""
+    workdir_a, _ = straight_run
+    legacy = read_state(workdir_a, 3)
+    assert int(legacy.pop("ema_step")) == 3
+    old = str(tmp_path / "old")
+    manager = checkpointing.make_manager(old)
+    checkpointing.save(manager, 3, legacy, {"step": 3})
+    manager.close()
+    out = train(tiny_config(num_steps=6), old)
+    assert out["start_step"] == 3
+    jax.tree.map(np.testing.assert_array_equal, read_state(old, 6), read_state(workdir_a, 6))
+
+
+def test_stop_signals_include_slurms_sigusr1():
+    import signal
+    from cfm_jax.trainer import _StopSignal
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        with _StopSignal() as stop:
+            os.kill(os.getpid(), sig)
+            assert stop.received == sig.name
 
 
 def run_cli(args, env=None, timeout=300):
@@ -167,8 +224,10 @@ def test_config_typo_is_rejected(tmp_path):
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
 
 
-def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
-    """SIGTERM mid-training: a checkpoint at the step boundary, a clean exit, then resume to the end."""
+def test_sigusr1_saves_a_resumable_checkpoint(tmp_path):
+    """SIGUSR1 (SLURM's --signal=USR1, as the original uses; SIGTERM takes the same path, see
+    test_stop_signals_include_slurms_sigusr1) mid-training: a checkpoint at the step boundary, a clean
+    exit, then resume to the end."""
     import signal
     import time
     workdir = str(tmp_path)
@@ -184,11 +243,11 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and len(losses(workdir) if os.path.exists(csv_path) else []) < 3:
         time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads(out.split("SUMMARY", 1)[1])
-    assert summary["by"] == "SIGTERM" and summary["final"] >= 3
+    assert summary["by"] == "SIGUSR1" and summary["final"] >= 3
     steps = checkpointing.make_manager(workdir, read_only=True).all_steps()
     assert steps == [summary["final"]]
     resumed = train(tiny_config(num_steps=summary["final"] + 2), workdir)

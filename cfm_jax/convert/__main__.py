@@ -53,7 +53,7 @@ def main(argv):
               f"z={model.z_channels}, {n:,} parameters, scale_factor {scale}.")
         return
 
-    from cfm_jax.convert.fmboost_checkpoint import params_from_fmboost, write_run_dir
+    from cfm_jax.convert.fmboost_checkpoint import load_fmboost, write_run_dir
     from cfm_jax.upsampler import build_unet
     from cfm_jax.models.unet import count_params
 
@@ -62,8 +62,9 @@ def main(argv):
     target = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, 16, 16, config.model.in_channels), "float32"),
                             jax.ShapeDtypeStruct((1,), "float32"))["params"]
-    params, ema_params = params_from_fmboost(_SRC.value, target)
-    write_run_dir(_OUT.value, config, params, ema_params, source=_SRC.value)
+    weights = load_fmboost(_SRC.value, target)
+    write_run_dir(_OUT.value, config, weights.params, weights.ema_params, source=_SRC.value,
+                  ema_step=weights.ema_step)
     print(f"Converted {_SRC.value} -> {_OUT.value}: EfficientUNet with {count_params(model):,} parameters "
           f"(online and EMA). Evaluate with: python eval.py --workdir {_OUT.value}")
 

@@ -13,7 +13,7 @@ one error (``unet_params_from_torch`` does the per-network check).
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
@@ -48,10 +48,17 @@ def split_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict, dict, list[st
     return online, ema, skipped
 
 
-def params_from_fmboost(source: str | Mapping[str, Any], target) -> tuple[dict, dict]:
-    """``(params, ema_params)`` for our EfficientUNet ``target`` tree from a Lightning checkpoint
-    file (``.ckpt``, ``.safetensors``) or an already loaded state dict. When the checkpoint has
-    no EMA copy, the EMA params are the online ones (and vice versa)."""
+class FmboostWeights(NamedTuple):
+    params: dict       # the online weights (``model.net.*``)
+    ema_params: dict   # the EMA weights (``ema_model.ema_model.net.*``)
+    ema_step: int      # ema-pytorch's update counter (``ema_model.step``); 0 without an EMA copy
+
+
+def load_fmboost(source: str | Mapping[str, Any], target) -> FmboostWeights:
+    """The online weights, EMA weights and EMA counter for our EfficientUNet ``target`` tree from
+    a Lightning checkpoint file (``.ckpt``, ``.safetensors``) or an already loaded state dict.
+    When the checkpoint has no EMA copy, the EMA params are the online ones and the counter 0
+    (the EMA starts again with its warm-up copies); without online weights, the EMA ones."""
     state_dict = load_state_dict(source) if isinstance(source, (str, os.PathLike)) else source
     online, ema, _ = split_state_dict(state_dict)
     errors = []
@@ -68,10 +75,18 @@ def params_from_fmboost(source: str | Mapping[str, Any], target) -> tuple[dict, 
                          + "\n".join(errors))
     params = converted.get("model.net", converted.get("ema_model.ema_model.net"))
     ema_params = converted.get("ema_model.ema_model.net", params)
-    return params, ema_params
+    ema_step = int(np.asarray(state_dict.get("ema_model.step", 0))) if ema else 0
+    return FmboostWeights(params, ema_params, ema_step)
 
 
-def write_run_dir(out_dir: str, config, params, ema_params, *, source: str, step: int = 0) -> str:
+def params_from_fmboost(source: str | Mapping[str, Any], target) -> tuple[dict, dict]:
+    """``(params, ema_params)`` of :func:`load_fmboost`."""
+    weights = load_fmboost(source, target)
+    return weights.params, weights.ema_params
+
+
+def write_run_dir(out_dir: str, config, params, ema_params, *, source: str, step: int = 0,
+                  ema_step: int = 0) -> str:
     """Writes a cfm-jax run folder (``config.json``, ``checkpoints/<step>/``) holding the weights,
     usable by ``eval.py --workdir`` and ``train.py --load_weights``."""
     from cfm_jax import checkpointing
@@ -80,7 +95,7 @@ def write_run_dir(out_dir: str, config, params, ema_params, *, source: str, step
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
     manager = checkpointing.make_manager(out_dir, keep=1)
-    state = {"params": params, "ema_params": ema_params, "step": np.int32(step)}
+    state = {"params": params, "ema_params": ema_params, "step": np.int32(step), "ema_step": np.int32(ema_step)}
     checkpointing.save(manager, step, state, {"step": step, "converted_from": os.path.abspath(source)})
     manager.close()
     return out_dir
