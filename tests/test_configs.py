@@ -44,6 +44,26 @@ def test_paper_config_builds_the_paper_model_and_passes_shape_check():
     assert loss.shape == (2,)
 
 
+@pytest.mark.parametrize("relpath,image,lowres,latent", [
+    ("configs/flow400_128-256/unet_base_psu.py", 2048, 1024, 256),  # the 2048² cascade's second stage
+    ("configs/flow400_32-128/unet_base_psu.py", 1024, 256, 128),    # 4x: 256 px -> 1024 px
+])
+def test_cascade_and_4x_configs_are_the_paper_model_at_other_sizes(relpath, image, lowres, latent):
+    paper = load_config("configs/flow400_64-128/unet_base_psu.py")
+    c = load_config(relpath)
+    assert (c.data.image_size, c.data.lowres_size) == (image, lowres)
+    for section in ("model", "coupling", "flow", "optim", "ema"):
+        assert c[section].to_dict() == paper[section].to_dict(), section
+    assert count_params(build_unet(c.model), (latent, latent)) == 305_806_340
+    stand_in = IdentityFirstStage(latent_channels=4, downsample_factor=8, scale_factor=0.18215, name="stand-in")
+    up = CFMUpsampler(c, first_stage=stand_in)
+    assert up.latent_size(image) == latent
+    x = jax.ShapeDtypeStruct((1, latent, latent, 4), jnp.float32)
+    params = jax.eval_shape(lambda: up.init(jax.random.PRNGKey(0), latent))
+    out = jax.eval_shape(lambda p, x: up.velocity(p, x, jnp.zeros(1), x), params, x)
+    assert out.shape == (1, latent, latent, 4)
+
+
 def test_paper_config_without_the_vae_file_says_where_to_get_it(tmp_path):
     c = load_config("configs/flow400_64-128/unet_base_psu.py")
     c.first_stage.path = str(tmp_path / "missing" / "sd_ae.ckpt")
