@@ -141,7 +141,8 @@ def main(argv):
         if _IMAGES.value:
             eval_set = eval_data.image_folder_set(
                 _IMAGES.value, image_size=d.image_size, lowres_size=d.lowres_size, num_images=d.num_val_images,
-                batch_size=d.batch_size, n_devices=mesh.devices.size)
+                batch_size=d.batch_size, n_devices=mesh.devices.size,
+                lowres_filter=d.get("lowres_filter", "box"))  # absent from older runs' config.json
         else:
             from cfm_jax.data.train_data import make_data
             _, eval_set = make_data(config, upsampler.first_stage, n_devices=mesh.devices.size, train=False)

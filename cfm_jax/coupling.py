@@ -9,8 +9,12 @@ original (fmboost/trainer.py):
    * ``psu`` (the paper's): decode, bilinear up-sampling in pixel space, encode.
      A low-res latent that is already on the high-res grid (pre-computed
      records) is used as is.
-   * ``bilinear`` / ``nearest``: PyTorch ``F.interpolate`` semantics on the latent
-     (``align_corners=False``, no antialiasing; nearest takes ``floor(dst * in/out)``).
+   * ``bilinear`` / ``bicubic`` / ``area`` / ``nearest`` / ``nearest-exact``: PyTorch
+     ``F.interpolate(lowres, size, mode=...)`` on the latent, what the original does for
+     every mode it does not handle itself (``align_corners=False``, no antialiasing;
+     bicubic: Keys a=-0.75 with border-clamped taps; area: adaptive average pooling;
+     nearest: ``floor(dst * in/out)``; nearest-exact: ``floor((dst + 0.5) * in/out)``).
+     Up- and down-sampling sizes both work.
    * ``noise_upsampling``: nearest up-sampling where every cell but the top-left
      of each ``s x s`` block is replaced by standard normal noise.
    * ``identity``: unchanged.
@@ -32,7 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-UPSAMPLING_MODES = ("psu", "bilinear", "nearest", "noise_upsampling", "identity")
+from cfm_jax.data import photos
+
+# The modes that are a plain F.interpolate of the latent (photos.resize reproduces them).
+INTERPOLATION_MODES = ("bilinear", "bicubic", "area", "nearest", "nearest-exact")
+UPSAMPLING_MODES = ("psu", *INTERPOLATION_MODES, "noise_upsampling", "identity")
 NUM_DIFFUSION_STEPS = 1000
 
 
@@ -68,10 +76,18 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     """Nearest resize of NHWC ``x`` with PyTorch's ``mode='nearest'`` index rule
     ``src = floor(dst * in / out)`` (differs from half-pixel rules for non-integer ratios)."""
-    h, w = x.shape[1:3]
-    rows = np.minimum(np.floor(np.arange(size[0]) * (h / size[0])).astype(np.int32), h - 1)
-    cols = np.minimum(np.floor(np.arange(size[1]) * (w / size[1])).astype(np.int32), w - 1)
-    return x[:, rows][:, :, cols]
+    return photos.resize(x, tuple(size), "nearest")
+
+
+def resize(x: jax.Array, size: tuple[int, int], mode: str) -> jax.Array:
+    """NHWC ``x`` resized to ``size`` like PyTorch ``F.interpolate(x, size, mode=mode)``
+    (``align_corners=False``, no antialiasing), for ``mode`` in :data:`INTERPOLATION_MODES`;
+    up or down, jittable."""
+    if mode == "bilinear":
+        return resize_bilinear(x, size)
+    if mode not in INTERPOLATION_MODES:
+        raise ValueError(f"Unknown interpolation mode {mode!r}; choose one of {INTERPOLATION_MODES}.")
+    return photos.resize(x, tuple(size), mode)
 
 
 def noise_upsample(x: jax.Array, size: int, rng: jax.Array) -> jax.Array:
@@ -102,10 +118,8 @@ def upsample_latent(lowres: jax.Array, *, size: int, mode: str, first_stage: Any
         f = first_stage.downsample_factor
         images = first_stage.decode(lowres)
         return first_stage.encode(resize_bilinear(images, (size * f, size * f)))
-    if mode == "bilinear":
-        return resize_bilinear(lowres, (size, size))
-    if mode == "nearest":
-        return resize_nearest(lowres, (size, size))
+    if mode in INTERPOLATION_MODES:
+        return resize(lowres, (size, size), mode)
     if mode == "noise_upsampling":
         if rng is None:
             raise ValueError("upsampling_mode='noise_upsampling' needs an rng.")
@@ -184,5 +198,6 @@ def alpha_bar_at(step: int) -> float:
     return float(shifted_cosine_alpha_bar()[step])
 
 
-__all__ = ["Coupling", "UPSAMPLING_MODES", "alpha_bar_at", "forward_diffuse", "noise_upsample",
-           "resize_bilinear", "resize_nearest", "shifted_cosine_alpha_bar", "upsample_latent"]
+__all__ = ["Coupling", "INTERPOLATION_MODES", "UPSAMPLING_MODES", "alpha_bar_at", "forward_diffuse",
+           "noise_upsample", "resize", "resize_bilinear", "resize_nearest", "shifted_cosine_alpha_bar",
+           "upsample_latent"]

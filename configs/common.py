@@ -65,7 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
         worker_buffer_size=2,  # records: batches each worker prepares ahead
         image_size=64,        # high-res crop, pixels
         lowres_size=32,       # low-res image, pixels
-        lowres_filter="box",  # how the low-res image is made: box (area average) | bilinear (the
+        lowres_filter="box",  # low-res image: box (area average; chosen in docs/lowres_filter.md) | bilinear (the
                               # original's F.interpolate, no antialiasing); equal at x2
         batch_size=16,        # global batch (all devices) per optimizer update
         num_val_images=16,    # validation crops (fixed set, held-out photos)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from cfm_jax.coupling import (Coupling, alpha_bar_at, forward_diffuse, resize_bilinear, resize_nearest,
-                              shifted_cosine_alpha_bar, upsample_latent)
+from cfm_jax.coupling import (INTERPOLATION_MODES, Coupling, alpha_bar_at, forward_diffuse,
+                              resize, resize_bilinear, resize_nearest, shifted_cosine_alpha_bar, upsample_latent)
 from cfm_jax.first_stage import IdentityFirstStage
 
 
@@ -50,6 +50,36 @@ def test_bilinear_matches_torch(lowres, size):
 def test_nearest_matches_torch(lowres, size):
     ref = torch.nn.functional.interpolate(nchw(lowres), size=size, mode="nearest")
     np.testing.assert_array_equal(resize_nearest(lowres, (size, size)), nhwc(ref))
+
+
+# x2 and x4 up, x2 and x4 down, and non-integer ratios both ways
+SIZE_PAIRS = [(8, 16), (8, 32), (16, 8), (32, 8), (24, 40), (40, 24), (13, 5)]
+
+
+@pytest.mark.parametrize("mode", INTERPOLATION_MODES)
+@pytest.mark.parametrize("size_in,size_out", SIZE_PAIRS)
+def test_interpolation_modes_match_torch_up_and_down(mode, size_in, size_out):
+    x = np.random.default_rng(size_in * 100 + size_out).standard_normal((2, 4, size_in, size_in)).astype(np.float32)
+    kwargs = {} if mode in ("area", "nearest", "nearest-exact") else {"align_corners": False}
+    ref = nhwc(torch.nn.functional.interpolate(torch.from_numpy(x), size=size_out, mode=mode, **kwargs))
+    z = jnp.asarray(x.transpose(0, 2, 3, 1))  # NHWC
+    out = jax.jit(lambda z: upsample_latent(z, size=size_out, mode=mode, first_stage=None))(z)
+    assert out.shape == (2, size_out, size_out, 4) and out.dtype == jnp.float32
+    if mode.startswith("nearest"):  # a gather: bit for bit
+        np.testing.assert_array_equal(out, ref)
+    else:
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    # non-square sizes go through the same path
+    ref_rect = nhwc(torch.nn.functional.interpolate(torch.from_numpy(x), size=(size_out, size_in + 3), mode=mode,
+                                                    **kwargs))
+    np.testing.assert_allclose(resize(z, (size_out, size_in + 3), mode), ref_rect, rtol=1e-5, atol=1e-5)
+
+
+def test_nearest_exact_differs_from_nearest_by_the_centre_rule():
+    x = jnp.arange(3.0).reshape(1, 3, 1, 1)
+    # 3 -> 2: nearest takes floor(dst * 1.5) = 0, 1; nearest-exact floor((dst + 0.5) * 1.5) = 0, 2
+    assert resize(x, (2, 1), "nearest").ravel().tolist() == [0.0, 1.0]
+    assert resize(x, (2, 1), "nearest-exact").ravel().tolist() == [0.0, 2.0]
 
 
 def test_noise_upsampling_keeps_grid_and_fills_noise(lowres):
@@ -121,15 +151,22 @@ def test_source_and_context_variants(lowres):
                       noising_step=-1).source_and_context(lowres, size=16, first_stage=fs, rng=rng)
     np.testing.assert_array_equal(ctx, resize_nearest(lowres, (16, 16)))
 
+    x0, ctx = Coupling(upsampling_mode="bicubic", upsampling_mode_context="area",
+                       noising_step=-1).source_and_context(lowres, size=16, first_stage=fs, rng=rng)
+    np.testing.assert_array_equal(x0, resize(lowres, (16, 16), "bicubic"))
+    np.testing.assert_array_equal(ctx, resize(lowres, (16, 16), "area"))
+
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(start_from_noise=True, noising_step=400), "mutually exclusive"),
     (dict(noising_step=1), "invalid"),
     (dict(noising_step=1000), "invalid"),
     (dict(noising_step=0.5), "integer"),
-    (dict(upsampling_mode="bicubic"), "choose one of"),
+    (dict(upsampling_mode="lanczos"), "choose one of"),
+    (dict(upsampling_mode="nearest_exact"), "choose one of"),
     (dict(upsampling_mode_context="conv"), "choose one of"),
 ])
 def test_bad_coupling_options_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Coupling(**kwargs)
+

@@ -12,7 +12,7 @@ Sources:
   order, through the grain loader of :mod:`cfm_jax.data.pipeline` (a few batches read ahead).
 * :func:`image_folder_set`: a folder of high-res images, each loaded when its batch is read:
   the short side resized to ``image_size`` (PIL bicubic, antialiased), the centre crop, its
-  low-res version by the records' area down-sampling.
+  low-res version by the records' down-sampling (``lowres_filter``, ``config.data.lowres_filter``).
 * :func:`photo_set`: the validation crops of the bundled photos (``data.name='photos'``),
   each batch drawn when it is read (:meth:`cfm_jax.data.photos.PhotoCrops.batch_at`).
 
@@ -81,8 +81,10 @@ def _sizes(what: str, available: int, num_images: int, batch_size: int, n_device
 
 
 # --------------------------------------------------------------------------- records
-def record_set(path: str, split: str, *, num_images: int, batch_size: int, n_devices: int) -> EvalSet:
-    """The first ``num_images`` records of ``split`` (fewer if the split is smaller), in order."""
+def record_set(path: str, split: str, *, num_images: int, batch_size: int, n_devices: int,
+               lowres_filter: str | None = None) -> EvalSet:
+    """The first ``num_images`` records of ``split`` (fewer if the split is smaller), in order;
+    their low-res images use the records' filter (``lowres_filter``, if given, must agree)."""
     from cfm_jax.data import pipeline, records
 
     available = len(records.data_source(path, split))
@@ -90,7 +92,8 @@ def record_set(path: str, split: str, *, num_images: int, batch_size: int, n_dev
     image_size = int(records.dataset_metadata(path)["image_size"])
     loader = pipeline.make_record_loader(path, split=split, batch_size=bs, shuffle=False, num_epochs=1,
                                          process_index=0, process_count=1, drop_remainder=False,
-                                         read_ahead=READ_AHEAD_BATCHES * bs, read_threads=READ_THREADS)
+                                         read_ahead=READ_AHEAD_BATCHES * bs, read_threads=READ_THREADS,
+                                         lowres_filter=lowres_filter)
 
     def read() -> Iterator[dict]:
         seen = 0
@@ -107,14 +110,16 @@ def record_set(path: str, split: str, *, num_images: int, batch_size: int, n_dev
 
 # --------------------------------------------------------------------------- image folders
 def image_folder_set(folder: str, *, image_size: int, lowres_size: int, num_images: int, batch_size: int,
-                     n_devices: int) -> EvalSet:
+                     n_devices: int, lowres_filter: str = "box") -> EvalSet:
     """The first ``num_images`` usable images of ``folder`` (sorted by path, recursively),
-    centre-cropped. Images smaller than ``image_size`` or unreadable are skipped with a
-    warning (they have no high-res ground truth). Which images are usable is known only
-    after decoding them, so this function decodes them once, one at a time and keeping
-    nothing; each pass of the evaluator decodes its batches again."""
-    from cfm_jax.data import image_io
+    centre-cropped, their low-res versions made with ``lowres_filter``. Images smaller than
+    ``image_size`` or unreadable are skipped with a warning (they have no high-res ground
+    truth). Which images are usable is known only after decoding them, so this function
+    decodes them once, one at a time and keeping nothing; each pass of the evaluator decodes
+    its batches again."""
+    from cfm_jax.data import image_io, photos
 
+    photos.check_lowres_filter(lowres_filter)
     names, _ = image_io.list_images(folder)
     if not names:
         raise FileNotFoundError(f"No images ({image_io.IMAGE_EXTENSIONS}) in {folder}.")
@@ -136,7 +141,7 @@ def image_folder_set(folder: str, *, image_size: int, lowres_size: int, num_imag
     def read() -> Iterator[dict]:
         for s in range(0, n, bs):
             images = np.stack([_centre_crop(os.path.join(folder, name), image_size) for name in usable[s:s + bs]])
-            yield {"image": images, "image_lowres": _downsample(images, lowres_size)}
+            yield {"image": images, "image_lowres": _downsample(images, lowres_size, lowres_filter)}
 
     return EvalSet(num_images=n, batch_size=bs, image_size=image_size,
                    description=f"images in {os.path.abspath(folder)} (centre crops)", read=read)
@@ -155,25 +160,26 @@ def _centre_crop(path: str, image_size: int) -> np.ndarray:
     return prepare.to_unit_range(crop)
 
 
-def _downsample(images: np.ndarray, lowres_size: int) -> np.ndarray:
+def _downsample(images: np.ndarray, lowres_size: int, lowres_filter: str) -> np.ndarray:
     from cfm_jax.data import prepare
 
-    return prepare.downsample_antialiased(images, lowres_size)
+    return prepare.downsample_antialiased(images, lowres_size, lowres_filter)
 
 
 # --------------------------------------------------------------------------- bundled photos
 def photo_set(*, image_size: int, lowres_size: int, num_images: int, batch_size: int,
-              with_latents: bool = True) -> EvalSet:
+              with_latents: bool = True, lowres_filter: str = "box") -> EvalSet:
     """The validation crops of the bundled photos (``data.name='photos'``): batches of
     ``min(batch_size, num_images)`` crops, ``num_images // that`` of them (at least one).
-    ``with_latents``: keep the pixel-space ``latent`` keys (identity first stage only). The
+    ``with_latents``: keep the pixel-space ``latent`` keys (identity first stage only).
+    ``lowres_filter``: how the low-res crops are made (``config.data.lowres_filter``). The
     evaluator checks that the batches split over the devices (the trainer builds this set even
     when it never validates)."""
     from cfm_jax.data import photos
 
     bs = min(batch_size, num_images)
     crops = photos.PhotoCrops("validation", image_size=image_size, lowres_size=lowres_size, batch_size=bs,
-                              seed=12345)
+                              seed=12345, lowres_filter=lowres_filter)
     num_batches = max(1, num_images // bs)
     keys = ("image", "image_lowres") + (("latent", "latent_lowres") if with_latents else ())
 

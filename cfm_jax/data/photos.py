@@ -54,23 +54,34 @@ run sees exactly the batches an uninterrupted run would.
 
 Low-res version and PSU
 -----------------------
-``image_lowres = downsample(image, factor)`` is a ``factor x factor`` box
-(area) average. Why a box filter: the original (``fmboost.helpers.resize_ims``)
-makes low-res images with ``F.interpolate(mode='bilinear')`` *without*
-antialiasing; for factor 2 (its 64->128, 512->1024 configs) that is exactly a
-2x2 box average (half-pixel centres sample at 2i+0.5), so the box filter
-reproduces the original bit for bit there, and for larger factors it stays
-antialiased (a non-antialiased bilinear /4 would only average 2 of every 4
-pixels and alias). It is also exact, cheap and trivially jittable.
+``image_lowres = make_lowres(image, h, lowres_filter)`` (``config.data.lowres_filter``):
+
+* ``'box'`` (default): a ``factor x factor`` box (area) average (:func:`downsample`;
+  PIL's area filter ``BOX`` where ``image_size / h`` is not an integer). At integer
+  factors antialiased, exact, cheap and jittable.
+* ``'bilinear'``: the original's ``fmboost.helpers.resize_ims(x, h, mode='bilinear')``,
+  i.e. PyTorch ``F.interpolate(mode='bilinear', align_corners=False)`` *without*
+  antialiasing, also for non-integer factors.
+
+For factor 2 (the original's 64->128 and 512->1024 configs) the two are the same filter
+(half-pixel centres sample at 2i+0.5: a 2x2 average). At x4 the bilinear one averages 2
+of every 4 rows and columns and aliases. ``docs/lowres_filter.md`` compares them on these
+photos: at integer factors above 2 the box image is far less aliased and keeps more of the
+high-res image, hence the default (at non-integer factors PIL's ``BOX`` loses to bilinear).
 
 ``latent_lowres = upsample_bilinear(image_lowres, H)`` (identity first stage,
 pixel-space up-sampling = PSU), with the semantics of PyTorch
 ``F.interpolate(mode='bilinear', align_corners=False)`` -- which for up-sampling
 is also ``jax.image.resize(method='bilinear')``.
 
+:func:`resize` is the general resize with ``F.interpolate`` semantics (``bilinear``,
+``bicubic``, ``area``, ``nearest``, ``nearest-exact``; up or down), also used by the
+coupling's latent up-sampling modes (:mod:`cfm_jax.coupling`).
+
 Resampling helpers work on numpy arrays (computed with numpy, host-side data
 prep never touches an accelerator) and on jax arrays (computed with jnp,
-jittable); both go through the same separable weight matrices.
+jittable); both go through the same separable weight matrices (nearest modes: the same
+index gathers).
 """
 
 from __future__ import annotations
@@ -83,16 +94,27 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "LOWRES_FILTERS",
+    "RESIZE_METHODS",
     "TRAIN_PHOTOS",
     "VALIDATION_PHOTOS",
     "VALIDATION_SEED",
+    "check_lowres_filter",
     "photo_names",
     "load_photos",
     "downsample",
+    "lowres_filters_agree",
+    "make_lowres",
+    "resize",
     "upsample_bilinear",
     "upsample_bicubic",
     "PhotoCrops",
 ]
+
+# How the low-res image is made from the high-res one (config.data.lowres_filter).
+LOWRES_FILTERS: tuple[str, ...] = ("box", "bilinear")
+# PyTorch F.interpolate modes :func:`resize` reproduces (align_corners=False, no antialiasing).
+RESIZE_METHODS: tuple[str, ...] = ("bilinear", "bicubic", "area", "nearest", "nearest-exact")
 
 # name -> True if grayscale (repeated to RGB). stereo_motorcycle returns a tuple
 # (left, right, disparity); we take the left view.
@@ -217,29 +239,44 @@ def _triangle(d):
     return np.maximum(0.0, 1.0 - np.abs(d))
 
 
+def _torch_scale(n_in: int, n_out: int) -> np.float32:
+    """PyTorch's ``input_size / output_size``, computed in float32 as its CPU kernels do."""
+    return np.float32(n_in) / np.float32(n_out)
+
+
 @functools.lru_cache(maxsize=256)
 def _interp_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
     """[n_out, n_in] float32 weights of a 1-D resize with half-pixel centres.
 
     method:
       * ``bilinear``     triangle kernel, taps clamped to the border
-                         (== torch bilinear, align_corners=False, antialias=False;
-                         for up-sampling also == jax.image.resize 'bilinear').
+                         (== torch bilinear, align_corners=False, antialias=False, up or
+                         down; for up-sampling also == jax.image.resize 'bilinear').
       * ``bicubic_torch`` Keys a=-0.75, taps clamped to the border
-                         (== torch bicubic, align_corners=False, antialias=False).
+                         (== torch bicubic, align_corners=False, antialias=False, up or down).
       * ``bicubic_jax``  Keys a=-0.5, out-of-image taps dropped and the rest
                          renormalised (== jax.image.resize 'bicubic' for up-sampling;
                          also Pillow's BICUBIC border handling).
+      * ``area``         torch ``mode='area'`` == adaptive average pooling: output ``i``
+                         averages inputs ``[floor(i n_in / n_out), ceil((i + 1) n_in / n_out))``.
     """
-    scale = n_in / n_out
-    src = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
     rows = np.arange(n_out)
     w = np.zeros((n_out, n_in), np.float64)
-    if method == "bicubic_jax":
-        kernel = _keys_cubic(-0.5)
-        w = kernel(src[:, None] - np.arange(n_in, dtype=np.float64)[None, :])
+    if method == "area":
+        start = rows * n_in // n_out
+        end = -(-(rows + 1) * n_in // n_out)  # ceil, in integers like torch
+        cols = np.arange(n_in)
+        inside = (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
+        w = inside / (end - start)[:, None]
+    elif method == "bicubic_jax":
+        src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+        w = _keys_cubic(-0.5)(src[:, None] - np.arange(n_in, dtype=np.float64)[None, :])
         w /= w.sum(axis=1, keepdims=True)
     else:
+        # torch's source coordinates, in float32 like its kernels (a float64 ``n_in / n_out``
+        # moves the taps by ~1e-7 * n_in at non-integer ratios: ~1e-5 differences in the output)
+        half = np.float32(0.5)
+        src = (_torch_scale(n_in, n_out) * (np.arange(n_out, dtype=np.float32) + half) - half).astype(np.float64)
         kernel, radius = {"bilinear": (_triangle, 1), "bicubic_torch": (_keys_cubic(-0.75), 2)}[method]
         base = np.floor(src).astype(np.int64)
         for k in range(1 - radius, radius + 1):
@@ -250,16 +287,38 @@ def _interp_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
     return w
 
 
-def _resize_separable(images, size, method: str):
+@functools.lru_cache(maxsize=256)
+def _nearest_indices(n_in: int, n_out: int, exact: bool) -> np.ndarray:
+    """[n_out] source indices of torch ``mode='nearest'`` (``floor(dst * s)``) or
+    ``'nearest-exact'`` (``floor((dst + 0.5) * s)``), ``s = n_in / n_out``, with torch's float
+    arithmetic (float32 ``s``; a float32 product for ``nearest``, a double one rounded to float
+    for ``nearest-exact``), so that ties at non-integer ratios fall the same way."""
+    scale = _torch_scale(n_in, n_out)
+    dst = np.arange(n_out)
+    if exact:
+        src = np.floor(((dst + 0.5) * np.float64(scale)).astype(np.float32))
+    else:
+        src = np.floor(dst.astype(np.float32) * scale)
+    idx = np.minimum(src.astype(np.int64), n_in - 1)
+    idx.setflags(write=False)
+    return idx
+
+
+def _out_size(size) -> tuple[int, int]:
+    out_h, out_w = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+    return int(out_h), int(out_w)
+
+
+def _resize_separable(images, size, method: str, *, up_only: bool = True):
     x = _as_float(images)
     if x.ndim < 3:
         raise ValueError(f"expected [..., H, W, C], got shape {x.shape}")
-    out_h, out_w = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+    out_h, out_w = _out_size(size)
     in_h, in_w = x.shape[-3], x.shape[-2]
-    if out_h < in_h or out_w < in_w:
+    if up_only and (out_h < in_h or out_w < in_w):
         raise ValueError(f"up-sampling only: {(in_h, in_w)} -> {(out_h, out_w)}")
-    wh = _interp_matrix(in_h, int(out_h), method)
-    ww = _interp_matrix(in_w, int(out_w), method)
+    wh = _interp_matrix(in_h, out_h, method)
+    ww = _interp_matrix(in_w, out_w, method)
     if _is_numpy(x):
         wh, ww = wh.astype(x.dtype, copy=False), ww.astype(x.dtype, copy=False)
         y = np.einsum("oh,...hwc->...owc", wh, x, optimize=True)
@@ -270,6 +329,91 @@ def _resize_separable(images, size, method: str):
     hi = jax.lax.Precision.HIGHEST
     y = jnp.einsum("oh,...hwc->...owc", jnp.asarray(wh, x.dtype), x, precision=hi)
     return jnp.einsum("pw,...owc->...opc", jnp.asarray(ww, x.dtype), y, precision=hi)
+
+
+def resize(images, size, method: str):
+    """Resize [..., H, W, C] to ``size`` (int or (H', W')), up or down, exactly like PyTorch
+    ``F.interpolate(x, size, mode=method, align_corners=False)`` without antialiasing.
+
+    ``method``: ``bilinear``; ``bicubic`` (Keys a=-0.75, border-clamped taps; overshoots,
+    not clipped); ``area`` (adaptive average pooling); ``nearest`` (``floor(dst * in/out)``);
+    ``nearest-exact`` (``floor((dst + 0.5) * in/out)``, the centre rule). numpy in -> numpy
+    out (host), jax in -> jax out (jittable; ``size`` static). Integer inputs become float32
+    (nearest modes keep the dtype: they only gather).
+    """
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"resize method {method!r}; choose one of {RESIZE_METHODS}.")
+    if method in ("nearest", "nearest-exact"):
+        if np.ndim(images) < 3:
+            raise ValueError(f"expected [..., H, W, C], got shape {np.shape(images)}")
+        out_h, out_w = _out_size(size)
+        in_h, in_w = np.shape(images)[-3:-1]
+        exact = method == "nearest-exact"
+        rows, cols = _nearest_indices(in_h, out_h, exact), _nearest_indices(in_w, out_w, exact)
+        if _is_numpy(images):
+            return np.asarray(images)[..., rows, :, :][..., cols, :]
+        import jax.numpy as jnp
+
+        x = jnp.asarray(images)
+        return jnp.take(jnp.take(x, rows, axis=-3), cols, axis=-2)
+    return _resize_separable(images, size, "bicubic_torch" if method == "bicubic" else method, up_only=False)
+
+
+def check_lowres_filter(lowres_filter: str) -> str:
+    """``lowres_filter`` if it is one of :data:`LOWRES_FILTERS`, else a ValueError that names
+    the config key."""
+    if lowres_filter not in LOWRES_FILTERS:
+        raise ValueError(f"data.lowres_filter={lowres_filter!r} is not a known low-res filter; choose one of "
+                         f"{LOWRES_FILTERS} ('box': area average, 'bilinear': the original's "
+                         "F.interpolate(mode='bilinear') without antialiasing).")
+    return lowres_filter
+
+
+def _pil_box(images: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """float32 [..., H, W, C] -> [..., out_h, out_w, C] with PIL's area filter (``BOX``),
+    channel by channel in float."""
+    x = np.asarray(images, np.float32)
+    lead, (h, w, c) = x.shape[:-3], x.shape[-3:]
+    flat = x.reshape(-1, h, w, c)
+    out = np.empty((flat.shape[0], out_h, out_w, c), np.float32)
+    for b in range(flat.shape[0]):
+        for ch in range(c):
+            channel = Image.fromarray(np.ascontiguousarray(flat[b, :, :, ch], np.float32))
+            out[b, :, :, ch] = np.asarray(channel.resize((out_w, out_h), Image.Resampling.BOX))
+    return out.reshape(*lead, out_h, out_w, c)
+
+
+def make_lowres(images, lowres_size, lowres_filter: str = "box"):
+    """The low-res version [..., h, w, C] of high-res images [..., H, W, C] (see the module
+    docstring): ``lowres_size`` is an int (square) or (h, w).
+
+    * ``'box'``: :func:`downsample` by ``H // h`` when both sides divide (numpy or jax);
+      otherwise PIL's ``BOX`` area filter (numpy only).
+    * ``'bilinear'``: PyTorch ``F.interpolate(mode='bilinear', align_corners=False)``, no
+      antialiasing, any sizes (numpy or jax, jittable).
+    """
+    check_lowres_filter(lowres_filter)
+    x = _as_float(images)
+    if x.ndim < 3:
+        raise ValueError(f"expected [..., H, W, C], got shape {x.shape}")
+    out_h, out_w = _out_size(lowres_size)
+    h, w = x.shape[-3], x.shape[-2]
+    if not (0 < out_h <= h and 0 < out_w <= w):
+        raise ValueError(f"low-res size {(out_h, out_w)} must be in (0, {(h, w)}]")
+    if lowres_filter == "bilinear":
+        return resize(x, (out_h, out_w), "bilinear")
+    if h % out_h == 0 and w % out_w == 0 and h // out_h == w // out_w:
+        return downsample(x, h // out_h)
+    if not _is_numpy(x):
+        raise ValueError(f"lowres_filter='box' with a non-integer factor {(h, w)} -> {(out_h, out_w)} uses PIL "
+                         "and needs a numpy array.")
+    return _pil_box(x, out_h, out_w)
+
+
+def lowres_filters_agree(image_size: int, lowres_size: int) -> bool:
+    """Whether 'box' and 'bilinear' make the same low-res image (to float rounding) for these
+    sizes: factor 1 (no resizing) or 2 (bilinear at half-pixel centres is a 2x2 average)."""
+    return int(image_size) in (int(lowres_size), 2 * int(lowres_size))
 
 
 def upsample_bilinear(images, size):
@@ -333,6 +477,8 @@ class PhotoCrops:
         super-resolution augmentations); default False. Measured on the quick start
         (800 steps): they lowered held-out PSNR by 0.3 dB, so they are opt-in.
       start_step: first step produced by ``iter(self)``.
+      lowres_filter: how ``image_lowres`` is made (:data:`LOWRES_FILTERS`, see
+        :func:`make_lowres`; ``config.data.lowres_filter``).
     """
 
     def __init__(
@@ -348,6 +494,7 @@ class PhotoCrops:
         flip: bool | None = None,
         augment: bool | None = None,
         start_step: int = 0,
+        lowres_filter: str = "box",
     ):
         self.split = _canonical_split(split)
         self.split_id, self.names = _SPLITS[self.split]
@@ -357,6 +504,7 @@ class PhotoCrops:
         if self.lowres_size < 1 or self.image_size % self.lowres_size:
             raise ValueError(f"image_size {image_size} must be a multiple of lowres_size {lowres_size}")
         self.factor = self.image_size // self.lowres_size
+        self.lowres_filter = check_lowres_filter(lowres_filter)
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -428,7 +576,7 @@ class PhotoCrops:
             perms = np.stack([rng.permutation(3) for _ in range(b)])
             crops = np.stack([np.rot90(c, k)[:, :, p] for c, k, p in zip(crops, rotations, perms)])
         image = crops.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-        lowres = downsample(image, self.factor)
+        lowres = make_lowres(image, self.lowres_size, self.lowres_filter)
         latent_lowres = np.clip(upsample_bilinear(lowres, self.image_size), -1.0, 1.0)
         return {
             "image": image,
@@ -455,6 +603,7 @@ class PhotoCrops:
     def __repr__(self) -> str:
         return (
             f"PhotoCrops(split={self.split!r}, image_size={self.image_size}, "
-            f"lowres_size={self.lowres_size}, batch_size={self.batch_size}, seed={self.seed}, "
+            f"lowres_size={self.lowres_size}, lowres_filter={self.lowres_filter!r}, "
+            f"batch_size={self.batch_size}, seed={self.seed}, "
             f"photos={list(self.names)})"
         )

@@ -6,10 +6,14 @@ and turned into batches with the training convention of
 :meth:`cfm_jax.data.photos.PhotoCrops.batch_at` -- a dict of float32 NHWC arrays::
 
     image           [B, H, H, 3]   uint8 record / 127.5 - 1, in [-1, 1]
-    image_lowres    [B, h, h, 3]   photos.downsample(image, H // lowres_size)
+    image_lowres    [B, h, h, 3]   photos.make_lowres(image, h, filter of the records)
     latent          [B, l, l, C]   stored (unscaled) first-stage latent
     latent_lowres   [B, l, l, C]   stored (unscaled) PSU latent of the low-res image
     moments, moments_lowres        only when the records have them (``--with_moments``)
+
+``image_lowres`` is made with the filter the records were prepared with (their
+``lowres_method`` metadata, see :func:`records_lowres_filter`), so that it matches
+the stored ``latent_lowres``; asking for another filter (``lowres_filter=``) is an error.
 
 Non-array metadata (``file_name``, ``original_size``, ``crop_index``, ``crop_offset``)
 is dropped unless ``keep_metadata=True`` (debugging; those keys are then kept as
@@ -66,7 +70,7 @@ import grain
 import numpy as np
 
 from cfm_jax.data import records
-from cfm_jax.data.photos import downsample
+from cfm_jax.data.photos import check_lowres_filter, lowres_filters_agree, make_lowres
 
 SPATIAL_FLOAT_KEYS = ("latent", "latent_lowres", "moments", "moments_lowres")
 METADATA_KEYS = ("file_name", "original_size", "crop_index", "crop_offset")
@@ -75,8 +79,10 @@ METADATA_KEYS = ("file_name", "original_size", "crop_index", "crop_offset")
 class RecordToExample(grain.transforms.Map):
     """One record (dict of numpy arrays) -> a float32 example of the batch convention."""
 
-    def __init__(self, factor: int, keep_metadata: bool = False, with_pixels: bool = True):
-        self.factor = int(factor)
+    def __init__(self, lowres_size: int, keep_metadata: bool = False, with_pixels: bool = True,
+                 lowres_filter: str = "box"):
+        self.lowres_size = int(lowres_size)
+        self.lowres_filter = check_lowres_filter(lowres_filter)
         self.keep_metadata = bool(keep_metadata)
         self.with_pixels = bool(with_pixels)
 
@@ -87,7 +93,8 @@ class RecordToExample(grain.transforms.Map):
             if image.dtype != np.uint8:
                 raise ValueError(f"record image must be uint8, got {image.dtype}")
             image = image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-            out = {"image": image, "image_lowres": np.asarray(downsample(image, self.factor), np.float32)}
+            lowres = make_lowres(image, self.lowres_size, self.lowres_filter)
+            out = {"image": image, "image_lowres": np.asarray(lowres, np.float32)}
         for key in SPATIAL_FLOAT_KEYS:
             if key in record:
                 out[key] = np.asarray(record[key], np.float32)
@@ -128,7 +135,7 @@ def make_record_loader(path: str, *, split: str = "train", batch_size: int, seed
                        process_count: int | None = None, drop_remainder: bool = True,
                        keep_metadata: bool = False, keep_flip_marker: bool = False,
                        with_pixels: bool = True, read_ahead: int | None = None,
-                       read_threads: int | None = None) -> grain.DataLoader:
+                       read_threads: int | None = None, lowres_filter: str | None = None) -> grain.DataLoader:
     """A grain ``DataLoader`` of per-process batches from the records of ``split`` in ``path``.
 
     ``batch_size``: per process. ``num_epochs=None``: repeat forever (shuffled anew each
@@ -141,6 +148,8 @@ def make_record_loader(path: str, *, split: str = "train", batch_size: int, seed
     threads (``None``: grain's defaults, 500 records -- 1.7 GiB of 1024² records -- and 16
     threads; evaluation asks for a few batches and a few threads: each reading thread grows
     its own malloc arena, and 16 of them fragment the host memory of a long evaluation).
+    ``lowres_filter``: ``None`` takes the records' filter; a value (``config.data.lowres_filter``)
+    must agree with it (:func:`check_lowres_filter_matches`).
     """
     import jax
 
@@ -151,16 +160,17 @@ def make_record_loader(path: str, *, split: str = "train", batch_size: int, seed
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
     meta = records.dataset_metadata(path)
-    image_size, lowres_size = int(meta["image_size"]), int(meta["lowres_size"])
-    if image_size % lowres_size:
-        raise ValueError(f"image_size={image_size} is not a multiple of lowres_size={lowres_size}")
+    lowres_size = int(meta["lowres_size"])
+    records_filter = records_lowres_filter(meta)
+    if lowres_filter is not None:
+        check_lowres_filter_matches(meta, lowres_filter, path)
     if worker_count > 0:
         _ensure_absl_flags_parsed()
     source = records.data_source(path, split)
     shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
     sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard, shuffle=shuffle,
                                           num_epochs=num_epochs, seed=int(seed))
-    operations: list = [RecordToExample(image_size // lowres_size, keep_metadata, with_pixels)]
+    operations: list = [RecordToExample(lowres_size, keep_metadata, with_pixels, records_filter)]
     if flip:
         operations.append(RandomHorizontalFlip())
         if not keep_flip_marker:
@@ -175,6 +185,31 @@ def make_record_loader(path: str, *, split: str = "train", batch_size: int, seed
     return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                             worker_count=int(worker_count), worker_buffer_size=int(worker_buffer_size),
                             read_options=read_options)
+
+
+def records_lowres_filter(meta: Mapping[str, Any]) -> str:
+    """The ``data.lowres_filter`` records were prepared with, from their ``lowres_method``
+    metadata (``box``/``pil_box``: 'box'; ``bilinear``: 'bilinear'; absent: 'box', the only
+    filter before the option existed)."""
+    method = meta.get("lowres_method", "box")
+    filters = {"box": "box", "pil_box": "box", "bilinear": "bilinear"}
+    if method not in filters:
+        raise ValueError(f"records lowres_method={method!r} is not one this version knows ({sorted(filters)}).")
+    return filters[method]
+
+
+def check_lowres_filter_matches(meta: Mapping[str, Any], lowres_filter: str, path: str = "the records") -> None:
+    """Raises a ValueError when ``lowres_filter`` (the config's) differs from the filter of the
+    records -- unless the two filters agree at their sizes (factor 1 or 2)."""
+    check_lowres_filter(lowres_filter)
+    made_with = records_lowres_filter(meta)
+    if made_with != lowres_filter and not lowres_filters_agree(int(meta["image_size"]), int(meta["lowres_size"])):
+        raise ValueError(
+            f"data.lowres_filter={lowres_filter!r}, but the records at {path} were prepared with the "
+            f"{made_with!r} filter (lowres_method {meta.get('lowres_method', 'box')!r}; {meta['image_size']} -> "
+            f"{meta['lowres_size']} px, where the two differ): their latent_lowres were made from the other "
+            f"low-res images. Set --config.data.lowres_filter={made_with}, or prepare records with "
+            f"python -m cfm_jax.data.prepare --lowres_filter {lowres_filter} ... into another folder.")
 
 
 def _ensure_absl_flags_parsed() -> None:

@@ -54,6 +54,21 @@ are done). Each process saves its own summary to
 ``OUT/_prepare/{split}/summary_process{I}_of{P}.json`` and prints it.
 Several splits (e.g. ``--split validation`` from another folder) can share one ``OUT``
 if their dataset-level settings (sizes, first stage, moments) agree.
+
+The original's WebDataset shards
+--------------------------------
+``--src`` may also be tar shards as CompVis/fm-boosting keeps them: one or more brace
+patterns (``'/data/train-{000000..000099}.tar'``), relative ones joined to ``--tar_base``
+(several candidates: the first that exists), read by :mod:`cfm_jax.data.webdataset_source`.
+With ``latent`` and ``latent_lowres`` members (``--webdataset_latents stored``; ``auto``
+looks at the first samples) nothing is re-encoded: the original stores *unscaled* latents
+``[C, h, h]`` (its trainer multiplies them by ``scale_factor`` at load time), which is the
+records' convention too, so the values are copied, only transposed to ``[h, h, C]``. Their
+images must be ``image_size`` square (used as they are, no crop); ``--first_stage_path`` names
+the autoencoder that made the latents (its metadata goes into the records; it is not run).
+Image-only shards (``encode``) take the normal path above. Each tar becomes one output shard
+(resuming and ``--num_processes`` work per tar; ``images_per_shard`` does not apply); a bad
+sample is skipped with a reason naming the tar, the sample key and the member.
 """
 from __future__ import annotations
 
@@ -67,12 +82,12 @@ import os
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
-from cfm_jax.data import image_io, photos, records
+from cfm_jax.data import image_io, photos, records, webdataset_source
 
 PHOTOS_SOURCE = "photos"
 FORMAT_VERSION = 1
@@ -102,9 +117,14 @@ class Source:
         return image_io.LoadedImage(image=np.array(photo), original_size=tuple(photo.shape[:2]))
 
 
-def open_source(src: str) -> Source:
-    """``photos`` / ``photos:train`` (the bundled training photos), ``photos:validation``, or a
-    folder (listed recursively by :func:`cfm_jax.data.image_io.list_images`)."""
+def open_source(src: str | Sequence[str], tar_base: str | Sequence[str] | None = None
+                ) -> Source | webdataset_source.WebDatasetSource:
+    """``photos`` / ``photos:train`` (the bundled training photos), ``photos:validation``, a
+    folder (listed recursively by :func:`cfm_jax.data.image_io.list_images`), or WebDataset tar
+    shards (patterns ending in ``.tar``, a list of them, or any ``src`` with ``tar_base``:
+    :func:`cfm_jax.data.webdataset_source.open_shards`)."""
+    if tar_base or webdataset_source.is_webdataset_src(src):
+        return webdataset_source.open_shards(src, tar_base)
     if src == PHOTOS_SOURCE or src.startswith(PHOTOS_SOURCE + ":"):
         split = src.split(":", 1)[1] if ":" in src else "train"
         names = photos.photo_names(split)  # validates the split name
@@ -236,18 +256,20 @@ def make_crops(image: np.ndarray, *, image_size: int, crop: str, crops_per_image
     return out
 
 
-def downsample_antialiased(images: np.ndarray, lowres_size: int) -> np.ndarray:
-    """float32 [B, H, H, 3] -> [B, l, l, 3]: ``photos.downsample`` (box) for an integer factor,
-    PIL's area filter (``BOX``, channel by channel in float) otherwise."""
-    size = images.shape[1]
-    if size % lowres_size == 0:
-        return photos.downsample(images, size // lowres_size).astype(np.float32, copy=False)
-    out = np.empty((images.shape[0], lowres_size, lowres_size, images.shape[-1]), np.float32)
-    for b in range(images.shape[0]):
-        for c in range(images.shape[-1]):
-            channel = Image.fromarray(np.ascontiguousarray(images[b, :, :, c], np.float32))
-            out[b, :, :, c] = np.asarray(channel.resize((lowres_size, lowres_size), Image.Resampling.BOX))
-    return out
+def downsample_antialiased(images: np.ndarray, lowres_size: int, lowres_filter: str = "box") -> np.ndarray:
+    """float32 [B, H, H, 3] -> [B, l, l, 3], the records' low-res images (``photos.make_lowres``):
+    ``lowres_filter='box'`` (default): ``photos.downsample`` (box) for an integer factor, PIL's area
+    filter (``BOX``, channel by channel in float) otherwise; ``'bilinear'``: the original's
+    ``F.interpolate(mode='bilinear')`` without antialiasing (``--lowres_filter bilinear``)."""
+    return np.asarray(photos.make_lowres(images, lowres_size, lowres_filter), np.float32)
+
+
+def lowres_method(lowres_filter: str, image_size: int, lowres_size: int) -> str:
+    """The records' ``lowres_method`` metadata for ``lowres_filter``: ``box`` / ``pil_box``
+    (non-integer factor) for the box filter, ``bilinear`` for the original's filter."""
+    if photos.check_lowres_filter(lowres_filter) == "bilinear":
+        return "bilinear"
+    return "box" if image_size % lowres_size == 0 else "pil_box"
 
 
 def to_unit_range(images_uint8: np.ndarray) -> np.ndarray:
@@ -369,21 +391,36 @@ class _Loaded:
     original_size: tuple[int, int] | None
     skip_reason: str | None = None
     detail: str = ""
+    latents: dict | None = None  # stored latents of WebDataset shards: latent, latent_lowres [h, h, C]
 
 
-def prepare(src: str, out: str, *, image_size: int, lowres_size: int, first_stage: Any = "identity",
+def _webdataset_latents(source, mode: str) -> str | None:
+    """``'stored'`` / ``'encode'`` for tar shards (``'auto'``: stored if the first samples have
+    latents), ``None`` for other sources."""
+    if not isinstance(source, webdataset_source.WebDatasetSource):
+        return None
+    if mode not in webdataset_source.LATENT_MODES:
+        raise ValueError(f"webdataset_latents={mode!r}; choose one of {webdataset_source.LATENT_MODES}.")
+    if mode == "auto":
+        return "stored" if source.detect_latents() else "encode"
+    return mode
+
+
+def prepare(src: str | Sequence[str], out: str, *, image_size: int, lowres_size: int, first_stage: Any = "identity",
             split: str = "train", name: str = "cfm_latents", short_side: int | None = None,
             max_short_side: int = 0, min_scale: float = 1.0,
             min_size: int | None = None, crop: str = "center", crops_per_image: int = 1,
             images_per_shard: int = 64, num_processes: int = 1, process_index: int = 0, batch_size: int = 8,
+            tar_base: str | Sequence[str] | None = None, webdataset_latents: str = "auto",
             with_moments: bool = False, seed: int = 0, num_workers: int | None = None,
-            max_shards: int | None = None, progress: bool = True) -> dict:
+            max_shards: int | None = None, progress: bool = True, lowres_filter: str = "box") -> dict:
     """Prepares this process's shards of ``split`` from ``src`` into ``out``; returns the summary.
 
-    ``first_stage``: ``'identity'`` (pixel space), a path for :func:`load_first_stage`, or a
-    first-stage object (``IdentityFirstStage`` / ``AutoencoderFirstStage``). ``max_shards``:
-    stop after writing that many shards in this call (a later call continues). See the
-    module docstring for the rest.
+    ``src``, ``tar_base``: see :func:`open_source`; ``webdataset_latents``: what to do with tar
+    shards (module docstring). ``first_stage``: ``'identity'`` (pixel space), a path for
+    :func:`load_first_stage`, or a first-stage object (``IdentityFirstStage`` /
+    ``AutoencoderFirstStage``). ``max_shards``: stop after writing that many shards in this call
+    (a later call continues). See the module docstring for the rest.
     """
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -419,28 +456,38 @@ def prepare(src: str, out: str, *, image_size: int, lowres_size: int, first_stag
     if not name.isidentifier() or name != name.lower():
         raise ValueError(f"name={name!r}: TFDS dataset names are lower-case snake_case identifiers.")
 
-    source = open_source(src)
+    source = open_source(src, tar_base)
     if not source.names:
         raise ValueError(f"No images ({', '.join(image_io.IMAGE_EXTENSIONS)}) in {src!r}"
                          f"{f' (ignored: {list(source.ignored)[:10]})' if source.ignored else ''}.")
     fs = load_first_stage(first_stage) if isinstance(first_stage, str) else first_stage
     if with_moments and not hasattr(fs, "params"):
         raise ValueError("with_moments needs an autoencoder first stage (pixel space has no posterior).")
+    wds_latents = _webdataset_latents(source, webdataset_latents)
+    stored = wds_latents == "stored"
+    if stored and (with_moments or crop != "center" or crops_per_image != 1 or min_scale != 1.0):
+        raise ValueError("The tar shards hold latents, which are written as they are (with their images, "
+                         "uncropped): with_moments, random or several crops and min_scale < 1 need the images "
+                         "re-encoded; pass webdataset_latents='encode' for that.")
     f = fs.downsample_factor
     if image_size % f:
         raise ValueError(f"image_size={image_size} is not divisible by the first stage's factor {f}.")
     factor = image_size / lowres_size
     dataset = {"name": name, "image_size": image_size, "lowres_size": lowres_size,
                "downsample_factor": int(factor) if factor.is_integer() else factor,
-               "lowres_method": "box" if factor.is_integer() else "pil_box",
+               "lowres_method": lowres_method(lowres_filter, image_size, lowres_size),
                "latent_size": image_size // f, "latent_channels": int(fs.latent_channels),
                "scale_factor": float(fs.scale_factor), "shift_factor": float(getattr(fs, "shift_factor", 0.0)),
                "with_moments": bool(with_moments), "first_stage": first_stage_info(fs)}
-    shards = _shard_ranges(len(source.names), images_per_shard)
+    # Tar shards: one output shard per tar (its samples are only known once it is read).
+    shards = ([range(k, k + 1) for k in range(len(source.names))] if wds_latents
+              else _shard_ranges(len(source.names), images_per_shard))
     split_plan = {"source": source.description, "files": list(source.names), "short_side": short_side,
                   "max_short_side": max_short_side, "min_scale": min_scale,
                   "min_size": min_size, "crop": crop, "crops_per_image": crops_per_image, "seed": int(seed),
                   "images_per_shard": images_per_shard, "num_shards": len(shards)}
+    if wds_latents:
+        split_plan.update(images_per_shard=None, webdataset_latents=wds_latents)
     os.makedirs(out, exist_ok=True)
     _check_or_write_plan(out, split, {"format_version": FORMAT_VERSION, "dataset": dataset, "split": split_plan})
 
@@ -456,12 +503,27 @@ def prepare(src: str, out: str, *, image_size: int, lowres_size: int, first_stag
     n_dev = mesh.devices.size
     batch_size = math.ceil(batch_size / n_dev) * n_dev  # every device gets the same number of rows
     rows, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
-    fs_device = jax.device_put(fs, replicated)
+    fs_device = None if stored else jax.device_put(fs, replicated)  # stored latents: the stage is not run
     encode = jax.jit(lambda fs, image, lowres: encode_batch(fs, image, lowres, with_moments=with_moments))
 
+    draft_short_side = short_side or max_short_side or None
+
     def load(index: int) -> _Loaded:
-        item_name = source.names[index]
-        loaded = source.load(index, min_size=min_size, draft_short_side=short_side or max_short_side or None)
+        loaded = source.load(index, min_size=min_size, draft_short_side=draft_short_side)
+        return crop_loaded(source.names[index], loaded)
+
+    def load_sample(sample: webdataset_source.RawSample) -> _Loaded:
+        if not stored:
+            return crop_loaded(sample.name, webdataset_source.load_image(
+                sample, min_size=min_size, draft_short_side=draft_short_side))
+        s = webdataset_source.load_stored(sample, image_size=image_size, latent_size=image_size // f,
+                                          latent_channels=int(fs.latent_channels))
+        if not s.ok:
+            return _Loaded(s.name, [], None, s.skip_reason, s.detail)
+        return _Loaded(s.name, [(s.image, (0, 0))], s.image.shape[:2],
+                       latents={"latent": s.latent, "latent_lowres": s.latent_lowres})
+
+    def crop_loaded(item_name: str, loaded: image_io.LoadedImage) -> _Loaded:
         if not loaded.ok:
             return _Loaded(item_name, [], None, loaded.skip_reason, loaded.detail)
         resized = resize_short_side(loaded.image, short_side) if short_side else loaded.image
@@ -488,7 +550,7 @@ def prepare(src: str, out: str, *, image_size: int, lowres_size: int, first_stag
             crops = np.zeros((batch_size, image_size, image_size, 3), np.uint8)  # padded: one compilation
             crops[:len(chunk)] = np.stack([e[2][0] for e in chunk])
             image = to_unit_range(crops)
-            lowres = downsample_antialiased(image, lowres_size)
+            lowres = downsample_antialiased(image, lowres_size, lowres_filter)
             result = encode(fs_device, jax.device_put(image, rows), jax.device_put(lowres, rows))  # async
             if pending is not None:
                 collect(pending)
@@ -501,6 +563,14 @@ def prepare(src: str, out: str, *, image_size: int, lowres_size: int, first_stag
             examples.append({"image": pixels, **arrays, "file_name": item.name,
                              "original_size": np.asarray(item.original_size, np.int32), "crop_index": c,
                              "crop_offset": np.asarray(offset, np.int32)})
+        return examples
+
+    def stored_examples(items: list[_Loaded], on_batch) -> list[dict]:
+        """Examples of the loaded items of one shard of tars with stored latents, in order."""
+        examples = [{"image": item.crops[0][0], **item.latents, "file_name": item.name,
+                     "original_size": np.asarray(item.original_size, np.int32), "crop_index": 0,
+                     "crop_offset": np.zeros(2, np.int32)} for item in items if item.skip_reason is None]
+        on_batch(len(examples))
         return examples
 
     def write(shard: int, items: list[_Loaded], examples: list[dict]) -> None:
@@ -516,19 +586,36 @@ def prepare(src: str, out: str, *, image_size: int, lowres_size: int, first_stag
     num_workers = num_workers or min(8, os.cpu_count() or 1)
     loaders = concurrent.futures.ThreadPoolExecutor(num_workers, thread_name_prefix="prepare-load")
     writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare-write")
+    reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare-read")
+
+    def read_tar(shard: int) -> tuple[list[concurrent.futures.Future], list[_Loaded]]:
+        """Reads one tar (in ``reader``) and hands its samples to ``loaders`` to decode."""
+        samples, problem = source.read(shard)
+        bad_tar = [_Loaded(source.names[shard], [], None, "corrupt_shard", problem)] if problem else []
+        return [loaders.submit(load_sample, s) for s in samples], bad_tar
+
+    def submit(shard: int):
+        """Starts loading ``shard``; returns a function that waits for its items, in order."""
+        if wds_latents is None:
+            futures = [loaders.submit(load, i) for i in shards[shard]]
+            return lambda: [fut.result() for fut in futures]
+        tar = reader.submit(read_tar, shard)
+        return lambda: [fut.result() for fut in tar.result()[0]] + tar.result()[1]
+
     from tqdm import tqdm
-    bar = tqdm(total=sum(len(shards[k]) for k in todo), unit="img", disable=not progress, dynamic_ncols=True,
+    bar = tqdm(total=None if wds_latents else sum(len(shards[k]) for k in todo), unit="img",
+               disable=not progress, dynamic_ncols=True,
                desc=f"prepare {split} [{process_index + 1}/{num_processes}]", smoothing=0.1)
     written, writing, writing_shard = [], None, -1
     try:
-        futures = [loaders.submit(load, i) for i in shards[todo[0]]] if todo else []
+        pending = submit(todo[0]) if todo else None
         for pos, shard in enumerate(todo):
-            current = futures
+            current = pending
             # Decode the next shard's images while this one is encoded.
-            futures = [loaders.submit(load, i) for i in shards[todo[pos + 1]]] if pos + 1 < len(todo) else []
-            items = [fut.result() for fut in current]
+            pending = submit(todo[pos + 1]) if pos + 1 < len(todo) else None
+            items = current()
             bar.update(sum(1 for it in items if it.skip_reason is not None))
-            examples = encode_shard(items, bar.update)
+            examples = stored_examples(items, bar.update) if stored else encode_shard(items, bar.update)
             if writing is not None:
                 writing.result()  # at most one shard waits to be written
                 written.append(writing_shard)
@@ -539,6 +626,7 @@ def prepare(src: str, out: str, *, image_size: int, lowres_size: int, first_stag
             written.append(writing_shard)
     finally:
         bar.close()
+        reader.shutdown(wait=True, cancel_futures=True)  # before loaders: it submits to them
         loaders.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True)
 
@@ -551,7 +639,7 @@ def prepare(src: str, out: str, *, image_size: int, lowres_size: int, first_stag
             skipped.setdefault(s["reason"], []).append(s["file"])
             details[s["file"]] = s["detail"]
     seconds = time.time() - start
-    images_this_run = sum(len(shards[k]) for k in written)
+    images_this_run = sum(len(done[k]["files"]) + len(done[k]["skipped"]) for k in written)
     finalized = finalize(out) if len(done) == len(mine) else []
     summary = {
         "out": os.path.abspath(out), "name": name, "split": split, "source": source.description,
@@ -578,12 +666,22 @@ def prepare(src: str, out: str, *, image_size: int, lowres_size: int, first_stag
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cfm_jax.data.prepare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--src", required=True, help="folder of images (recursive), or photos[:train|:validation]")
+    p.add_argument("--src", required=True, nargs="+",
+                   help="folder of images (recursive), photos[:train|:validation], or WebDataset tar shards: "
+                        "one or more (quoted) patterns such as '/data/train-{000000..000099}.tar'")
+    p.add_argument("--tar_base", nargs="+", default=None,
+                   help="tar shards: folder(s) for relative patterns, the first that exists (the original's tar_base)")
+    p.add_argument("--webdataset_latents", default="auto", choices=webdataset_source.LATENT_MODES,
+                   help="tar shards: 'stored' writes their latent/latent_lowres as they are (unscaled, [C, h, h]), "
+                        "'encode' encodes their images, 'auto': stored if the first samples have latents")
     p.add_argument("--out", required=True, help="dataset folder to write (TFDS layout)")
     p.add_argument("--split", default="train")
     p.add_argument("--name", default="cfm_latents", help="TFDS dataset name (file name prefix)")
     p.add_argument("--image_size", type=int, required=True)
     p.add_argument("--lowres_size", type=int, required=True)
+    p.add_argument("--lowres_filter", default="box", choices=photos.LOWRES_FILTERS,
+                   help="how the low-res image is made: box (area average) or bilinear (the original's "
+                        "F.interpolate without antialiasing; the same as box at x2)")
     p.add_argument("--short_side", type=int, default=None, help="resize the short side to this (default image_size; 0: keep the native size)")
     p.add_argument("--max_short_side", type=int, default=0,
                    help="then reduce larger images to this short side (0: no cap; useful with --short_side 0)")
@@ -617,13 +715,15 @@ def main(argv=None) -> int:
     fs = load_first_stage(args.first_stage_path, scale_factor=args.scale_factor, dtype=args.first_stage_dtype,
                           tile_size=args.tile_size, tile_overlap=args.tile_overlap)
     summary = prepare(
-        args.src, args.out, image_size=args.image_size, lowres_size=args.lowres_size, first_stage=fs,
+        args.src[0] if len(args.src) == 1 else args.src, args.out, image_size=args.image_size,
+        lowres_size=args.lowres_size, first_stage=fs, tar_base=args.tar_base,
+        webdataset_latents=args.webdataset_latents,
         split=args.split, name=args.name, short_side=args.short_side, max_short_side=args.max_short_side,
         min_size=args.min_size, crop=args.crop, min_scale=args.min_scale,
         crops_per_image=args.crops_per_image, images_per_shard=args.images_per_shard,
         num_processes=args.num_processes, process_index=args.process_index, batch_size=args.batch_size,
         with_moments=args.with_moments, seed=args.seed, num_workers=args.num_workers, max_shards=args.max_shards,
-        progress=not args.no_progress)
+        progress=not args.no_progress, lowres_filter=args.lowres_filter)
     short = {k: v for k, v in summary.items() if k not in ("skip_details", "ignored")}
     short["ignored"] = len(summary["ignored"])
     print(json.dumps(short, indent=2))

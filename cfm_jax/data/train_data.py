@@ -19,6 +19,11 @@
   nothing needs saving. With an autoencoder first stage their
   latents are encoded each step (slow; records avoid that).
 
+``data.lowres_filter`` (``'box'`` | ``'bilinear'``, see :func:`cfm_jax.data.photos.make_lowres`)
+says how the low-res images are made: by the photo crops directly; for records at preparation
+(``python -m cfm_jax.data.prepare --lowres_filter``), which they record in their metadata and
+:func:`check_records` compares with the config.
+
 A :class:`TrainData` hands out this process's rows of each global batch as numpy
 arrays; the trainer turns them into sharded global arrays.
 """
@@ -111,12 +116,19 @@ class RecordTrainData(TrainData):
 
 
 # --------------------------------------------------------------------------- records
+def lowres_filter_of(config) -> str:
+    """``config.data.lowres_filter``, checked; 'box' for the config.json of a run older than the key."""
+    return photos.check_lowres_filter(config.data.get("lowres_filter", "box"))
+
+
 def records_path(config) -> str:
     d = config.data
     if d.path:
         return os.path.abspath(os.path.expanduser(d.path))
     if d.prepare_photos:
-        return os.path.abspath(os.path.join("runs", "photo_records", f"{d.image_size}x{d.lowres_size}"))
+        lowres_filter = lowres_filter_of(config)  # box keeps the folder name of older versions
+        suffix = "" if lowres_filter == "box" else f"-{lowres_filter}"
+        return os.path.abspath(os.path.join("runs", "photo_records", f"{d.image_size}x{d.lowres_size}{suffix}"))
     raise ValueError("data.name='records' needs --config.data.path=<folder written by python -m "
                      "cfm_jax.data.prepare>.")
 
@@ -131,13 +143,15 @@ def _has_split(path: str, split: str) -> bool:
 
 
 def ensure_photo_records(path: str, *, image_size: int, lowres_size: int, train_split: str = "train",
-                         val_split: str = "validation", seed: int = 0, progress: bool = True) -> None:
+                         val_split: str = "validation", seed: int = 0, progress: bool = True,
+                         lowres_filter: str = "box") -> None:
     """Prepares the bundled photos into pixel-space records at ``path`` unless already there.
 
     Train: ``photos:train`` at native size (short side capped at ``max(512, image_size)``),
     64 random crops per photo; validation: ``photos:validation`` at native size, 32 random
-    crops per photo. Every process prepares its share of the shards (resumable, so an interrupted
-    preparation continues), then process 0 writes the dataset metadata.
+    crops per photo; low-res images made with ``lowres_filter``. Every process prepares its share
+    of the shards (resumable, so an interrupted preparation continues), then process 0 writes the
+    dataset metadata.
     """
     from cfm_jax.data import prepare
 
@@ -155,7 +169,8 @@ def ensure_photo_records(path: str, *, image_size: int, lowres_size: int, train_
             short_side=0, max_short_side=0 if is_val else max(PHOTO_TRAIN_MAX_SHORT_SIDE, image_size),
             crop="random",
             crops_per_image=PHOTO_VAL_CROPS if is_val else PHOTO_TRAIN_CROPS, images_per_shard=4,
-            num_processes=n, process_index=i, seed=seed, progress=progress and i == 0)
+            num_processes=n, process_index=i, seed=seed, progress=progress and i == 0,
+            lowres_filter=lowres_filter)
     if n > 1:
         from cfm_jax import distributed
         distributed.barrier("cfm_jax.photo_records.prepared")
@@ -178,7 +193,8 @@ def check_records(path: str, config, first_stage) -> dict:
         raise FileNotFoundError(
             f"data.path={path} holds no prepared records{hint}. Prepare them with: python -m "
             f"cfm_jax.data.prepare --src <image folder> --out {path} --image_size {config.data.image_size} "
-            f"--lowres_size {config.data.lowres_size} --first_stage_path <VAE checkpoint, or identity>.")
+            f"--lowres_size {config.data.lowres_size} --lowres_filter {lowres_filter_of(config)} "
+            "--first_stage_path <VAE checkpoint, or identity>.")
     meta = records.dataset_metadata(path)
     d = config.data
     problems = []
@@ -191,9 +207,16 @@ def check_records(path: str, config, first_stage) -> dict:
     cfg_identity = first_stage.name == "identity"
     if (rec_kind == "identity") != cfg_identity:
         problems.append(f"first stage: records made with {rec_kind!r}, config uses {first_stage.name!r}")
+    from cfm_jax.data import pipeline
+
+    made_with, want = pipeline.records_lowres_filter(meta), lowres_filter_of(config)
+    if made_with != want and not photos.lowres_filters_agree(meta["image_size"], meta["lowres_size"]):
+        problems.append(f"lowres_filter: records made with {made_with!r} (lowres_method "
+                        f"{meta.get('lowres_method', 'box')!r}), config data.lowres_filter={want!r}")
     if problems:
         raise ValueError(f"The records at {path} do not fit this config: {'; '.join(problems)}. Prepare records "
-                         "with matching --image_size/--lowres_size/--first_stage_path, or change the config.")
+                         "with matching --image_size/--lowres_size/--lowres_filter/--first_stage_path, or change "
+                         "the config.")
     if not cfg_identity and abs(float(meta["scale_factor"]) - float(first_stage.scale_factor)) > 1e-9:
         log.warning("The records were prepared with scale_factor %s; training uses the config's %s (records "
                     "store unscaled latents, so this is only a note).", meta["scale_factor"],
@@ -217,15 +240,17 @@ def make_data(config, first_stage, *, n_devices: int | None = None, train: bool 
         raise ValueError(f"data.batch_size={d.batch_size} is not divisible by the {n_proc} processes.")
     per_process = d.batch_size // n_proc
     val_bs = min(d.batch_size, d.num_val_images)
+    lowres_filter = lowres_filter_of(config)
     if d.name == "photos":
         train_data = None
         if train:
             crops = photos.PhotoCrops("train", image_size=d.image_size, lowres_size=d.lowres_size,
-                                      batch_size=d.batch_size, seed=config.seed)
+                                      batch_size=d.batch_size, seed=config.seed, lowres_filter=lowres_filter)
             train_data = PhotoTrainData(crops, has_latents=first_stage.name == "identity",
                                         process_index=jax.process_index(), process_count=n_proc)
         val = eval_data.photo_set(image_size=d.image_size, lowres_size=d.lowres_size, num_images=d.num_val_images,
-                                  batch_size=val_bs, with_latents=first_stage.name == "identity")
+                                  batch_size=val_bs, with_latents=first_stage.name == "identity",
+                                  lowres_filter=lowres_filter)
         return train_data, val
     if d.name != "records":
         raise ValueError(f"data.name={d.name!r}: choose 'records' (prepared latent records at data.path) or "
@@ -237,7 +262,7 @@ def make_data(config, first_stage, *, n_devices: int | None = None, train: bool 
                              "'identity'. For latent records run python -m cfm_jax.data.prepare with your VAE.")
         ensure_photo_records(path, image_size=d.image_size, lowres_size=d.lowres_size,
                              train_split=d.train_split, val_split=d.val_split, seed=config.seed,
-                             progress=config.logging.progress_bar)
+                             progress=config.logging.progress_bar, lowres_filter=lowres_filter)
     check_records(path, config, first_stage)
     from cfm_jax.data import pipeline
 
@@ -247,13 +272,13 @@ def make_data(config, first_stage, *, n_devices: int | None = None, train: bool 
         loader = pipeline.make_record_loader(
             path, split=d.train_split, batch_size=per_process, seed=config.seed, shuffle=True,
             num_epochs=None, flip=d.flip, worker_count=d.worker_count, worker_buffer_size=d.worker_buffer_size,
-            with_pixels=False)  # the train step reads only the latents
+            with_pixels=False, lowres_filter=lowres_filter)  # the train step reads only the latents
         train_data = RecordTrainData(loader)
     val = None
     if d.val_split:
         _check_split(path, d.val_split)
         val = eval_data.record_set(path, d.val_split, num_images=d.num_val_images, batch_size=val_bs,
-                                   n_devices=n_devices)
+                                   n_devices=n_devices, lowres_filter=lowres_filter)
     elif config.train.eval_every > 0 or not train:
         raise ValueError("data.val_split is empty: there is nothing to validate on. Prepare a validation split "
                          "(python -m cfm_jax.data.prepare --split validation ...) or set train.eval_every=0.")
@@ -268,4 +293,4 @@ def _check_split(path: str, split: str) -> None:
 
 
 __all__ = ["PhotoTrainData", "RecordTrainData", "TrainData", "check_records", "ensure_photo_records",
-           "make_data", "records_path"]
+           "lowres_filter_of", "make_data", "records_path"]

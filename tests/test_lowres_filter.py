@@ -1,0 +1,155 @@
+"""data.lowres_filter: 'bilinear' is the original's F.interpolate, 'box' today's area average; every
+place that makes a low-res image (photo crops, records, the record loader, image folders) honours it."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cfm_jax.data import eval_data, pipeline, photos, prepare, records, train_data
+from cfm_jax.first_stage import IdentityFirstStage
+from configs.common import base_config
+
+
+def torch_bilinear(x, size):
+    """The original's low-res image: resize_ims(x, size, mode='bilinear') on NHWC numpy."""
+    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).uniform(-1, 1, (2, 40, 40, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("size", [20, 10, 16, 24, 5])  # x2, x4, x2.5, x1.5 (non-integer), x8
+def test_bilinear_equals_torch_interpolate(images, size):
+    ref = torch_bilinear(images, size)
+    np.testing.assert_allclose(photos.make_lowres(images, size, "bilinear"), ref, rtol=1e-5, atol=1e-6)
+    jitted = jax.jit(lambda x: photos.make_lowres(x, size, "bilinear"))(jnp.asarray(images))
+    np.testing.assert_allclose(jitted, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_box_and_bilinear_agree_at_x2_only(images):
+    np.testing.assert_allclose(photos.make_lowres(images, 20, "box"), photos.make_lowres(images, 20, "bilinear"),
+                               rtol=0, atol=1e-6)
+    assert photos.lowres_filters_agree(40, 20) and not photos.lowres_filters_agree(40, 10)
+    box4, bilinear4 = photos.make_lowres(images, 10, "box"), photos.make_lowres(images, 10, "bilinear")
+    assert np.abs(box4 - bilinear4).max() > 0.1
+    # bilinear /4 without antialiasing averages 2 of every 4 rows and columns: rows 1, 2 of each 4
+    np.testing.assert_allclose(bilinear4, images.reshape(2, 10, 4, 10, 4, 3)[:, :, 1:3, :, 1:3].mean((2, 4)),
+                               atol=1e-6)
+
+
+def test_box_is_todays_filter_bit_for_bit(images):
+    np.testing.assert_array_equal(photos.make_lowres(images, 10, "box"), photos.downsample(images, 4))
+    pil = np.stack([np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(im[:, :, c])).resize(
+        (16, 16), Image.Resampling.BOX)) for c in range(3)], -1) for im in images])
+    np.testing.assert_array_equal(photos.make_lowres(images, 16, "box"), pil)  # non-integer: PIL's BOX
+    np.testing.assert_array_equal(prepare.downsample_antialiased(images, 16), pil)
+
+
+def test_photo_crops_honour_the_filter():
+    box = photos.PhotoCrops("validation", 32, 8, 2, lowres_filter="box").batch_at(0)
+    bil = photos.PhotoCrops("validation", 32, 8, 2, lowres_filter="bilinear").batch_at(0)
+    np.testing.assert_array_equal(box["image"], bil["image"])  # same crops
+    np.testing.assert_array_equal(box["image_lowres"], photos.downsample(box["image"], 4))
+    np.testing.assert_allclose(bil["image_lowres"], torch_bilinear(bil["image"], 8), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bil["latent_lowres"],
+                               np.clip(photos.upsample_bilinear(bil["image_lowres"], 32), -1, 1), atol=1e-6)
+    assert np.abs(box["image_lowres"] - bil["image_lowres"]).max() > 0.01
+
+
+@pytest.mark.parametrize("bad", ["lanczos", "Bilinear", ""])
+def test_unknown_filter_is_a_clear_error(bad, tmp_path):
+    match = r"data\.lowres_filter=.*choose one of \('box', 'bilinear'\)"
+    with pytest.raises(ValueError, match=match):
+        photos.PhotoCrops("validation", 32, 16, 2, lowres_filter=bad)
+    with pytest.raises(ValueError, match=match):
+        photos.make_lowres(np.zeros((1, 8, 8, 3), np.float32), 4, bad)
+    config = base_config()
+    config.data.lowres_filter = bad
+    with pytest.raises(ValueError, match=match):
+        train_data.make_data(config, IdentityFirstStage(), n_devices=1)
+    with pytest.raises(ValueError, match=match):
+        prepare.prepare("photos:validation", str(tmp_path / "out"), image_size=32, lowres_size=8, lowres_filter=bad,
+                        progress=False)
+    assert not os.path.exists(tmp_path / "out")  # nothing written
+
+
+def test_a_config_json_without_the_key_means_box():
+    config = base_config()
+    del config.data["lowres_filter"]
+    assert train_data.lowres_filter_of(config) == "box"
+
+
+@pytest.fixture(scope="module")
+def bilinear_records(tmp_path_factory):
+    """Pixel-space records of the two validation photos, 32 -> 8 px with the bilinear filter."""
+    out = str(tmp_path_factory.mktemp("records"))
+    prepare.prepare("photos:validation", out, split="validation", image_size=32, lowres_size=8,
+                    lowres_filter="bilinear", progress=False)
+    return out
+
+
+def test_records_record_and_use_the_filter(bilinear_records):
+    meta = records.dataset_metadata(bilinear_records)
+    assert meta["lowres_method"] == "bilinear"
+    assert pipeline.records_lowres_filter(meta) == "bilinear"
+    batch = next(iter(pipeline.make_record_loader(bilinear_records, split="validation", batch_size=2,
+                                                  shuffle=False, num_epochs=1, process_index=0, process_count=1)))
+    np.testing.assert_allclose(batch["image_lowres"], torch_bilinear(batch["image"], 8), rtol=1e-5, atol=1e-6)
+    # the stored PSU latent was made from that low-res image
+    np.testing.assert_allclose(batch["latent_lowres"], photos.upsample_bilinear(batch["image_lowres"], 32),
+                               atol=1e-5)
+    assert prepare.lowres_method("box", 32, 8) == "box" and prepare.lowres_method("box", 30, 8) == "pil_box"
+
+
+def test_records_of_the_other_filter_are_refused(bilinear_records):
+    config = base_config()
+    config.data.update(name="records", path=bilinear_records, image_size=32, lowres_size=8, lowres_filter="box")
+    with pytest.raises(ValueError, match=r"lowres_filter: records made with 'bilinear'.*data\.lowres_filter='box'"):
+        train_data.check_records(bilinear_records, config, IdentityFirstStage())
+    with pytest.raises(ValueError, match=r"--config\.data\.lowres_filter=bilinear"):
+        pipeline.make_record_loader(bilinear_records, split="validation", batch_size=2, lowres_filter="box",
+                                    process_index=0, process_count=1)
+    config.data.lowres_filter = "bilinear"
+    assert train_data.check_records(bilinear_records, config, IdentityFirstStage())["lowres_method"] == "bilinear"
+
+
+def test_box_records_at_x2_fit_either_filter():
+    meta = {"image_size": 32, "lowres_size": 16, "lowres_method": "box"}  # at x2 the filters are the same
+    pipeline.check_lowres_filter_matches(meta, "bilinear")
+    with pytest.raises(ValueError, match="prepared with the 'box' filter"):
+        pipeline.check_lowres_filter_matches(dict(meta, lowres_size=8), "bilinear")
+    # records older than the option carry no other filter
+    assert pipeline.records_lowres_filter({"image_size": 32, "lowres_size": 8}) == "box"
+
+
+def test_image_folder_set_honours_the_filter(tmp_path):
+    for name in ("astronaut", "coffee"):
+        Image.fromarray(photos.load_photos("validation")[photos.VALIDATION_PHOTOS.index(name)]).save(
+            tmp_path / f"{name}.png")
+    sets = {f: eval_data.image_folder_set(str(tmp_path), image_size=32, lowres_size=8, num_images=2, batch_size=2,
+                                          n_devices=1, lowres_filter=f) for f in photos.LOWRES_FILTERS}
+    box, bil = (next(iter(sets[f])) for f in ("box", "bilinear"))
+    np.testing.assert_array_equal(box["image"], bil["image"])
+    np.testing.assert_array_equal(box["image_lowres"], photos.downsample(box["image"], 4))
+    np.testing.assert_allclose(bil["image_lowres"], torch_bilinear(bil["image"], 8), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lowres_filter", photos.LOWRES_FILTERS)
+def test_records_of_a_non_integer_factor_are_read_with_their_filter(lowres_filter, tmp_path):
+    out = str(tmp_path)
+    prepare.prepare("photos:validation", out, split="validation", image_size=40, lowres_size=16,
+                    lowres_filter=lowres_filter, progress=False)
+    assert records.dataset_metadata(out)["lowres_method"] == {"box": "pil_box", "bilinear": "bilinear"}[lowres_filter]
+    batch = next(iter(pipeline.make_record_loader(out, split="validation", batch_size=2, shuffle=False, num_epochs=1,
+                                                  process_index=0, process_count=1)))
+    np.testing.assert_allclose(batch["image_lowres"], prepare.downsample_antialiased(batch["image"], 16, lowres_filter),
+                               rtol=0, atol=1e-6)  # per example vs per batch: float rounding only
+    np.testing.assert_allclose(batch["latent_lowres"], photos.upsample_bilinear(batch["image_lowres"], 40), atol=1e-5)
