@@ -41,6 +41,7 @@ def build_unet(cfg) -> EfficientUNet:
         use_scale_shift_norm=cfg.use_scale_shift_norm, pool_factor=cfg.pool_factor,
         dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
         remat=cfg.get("remat", "none"),  # absent from the config.json of older runs
+        param_init=cfg.get("init", "torch"),  # absent from the config.json of older runs
         activation_axes=BATCH_AXES)
 
 

@@ -7,6 +7,16 @@ give the same numbers. Submodules are named after the PyTorch module tree with
 the only exceptions are `pool` and `un_pool`, which hold the convolutions PyTorch
 names `pool.down_conv` and `un_pool.up_conv`.
 
+Initialisation (`param_init`, config key `model.init`; a field named `init` would
+shadow `Module.init`): "torch" (default) draws every parameter as the original's
+PyTorch modules do at construction, i.e. PyTorch's defaults for Conv2d, Conv1d,
+ConvTranspose2d and Linear (`kaiming_uniform(a=sqrt(5))` weights and biases, both
+U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in as torch computes it from its weight),
+GroupNorm at ones/zeros, and zeros (kernel and bias) for the layers the original
+wraps in `zero_module`: res-block `out_layers.3`, attention `proj_out` and, without
+`pool`, the final `out.2`. "flax" keeps Flax's defaults (lecun_normal kernels, zero
+biases) with the same zero layers.
+
 Mixed precision: `dtype` is the compute dtype of convolutions, dense layers and
 attention, `param_dtype` the storage dtype of the parameters. The sinusoidal
 timestep embedding, GroupNorm statistics and attention softmaxes are computed in
@@ -41,17 +51,84 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
     return emb
 
 
+INITS = ("torch", "flax")
+
+
+def _check_init(init: str) -> None:
+    if init not in INITS:
+        raise ValueError(f"param_init={init!r} (config key model.init); choose one of {INITS}.")
+
+
+def torch_fan_in(kernel_shape: Sequence[int], transposed: bool = False) -> int:
+    """fan_in PyTorch computes for the torch weight that a Flax kernel of `kernel_shape` holds.
+
+    Dense (I, O) and Conv (kh, kw, I, O): I * kh * kw. ConvTranspose (kh, kw, I, O):
+    torch stores (I, O, kh, kw) and takes the fan_in from dimension 1, i.e. O * kh * kw.
+    """
+    kernel_shape = tuple(kernel_shape)
+    if transposed:
+        return math.prod(kernel_shape[:-2]) * kernel_shape[-1]
+    return math.prod(kernel_shape[:-1])
+
+
+def torch_uniform(fan_in: int):
+    """Initializer U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for the weight
+    (`kaiming_uniform_(a=sqrt(5))`, gain sqrt(1/3)) and the bias of Linear and ConvNd."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+    return init
+
+
+def torch_kernel_init(transposed: bool = False):
+    """Kernel initializer U(+-1/sqrt(fan_in)) with fan_in from the Flax kernel shape
+    (`torch_fan_in`); for Dense, Conv and, with `transposed`, ConvTranspose."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return torch_uniform(torch_fan_in(shape, transposed))(key, shape, dtype)
+
+    return init
+
+
+def _layer_inits(init: str, kernel_shape: Sequence[int], *, transposed: bool = False,
+                 zero: bool = False) -> dict:
+    """`kernel_init`/`bias_init` keywords of a Dense/Conv/ConvTranspose whose Flax kernel
+    has shape `kernel_shape`; `zero` for the original's `zero_module` layers."""
+    _check_init(init)
+    if zero:
+        return dict(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)
+    if init == "flax":
+        return {}
+    kernel_shape = tuple(kernel_shape)
+    kernel_init = torch_kernel_init(transposed)
+
+    def checked_kernel_init(key, shape, dtype=jnp.float32):
+        if tuple(shape) != kernel_shape:  # the bias would get the fan_in of another shape
+            raise ValueError(f"kernel shape {tuple(shape)} != {kernel_shape} given for its bias init")
+        return kernel_init(key, shape, dtype)
+
+    # flax's bias_init sees only the bias shape: the fan_in comes from the kernel shape here.
+    return dict(kernel_init=checked_kernel_init,
+                bias_init=torch_uniform(torch_fan_in(kernel_shape, transposed)))
+
+
+def _dense(features, in_features, init, name, *, zero=False, **kw):
+    return nn.Dense(features, name=name, **_layer_inits(init, (in_features, features), zero=zero), **kw)
+
+
 def _group_norm(dtype, param_dtype, name):
     # Statistics in float32 (flax promotes), exact two-pass variance like PyTorch.
     return nn.GroupNorm(num_groups=_NUM_GROUPS, epsilon=_NORM_EPS, use_fast_variance=False,
                         dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-def _conv3x3(features, dtype, param_dtype, name, *, strides=1, zero=False):
+def _conv3x3(features, in_features, init, dtype, param_dtype, name, *, strides=1, zero=False):
     # PyTorch `Conv2d(.., 3, padding=1)`: explicit padding, not 'SAME' (differs at stride 2).
-    extra = dict(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros) if zero else {}
+    inits = _layer_inits(init, (3, 3, in_features, features), zero=zero)
     return nn.Conv(features, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)),
-                   dtype=dtype, param_dtype=param_dtype, name=name, **extra)
+                   dtype=dtype, param_dtype=param_dtype, name=name, **inits)
 
 
 REMAT_POLICIES = ("none", "full", "save_matmuls")
@@ -91,17 +168,18 @@ class ResBlock(nn.Module):
     use_scale_shift_norm: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    param_init: str = "torch"  # torch | flax (module docstring)
 
     @nn.compact
     def __call__(self, x, emb, train: bool = False):
         # x: [B, H, W, Cin], emb: [B, E]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        c_out = self.out_channels
+        c_in, c_out, init = x.shape[-1], self.out_channels, self.param_init
         h = _group_norm(self.dtype, self.param_dtype, "in_layers_0")(x)
-        h = _conv3x3(c_out, name="in_layers_2", **kw)(nn.silu(h))  # [B, H, W, Cout]
+        h = _conv3x3(c_out, c_in, init, name="in_layers_2", **kw)(nn.silu(h))  # [B, H, W, Cout]
 
         n_emb = 2 * c_out if self.use_scale_shift_norm else c_out
-        emb_out = nn.Dense(n_emb, name="emb_layers_1", **kw)(nn.silu(emb))
+        emb_out = _dense(n_emb, emb.shape[-1], init, "emb_layers_1", **kw)(nn.silu(emb))
         emb_out = emb_out.astype(h.dtype)[:, None, None, :]  # [B, 1, 1, n_emb]
 
         out_norm = _group_norm(self.dtype, self.param_dtype, "out_layers_0")
@@ -111,12 +189,13 @@ class ResBlock(nn.Module):
         else:
             h = out_norm(h + emb_out)
         h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
-        h = _conv3x3(c_out, name="out_layers_3", zero=True, **kw)(h)
+        h = _conv3x3(c_out, c_out, init, name="out_layers_3", zero=True, **kw)(h)
 
-        if x.shape[-1] == c_out:
+        if c_in == c_out:
             skip = x
         else:
-            skip = nn.Conv(c_out, (1, 1), name="skip_connection", **kw)(x)
+            skip = nn.Conv(c_out, (1, 1), name="skip_connection",
+                           **_layer_inits(init, (1, 1, c_in, c_out)), **kw)(x)
         return skip + h
 
 
@@ -135,6 +214,7 @@ class SpatialSelfAttention(nn.Module):
     use_linear: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    param_init: str = "torch"  # torch | flax (module docstring)
 
     @nn.compact
     def __call__(self, x):
@@ -145,7 +225,8 @@ class SpatialSelfAttention(nn.Module):
         inner = heads * dh
 
         h = _group_norm(self.dtype, self.param_dtype, "norm")(x).reshape(b, L, c)  # l = y*W + x
-        qkv = nn.Dense(3 * inner, name="qkv", **kw)(h)  # [B, L, 3*inner]
+        # torch Conv1d(c, 3*inner, 1): fan_in c, as this Dense (c, 3*inner).
+        qkv = _dense(3 * inner, c, self.param_init, "qkv", **kw)(h)  # [B, L, 3*inner]
         # The reshape quirk: go to the original's channels-first layout, reinterpret.
         qkv = jnp.transpose(qkv, (0, 2, 1)).reshape(b, heads, L, 3 * dh)
         q, k, v = jnp.split(qkv, 3, axis=-1)  # [B, heads, L, dh] each
@@ -164,7 +245,7 @@ class SpatialSelfAttention(nn.Module):
 
         # Inverse quirk: reinterpret [B, heads, L, dh] as [B, inner, L], back to NHWC.
         out = jnp.transpose(out.reshape(b, inner, L), (0, 2, 1))  # [B, L, inner]
-        out = nn.Dense(c, name="proj_out", kernel_init=nn.initializers.zeros, **kw)(out)
+        out = _dense(c, inner, self.param_init, "proj_out", zero=True, **kw)(out)
         return x + out.reshape(b, hgt, wid, c)
 
 
@@ -174,11 +255,13 @@ class Downsample(nn.Module):
     use_conv: bool
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    param_init: str = "torch"  # torch | flax (module docstring)
 
     @nn.compact
     def __call__(self, x):
         if self.use_conv:
-            return _conv3x3(x.shape[-1], self.dtype, self.param_dtype, "op", strides=2)(x)
+            c = x.shape[-1]
+            return _conv3x3(c, c, self.param_init, self.dtype, self.param_dtype, "op", strides=2)(x)
         return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
@@ -188,12 +271,14 @@ class Upsample(nn.Module):
     use_conv: bool
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    param_init: str = "torch"  # torch | flax (module docstring)
 
     @nn.compact
     def __call__(self, x):
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # [B, 2H, 2W, C]
         if self.use_conv:
-            x = _conv3x3(x.shape[-1], self.dtype, self.param_dtype, "conv")(x)
+            c = x.shape[-1]
+            x = _conv3x3(c, c, self.param_init, self.dtype, self.param_dtype, "conv")(x)
         return x
 
 
@@ -221,6 +306,7 @@ class EfficientUNet(nn.Module):
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
     remat: str = "none"  # rematerialise each res/attention block: none | full | save_matmuls
+    param_init: str = "torch"  # torch (the original's PyTorch defaults) | flax; module docstring
     activation_axes: tuple = ()  # mesh axes of the batch dimension of activations (under a mesh)
 
     @nn.compact
@@ -233,6 +319,7 @@ class EfficientUNet(nn.Module):
         """
         if self.pool_factor > 1 and self.pool_factor not in _POOL_FACTORS:
             raise ValueError(f"pool_factor must be <= 1 or one of {_POOL_FACTORS}, got {self.pool_factor}")
+        _check_init(self.param_init)
         if context is not None:
             if context.shape[:-1] != x.shape[:-1]:
                 raise ValueError(f"context shape {context.shape} does not match x shape {x.shape} "
@@ -245,10 +332,12 @@ class EfficientUNet(nn.Module):
                 f"{None if context is None else context.shape})")
 
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        mc = self.model_channels
+        mc, init = self.model_channels, self.param_init
         b = x.shape[0]
-        res_kw = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm, **kw)
-        attn_kw = dict(num_heads=self.num_heads, dim_head=self.dim_head, **kw)
+        res_kw = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
+                      param_init=init, **kw)
+        attn_kw = dict(num_heads=self.num_heads, dim_head=self.dim_head, param_init=init, **kw)
+        resample_kw = dict(param_init=init, **kw)
         # Same parameter names with or without remat (lifted transforms keep module names).
         ResBlock_ = _remat(ResBlock, self.remat, static_argnums=(3,))  # (self, x, emb, train)
         Attention_ = _remat(SpatialSelfAttention, self.remat)
@@ -256,16 +345,17 @@ class EfficientUNet(nn.Module):
 
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
         emb = timestep_embedding(t, mc)  # [B, mc], float32
-        emb = nn.Dense(4 * mc, name="time_embed_0", **kw)(emb)
-        emb = nn.Dense(4 * mc, name="time_embed_2", **kw)(nn.silu(emb))  # [B, 4*mc]
+        emb = _dense(4 * mc, mc, init, "time_embed_0", **kw)(emb)
+        emb = _dense(4 * mc, 4 * mc, init, "time_embed_2", **kw)(nn.silu(emb))  # [B, 4*mc]
 
         h = x.astype(self.dtype)
         if self.pool_factor > 1:
             p = self.pool_factor
-            h = nn.Conv(mc, (p, p), strides=(p, p), padding="VALID", name="pool", **kw)(h)
+            h = nn.Conv(mc, (p, p), strides=(p, p), padding="VALID", name="pool",
+                        **_layer_inits(init, (p, p, h.shape[-1], mc)), **kw)(h)
 
         # Encoder. Block i of torch's `input_blocks` is named `input_blocks_{i}_{j}`.
-        h = _conv3x3(mc, name="input_blocks_0_0", **kw)(h)
+        h = _conv3x3(mc, h.shape[-1], init, name="input_blocks_0_0", **kw)(h)
         hs = [h]
         block, ds = 1, 1
         for level, mult in enumerate(self.channel_mult):
@@ -278,7 +368,7 @@ class EfficientUNet(nn.Module):
                 hs.append(h)
                 block += 1
             if level != len(self.channel_mult) - 1:
-                h = Downsample(self.conv_resample, name=f"input_blocks_{block}_0", **kw)(h)
+                h = Downsample(self.conv_resample, name=f"input_blocks_{block}_0", **resample_kw)(h)
                 hs.append(h)
                 block += 1
                 ds *= 2
@@ -302,7 +392,7 @@ class EfficientUNet(nn.Module):
                                    name=f"output_blocks_{block}_{j}", **attn_kw)(h)
                 if level and i == self.num_res_blocks:
                     j += 1
-                    h = Upsample(self.conv_resample, name=f"output_blocks_{block}_{j}", **kw)(h)
+                    h = Upsample(self.conv_resample, name=f"output_blocks_{block}_{j}", **resample_kw)(h)
                     ds //= 2
                 h = _constrain(h, axes)
                 block += 1
@@ -310,11 +400,12 @@ class EfficientUNet(nn.Module):
         h = nn.silu(_group_norm(self.dtype, self.param_dtype, "out_0")(h))
         if self.pool_factor > 1:
             p = self.pool_factor
-            h = _conv3x3(mc, name="out_2", **kw)(h)  # not zero-initialised here, as the original
-            h = nn.ConvTranspose(self.out_channels, (p, p), strides=(p, p), padding="VALID",
-                                 name="un_pool", **kw)(h)
+            h = _conv3x3(mc, h.shape[-1], init, name="out_2", **kw)(h)  # not zero-init here, as the original
+            un_pool_kernel = (p, p, mc, self.out_channels)  # torch ConvTranspose2d: fan_in = out * p * p
+            h = nn.ConvTranspose(self.out_channels, (p, p), strides=(p, p), padding="VALID", name="un_pool",
+                                 **_layer_inits(init, un_pool_kernel, transposed=True), **kw)(h)
         else:
-            h = _conv3x3(self.out_channels, name="out_2", zero=True, **kw)(h)
+            h = _conv3x3(self.out_channels, h.shape[-1], init, name="out_2", zero=True, **kw)(h)
         return h.astype(jnp.float32)
 
 
