@@ -9,7 +9,8 @@ centre of each photo (fewer where the photo is smaller; 48 tiles with the defaul
 divisible by every default factor). For each factor the low-res image is made with each filter
 of :func:`cfm_jax.data.photos.make_lowres`:
 
-* ``box``: area average (PIL ``BOX`` for non-integer factors), today's default;
+* ``box``: the exact area average (each low-res pixel averages the high-res pixels it covers,
+  weighted by their overlap; the ``f x f`` block mean at integer factors), the default;
 * ``bilinear``: PyTorch ``F.interpolate(mode='bilinear', align_corners=False)`` without
   antialiasing, what the original (``fmboost.helpers.resize_ims``) trains with;
 * ``lanczos`` (the reference, not an option): PIL ``LANCZOS`` (Lanczos-3 windowed sinc, support
@@ -18,9 +19,10 @@ of :func:`cfm_jax.data.photos.make_lowres`:
   the two candidates and is the standard high-quality down-scaler (a Gaussian prefilter trades
   blur against aliasing by the choice of its sigma, which would bias the comparison).
 
-Note: PIL's ``BOX`` (the box filter at non-integer factors) samples a box of width ``factor`` at
-the input pixel centres rather than integrating it: at x1.5 the outputs alternate between a
-2-pixel average and a single pixel.
+(Before, ``box`` used PIL's ``BOX`` at non-integer factors, which samples a box of width
+``factor`` at the input pixel centres rather than integrating it -- at x1.5 its outputs alternate
+between a 2-pixel mean and a copy of one pixel -- and lost to bilinear there;
+``docs/lowres_filter.md`` keeps those numbers.)
 
 Metrics as the project's evaluation (:mod:`cfm_jax.metrics`: images in [-1, 1] mapped to [0, 1]
 and clipped, PSNR in dB, SSIM with the 11x11 Gaussian window, sigma 1.5), computed with numpy and

@@ -1,4 +1,4 @@
-"""data.lowres_filter: 'bilinear' is the original's F.interpolate, 'box' today's area average; every
+"""data.lowres_filter: 'bilinear' is the original's F.interpolate, 'box' the exact area average; every
 place that makes a low-res image (photo crops, records, the record loader, image folders) honours it."""
 import os
 
@@ -45,12 +45,71 @@ def test_box_and_bilinear_agree_at_x2_only(images):
                                atol=1e-6)
 
 
-def test_box_is_todays_filter_bit_for_bit(images):
-    np.testing.assert_array_equal(photos.make_lowres(images, 10, "box"), photos.downsample(images, 4))
-    pil = np.stack([np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(im[:, :, c])).resize(
-        (16, 16), Image.Resampling.BOX)) for c in range(3)], -1) for im in images])
-    np.testing.assert_array_equal(photos.make_lowres(images, 16, "box"), pil)  # non-integer: PIL's BOX
-    np.testing.assert_array_equal(prepare.downsample_antialiased(images, 16), pil)
+@pytest.mark.parametrize("factor", [1, 2, 4, 5, 8])
+def test_box_at_integer_factors_is_todays_block_mean_bit_for_bit(images, factor):
+    """Records and runs made before the area weights keep their exact low-res images."""
+    size = 40 // factor
+    np.testing.assert_array_equal(photos.make_lowres(images, size, "box"), photos.downsample(images, factor))
+    np.testing.assert_array_equal(prepare.downsample_antialiased(images, size), photos.downsample(images, factor))
+    np.testing.assert_array_equal(jax.jit(lambda x: photos.make_lowres(x, size, "box"))(jnp.asarray(images)),
+                                  photos.downsample(jnp.asarray(images), factor))
+    # the area weights are the same filter (to float rounding)
+    np.testing.assert_allclose(photos.make_lowres(images, size, "box"),
+                               photos.resize(images, size, "area"), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_in, n_out", [(3, 2), (5, 2), (40, 16), (40, 24), (1024, 683), (7, 7), (12, 3)])
+def test_area_weights_sum_to_one_per_output(n_in, n_out):
+    w = photos._interp_matrix(n_in, n_out, "box")
+    assert w.shape == (n_out, n_in) and w.dtype == np.float32 and (w >= 0).all()
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=0, atol=1e-6)
+    # every input pixel counts as much as any other: n_out / n_in of it in all
+    np.testing.assert_allclose(w.sum(axis=0), n_out / n_in, rtol=0, atol=1e-6)
+
+
+def test_area_weights_by_hand():
+    # x1.5: output 0 covers [0, 1.5) = all of pixel 0 and half of pixel 1, over a length of 1.5
+    np.testing.assert_allclose(photos._interp_matrix(3, 2, "box"), [[2 / 3, 1 / 3, 0], [0, 1 / 3, 2 / 3]],
+                               rtol=0, atol=1e-7)
+    # x2.5: [0, 2.5) and [2.5, 5)
+    np.testing.assert_allclose(photos._interp_matrix(5, 2, "box"), [[0.4, 0.4, 0.2, 0, 0], [0, 0, 0.2, 0.4, 0.4]],
+                               rtol=0, atol=1e-7)
+    image = np.arange(9, dtype=np.float32).reshape(1, 3, 3, 1)  # rows [0 1 2], [3 4 5], [6 7 8]
+    # low-res pixel (0, 0) covers [0, 1.5)^2 (area 2.25): pixel 0 whole, 1 and 3 half, 4 a quarter
+    top_left = (1 * 0 + 0.5 * 1 + 0.5 * 3 + 0.25 * 4) / 2.25
+    expected = np.array([[top_left, 8 / 3], [16 / 3, 20 / 3]])  # 3 x 3 -> 2 x 2, the others alike
+    assert top_left == pytest.approx(4 / 3)
+    for x in (image, jnp.asarray(image)):
+        np.testing.assert_allclose(np.asarray(photos.make_lowres(x, 2, "box"))[0, :, :, 0], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [16, 24, (16, 24), 10])  # x2.5, x1.5, both, x4
+def test_box_keeps_a_constant_image_constant(size):
+    for value in (-1.0, 0.3, 1.0):
+        flat = np.full((1, 40, 40, 3), value, np.float32)
+        np.testing.assert_allclose(photos.make_lowres(flat, size, "box"), value, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(jax.jit(lambda x: photos.make_lowres(x, size, "box"))(jnp.asarray(flat)), value,
+                                   rtol=0, atol=1e-6)
+
+
+def test_box_at_x1_5_averages_every_pixel_instead_of_copying_some():
+    """PIL's BOX (the old non-integer box) makes, at x1.5, a 2-pixel mean and then a copy of one
+    pixel; the area average gives each low-res pixel 2/3 of one pixel and 1/3 of the next."""
+    rows = np.zeros((12, 12, 12, 1), np.float32)
+    rows[np.arange(12), np.arange(12)] = 1.0  # image k: a line of ones on row k
+    response = photos.make_lowres(rows, 8, "box")[:, :, 4, 0].T  # [out row, impulse row k]
+    np.testing.assert_allclose(response, np.kron(np.eye(4), [[2 / 3, 1 / 3, 0], [0, 1 / 3, 2 / 3]]), atol=1e-6)
+    assert response.max() < 0.67  # no output copies an input pixel
+    pil = np.stack([np.asarray(Image.fromarray(r[:, :, 0]).resize((8, 8), Image.Resampling.BOX))[:, 4]
+                    for r in rows], axis=1)
+    assert pil.max() == pytest.approx(1.0)  # what it replaces: copied pixels
+
+
+def test_box_at_non_integer_factors_is_jittable_and_matches_numpy(images):
+    for size in (16, 24, (16, 24)):
+        np.testing.assert_allclose(jax.jit(lambda x: photos.make_lowres(x, size, "box"))(jnp.asarray(images)),
+                                   photos.make_lowres(images, size, "box"), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(prepare.downsample_antialiased(images, 16), photos.make_lowres(images, 16, "box"))
 
 
 def test_photo_crops_honour_the_filter():
@@ -106,7 +165,7 @@ def test_records_record_and_use_the_filter(bilinear_records):
     # the stored PSU latent was made from that low-res image
     np.testing.assert_allclose(batch["latent_lowres"], photos.upsample_bilinear(batch["image_lowres"], 32),
                                atol=1e-5)
-    assert prepare.lowres_method("box", 32, 8) == "box" and prepare.lowres_method("box", 30, 8) == "pil_box"
+    assert prepare.lowres_method("box", 32, 8) == "box" and prepare.lowres_method("box", 30, 8) == "box_area"
 
 
 def test_records_of_the_other_filter_are_refused(bilinear_records):
@@ -130,6 +189,19 @@ def test_box_records_at_x2_fit_either_filter():
     assert pipeline.records_lowres_filter({"image_size": 32, "lowres_size": 8}) == "box"
 
 
+def test_records_of_pils_box_filter_are_refused_with_the_fix():
+    """Records of an older version at a non-integer factor were made with PIL's BOX, a filter no
+    version makes now: reading them would pair new low-res images with their old latent_lowres."""
+    meta = {"image_size": 40, "lowres_size": 16, "lowres_method": "pil_box"}
+    fix = r"PIL's BOX filter.*python -m cfm_jax\.data\.prepare .*--image_size 40 --lowres_size 16 --lowres_filter box"
+    for filter_ in photos.LOWRES_FILTERS:
+        with pytest.raises(ValueError, match=fix):
+            pipeline.check_lowres_filter_matches(meta, filter_, "/data/old")
+    with pytest.raises(ValueError, match=r"records at /data/old were prepared by an older version"):
+        pipeline.records_lowres_filter(meta, "/data/old")
+    assert pipeline.records_lowres_filter(dict(meta, lowres_method="box_area")) == "box"
+
+
 def test_image_folder_set_honours_the_filter(tmp_path):
     for name in ("astronaut", "coffee"):
         Image.fromarray(photos.load_photos("validation")[photos.VALIDATION_PHOTOS.index(name)]).save(
@@ -147,7 +219,7 @@ def test_records_of_a_non_integer_factor_are_read_with_their_filter(lowres_filte
     out = str(tmp_path)
     prepare.prepare("photos:validation", out, split="validation", image_size=40, lowres_size=16,
                     lowres_filter=lowres_filter, progress=False)
-    assert records.dataset_metadata(out)["lowres_method"] == {"box": "pil_box", "bilinear": "bilinear"}[lowres_filter]
+    assert records.dataset_metadata(out)["lowres_method"] == {"box": "box_area", "bilinear": "bilinear"}[lowres_filter]
     batch = next(iter(pipeline.make_record_loader(out, split="validation", batch_size=2, shuffle=False, num_epochs=1,
                                                   process_index=0, process_count=1)))
     np.testing.assert_allclose(batch["image_lowres"], prepare.downsample_antialiased(batch["image"], 16, lowres_filter),

@@ -56,9 +56,11 @@ Low-res version and PSU
 -----------------------
 ``image_lowres = make_lowres(image, h, lowres_filter)`` (``config.data.lowres_filter``):
 
-* ``'box'`` (default): a ``factor x factor`` box (area) average (:func:`downsample`;
-  PIL's area filter ``BOX`` where ``image_size / h`` is not an integer). At integer
-  factors antialiased, exact, cheap and jittable.
+* ``'box'`` (default): the exact area average. Low-res pixel ``j`` covers the high-res
+  interval ``[j s, (j + 1) s)``, ``s = H / h``, and averages the high-res pixels weighted
+  by how much of each lies inside it (separable). At an integer factor that is the
+  ``factor x factor`` block mean (:func:`downsample`); at a non-integer one (x1.5: weights
+  2/3, 1/3 and 1/3, 2/3) the same weights as a matrix. Antialiased, numpy or jax, jittable.
 * ``'bilinear'``: the original's ``fmboost.helpers.resize_ims(x, h, mode='bilinear')``,
   i.e. PyTorch ``F.interpolate(mode='bilinear', align_corners=False)`` *without*
   antialiasing, also for non-integer factors.
@@ -67,7 +69,7 @@ For factor 2 (the original's 64->128 and 512->1024 configs) the two are the same
 (half-pixel centres sample at 2i+0.5: a 2x2 average). At x4 the bilinear one averages 2
 of every 4 rows and columns and aliases. ``docs/lowres_filter.md`` compares them on these
 photos: at integer factors above 2 the box image is far less aliased and keeps more of the
-high-res image, hence the default (at non-integer factors PIL's ``BOX`` loses to bilinear).
+high-res image, hence the default (also at non-integer factors, see that page).
 
 ``latent_lowres = upsample_bilinear(image_lowres, H)`` (identity first stage,
 pixel-space up-sampling = PSU), with the semantics of PyTorch
@@ -258,11 +260,22 @@ def _interp_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
                          renormalised (== jax.image.resize 'bicubic' for up-sampling;
                          also Pillow's BICUBIC border handling).
       * ``area``         torch ``mode='area'`` == adaptive average pooling: output ``i``
-                         averages inputs ``[floor(i n_in / n_out), ceil((i + 1) n_in / n_out))``.
+                         averages inputs ``[floor(i n_in / n_out), ceil((i + 1) n_in / n_out))``
+                         with equal weights.
+      * ``box``          the exact area average (the ``'box'`` low-res filter): output ``i``
+                         covers ``[i s, (i + 1) s)``, ``s = n_in / n_out``, and weights input
+                         ``k`` by the length of ``[k, k + 1)`` inside it, divided by ``s``.
     """
     rows = np.arange(n_out)
     w = np.zeros((n_out, n_in), np.float64)
-    if method == "area":
+    if method == "box":
+        # in units of 1 / n_out the interval of output i is [i n_in, (i + 1) n_in) and input k
+        # is [k n_out, (k + 1) n_out): integer overlaps, so the weights are exact fractions
+        cols = np.arange(n_in)
+        lo = np.maximum(rows[:, None] * n_in, cols[None, :] * n_out)
+        hi = np.minimum((rows[:, None] + 1) * n_in, (cols[None, :] + 1) * n_out)
+        w = np.maximum(hi - lo, 0) / n_in  # overlap / n_out / s
+    elif method == "area":
         start = rows * n_in // n_out
         end = -(-(rows + 1) * n_in // n_out)  # ceil, in integers like torch
         cols = np.arange(n_in)
@@ -369,26 +382,13 @@ def check_lowres_filter(lowres_filter: str) -> str:
     return lowres_filter
 
 
-def _pil_box(images: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """float32 [..., H, W, C] -> [..., out_h, out_w, C] with PIL's area filter (``BOX``),
-    channel by channel in float."""
-    x = np.asarray(images, np.float32)
-    lead, (h, w, c) = x.shape[:-3], x.shape[-3:]
-    flat = x.reshape(-1, h, w, c)
-    out = np.empty((flat.shape[0], out_h, out_w, c), np.float32)
-    for b in range(flat.shape[0]):
-        for ch in range(c):
-            channel = Image.fromarray(np.ascontiguousarray(flat[b, :, :, ch], np.float32))
-            out[b, :, :, ch] = np.asarray(channel.resize((out_w, out_h), Image.Resampling.BOX))
-    return out.reshape(*lead, out_h, out_w, c)
-
-
 def make_lowres(images, lowres_size, lowres_filter: str = "box"):
     """The low-res version [..., h, w, C] of high-res images [..., H, W, C] (see the module
     docstring): ``lowres_size`` is an int (square) or (h, w).
 
-    * ``'box'``: :func:`downsample` by ``H // h`` when both sides divide (numpy or jax);
-      otherwise PIL's ``BOX`` area filter (numpy only).
+    * ``'box'``: the exact area average -- :func:`downsample` by ``H // h`` when both sides
+      divide by the same integer, otherwise separable area weights (``_interp_matrix(..., 'box')``,
+      the same numbers to float rounding at integer factors); numpy or jax, jittable.
     * ``'bilinear'``: PyTorch ``F.interpolate(mode='bilinear', align_corners=False)``, no
       antialiasing, any sizes (numpy or jax, jittable).
     """
@@ -403,11 +403,8 @@ def make_lowres(images, lowres_size, lowres_filter: str = "box"):
     if lowres_filter == "bilinear":
         return resize(x, (out_h, out_w), "bilinear")
     if h % out_h == 0 and w % out_w == 0 and h // out_h == w // out_w:
-        return downsample(x, h // out_h)
-    if not _is_numpy(x):
-        raise ValueError(f"lowres_filter='box' with a non-integer factor {(h, w)} -> {(out_h, out_w)} uses PIL "
-                         "and needs a numpy array.")
-    return _pil_box(x, out_h, out_w)
+        return downsample(x, h // out_h)  # the block mean, bit for bit as records made before
+    return _resize_separable(x, (out_h, out_w), "box", up_only=False)
 
 
 def lowres_filters_agree(image_size: int, lowres_size: int) -> bool:

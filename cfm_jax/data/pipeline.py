@@ -161,7 +161,7 @@ def make_record_loader(path: str, *, split: str = "train", batch_size: int, seed
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
     meta = records.dataset_metadata(path)
     lowres_size = int(meta["lowres_size"])
-    records_filter = records_lowres_filter(meta)
+    records_filter = records_lowres_filter(meta, path)
     if lowres_filter is not None:
         check_lowres_filter_matches(meta, lowres_filter, path)
     if worker_count > 0:
@@ -187,22 +187,38 @@ def make_record_loader(path: str, *, split: str = "train", batch_size: int, seed
                             read_options=read_options)
 
 
-def records_lowres_filter(meta: Mapping[str, Any]) -> str:
+# records' lowres_method -> the data.lowres_filter that makes the same low-res image today
+_RECORD_FILTERS = {"box": "box", "box_area": "box", "bilinear": "bilinear"}
+
+
+def records_lowres_filter(meta: Mapping[str, Any], path: str = "the records") -> str:
     """The ``data.lowres_filter`` records were prepared with, from their ``lowres_method``
-    metadata (``box``/``pil_box``: 'box'; ``bilinear``: 'bilinear'; absent: 'box', the only
-    filter before the option existed)."""
+    metadata (``box``/``box_area``: 'box'; ``bilinear``: 'bilinear'; absent: 'box', the only
+    filter before the option existed).
+
+    ``pil_box`` (an older version's box filter at a non-integer factor: PIL's ``BOX``, which is
+    not an area average) is refused: no filter of this version makes those low-res images, so
+    the ``image_lowres`` computed here would not be the one their ``latent_lowres`` came from."""
     method = meta.get("lowres_method", "box")
-    filters = {"box": "box", "pil_box": "box", "bilinear": "bilinear"}
-    if method not in filters:
-        raise ValueError(f"records lowres_method={method!r} is not one this version knows ({sorted(filters)}).")
-    return filters[method]
+    if method == "pil_box":
+        raise ValueError(
+            f"The records at {path} were prepared by an older version with PIL's BOX filter (lowres_method "
+            f"'pil_box', {meta.get('image_size')} -> {meta.get('lowres_size')} px), which the 'box' filter no longer "
+            "uses at non-integer factors (it is now the exact area average): their latent_lowres do not match "
+            "the low-res images made today. Prepare them again into a new folder: python -m cfm_jax.data.prepare "
+            f"--src <the same images> --out <new folder> --image_size {meta.get('image_size')} --lowres_size "
+            f"{meta.get('lowres_size')} --lowres_filter box (or bilinear) ... with the other settings as before.")
+    if method not in _RECORD_FILTERS:
+        raise ValueError(f"records lowres_method={method!r} is not one this version knows "
+                         f"({sorted(_RECORD_FILTERS)}).")
+    return _RECORD_FILTERS[method]
 
 
 def check_lowres_filter_matches(meta: Mapping[str, Any], lowres_filter: str, path: str = "the records") -> None:
     """Raises a ValueError when ``lowres_filter`` (the config's) differs from the filter of the
     records -- unless the two filters agree at their sizes (factor 1 or 2)."""
     check_lowres_filter(lowres_filter)
-    made_with = records_lowres_filter(meta)
+    made_with = records_lowres_filter(meta, path)
     if made_with != lowres_filter and not lowres_filters_agree(int(meta["image_size"]), int(meta["lowres_size"])):
         raise ValueError(
             f"data.lowres_filter={lowres_filter!r}, but the records at {path} were prepared with the "

@@ -24,9 +24,10 @@ What happens to one source image
    ``center`` (one crop) or ``random`` (positions drawn from
    ``SeedSequence([seed, sha256(file name)])``: they do not depend on the other files,
    the shard or the process).
-3. ``image_lowres``: antialiased down-sampling to ``lowres_size``: the box filter
-   ``photos.downsample`` when ``image_size / lowres_size`` is an integer (bit-exact with the
-   original's bilinear /2), PIL's area filter (``BOX``) otherwise.
+3. ``image_lowres``: antialiased down-sampling to ``lowres_size`` (``--lowres_filter box``, the
+   default): the exact area average, ``photos.downsample`` when ``image_size / lowres_size`` is
+   an integer (bit-exact with the original's bilinear /2), area-weighted otherwise
+   (``photos.make_lowres``).
 4. One jitted function per batch encodes ``latent = encode_unscaled(image)`` and
    ``latent_lowres = encode_unscaled(bilinear_up(image_lowres, image_size))`` (PSU, the same
    as ``CFMUpsampler.make_latents_fn``), plus the posterior moments with ``--with_moments``.
@@ -258,18 +259,20 @@ def make_crops(image: np.ndarray, *, image_size: int, crop: str, crops_per_image
 
 def downsample_antialiased(images: np.ndarray, lowres_size: int, lowres_filter: str = "box") -> np.ndarray:
     """float32 [B, H, H, 3] -> [B, l, l, 3], the records' low-res images (``photos.make_lowres``):
-    ``lowres_filter='box'`` (default): ``photos.downsample`` (box) for an integer factor, PIL's area
-    filter (``BOX``, channel by channel in float) otherwise; ``'bilinear'``: the original's
-    ``F.interpolate(mode='bilinear')`` without antialiasing (``--lowres_filter bilinear``)."""
+    ``lowres_filter='box'`` (default): the exact area average (``photos.downsample`` for an integer
+    factor, area-weighted otherwise); ``'bilinear'``: the original's ``F.interpolate(mode='bilinear')``
+    without antialiasing (``--lowres_filter bilinear``)."""
     return np.asarray(photos.make_lowres(images, lowres_size, lowres_filter), np.float32)
 
 
 def lowres_method(lowres_filter: str, image_size: int, lowres_size: int) -> str:
-    """The records' ``lowres_method`` metadata for ``lowres_filter``: ``box`` / ``pil_box``
-    (non-integer factor) for the box filter, ``bilinear`` for the original's filter."""
+    """The records' ``lowres_method`` metadata for ``lowres_filter``: ``box`` (integer factor) /
+    ``box_area`` (non-integer factor, the area-weighted average) for the box filter, ``bilinear``
+    for the original's filter. (Records of older versions may say ``pil_box``: PIL's ``BOX`` at a
+    non-integer factor, another filter, which the record loader refuses.)"""
     if photos.check_lowres_filter(lowres_filter) == "bilinear":
         return "bilinear"
-    return "box" if image_size % lowres_size == 0 else "pil_box"
+    return "box" if image_size % lowres_size == 0 else "box_area"
 
 
 def to_unit_range(images_uint8: np.ndarray) -> np.ndarray:

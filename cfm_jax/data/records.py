@@ -32,12 +32,15 @@ stage's downsampling factor, ``C`` its latent channels)::
     crop_offset     int32   [2]         (top, left) of the crop in the resized image
 
 The low-res image itself is not stored: it is a pure function of ``image``
-(``photos.downsample(image / 127.5 - 1, H // lowres_size)`` for integer factors).
+(``photos.make_lowres(image / 127.5 - 1, lowres_size, filter)`` with the filter of
+``lowres_method``; ``photos.downsample(image / 127.5 - 1, H // lowres_size)`` for ``box``).
 Latents are stored unscaled, like the original's records: multiply by the
 ``scale_factor`` of the metadata (what ``CFMUpsampler.scaled_latents`` does).
 
 Dataset-level metadata (``metadata.json``, ``builder.info.metadata``): ``name``,
-``image_size``, ``lowres_size``, ``downsample_factor`` (image / low-res), ``lowres_method``,
+``image_size``, ``lowres_size``, ``downsample_factor`` (image / low-res), ``lowres_method``
+(``box``: block mean at an integer factor; ``box_area``: area-weighted mean at a non-integer one;
+``bilinear``: the original's filter; ``pil_box``: an older version's PIL ``BOX``, refused),
 ``latent_size``, ``latent_channels``, ``scale_factor``, ``shift_factor``, ``first_stage``
 (name, kind, path, architecture, a SHA-256 of its weights), ``with_moments``, and per
 split the preparation settings and counts (``splits``).

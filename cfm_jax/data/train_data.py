@@ -209,7 +209,7 @@ def check_records(path: str, config, first_stage) -> dict:
         problems.append(f"first stage: records made with {rec_kind!r}, config uses {first_stage.name!r}")
     from cfm_jax.data import pipeline
 
-    made_with, want = pipeline.records_lowres_filter(meta), lowres_filter_of(config)
+    made_with, want = pipeline.records_lowres_filter(meta, path), lowres_filter_of(config)
     if made_with != want and not photos.lowres_filters_agree(meta["image_size"], meta["lowres_size"]):
         problems.append(f"lowres_filter: records made with {made_with!r} (lowres_method "
                         f"{meta.get('lowres_method', 'box')!r}), config data.lowres_filter={want!r}")
