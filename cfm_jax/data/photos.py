@@ -69,7 +69,7 @@ For factor 2 (the original's 64->128 and 512->1024 configs) the two are the same
 (half-pixel centres sample at 2i+0.5: a 2x2 average). At x4 the bilinear one averages 2
 of every 4 rows and columns and aliases. ``docs/lowres_filter.md`` compares them on these
 photos: at integer factors above 2 the box image is far less aliased and keeps more of the
-high-res image, hence the default (also at non-integer factors, see that page).
+high-res image, hence the default (at non-integer factors the two nearly tie, see that page).
 
 ``latent_lowres = upsample_bilinear(image_lowres, H)`` (identity first stage,
 pixel-space up-sampling = PSU), with the semantics of PyTorch
