@@ -24,134 +24,174 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py (or `convert fmboost`).",
-                               required=True)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
-_ONLINE = flags.DEFINE_bool("online", False, "Evaluate the online weights instead of the EMA.")
-_NO_EMA = flags.DEFINE_bool("no_ema", False, "Same as --online (kept for older commands).")
-_SOLVERS = flags.DEFINE_string("solvers", None, "Comma-separated solvers, e.g. euler:10,euler:40,rk4:10,dopri5:1e-3,"
-                               "sde_euler:40 (default: the run's sample.method:sample.num_steps).")
-_METHOD = flags.DEFINE_string("method", None, "Single solver method (shorthand; --solvers wins).")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Grid points for --method.")
-_DIFFUSION_FORM = flags.DEFINE_string("diffusion_form", None, "SDE solvers: diffusion form (default: the run's "
-                                      "sample.diffusion_form, else sigma).")
-_DIFFUSION_NORM = flags.DEFINE_float("diffusion_norm", None, "SDE solvers: diffusion scale (default: the run's, "
-                                     "else 1).")
-_LAST_STEP = flags.DEFINE_string("last_step", None, "SDE solvers: Mean | Euler | none (default: the run's, else "
-                                 "Mean).")
-_LAST_STEP_SIZE = flags.DEFINE_float("last_step_size", None, "SDE solvers: size of the last step (default: the "
-                                     "run's, else 0.04).")
-_RECORDS = flags.DEFINE_string("records", None, "Prepared records to evaluate on (default: the run's data.path).")
-_SPLIT = flags.DEFINE_string("split", None, "Split of the records (default: the run's data.val_split).")
-_IMAGES = flags.DEFINE_string("images", None, "Folder of high-res images to evaluate on instead of records.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Images to evaluate (default: data.num_val_images).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch size (default: data.batch_size).")
-_INCEPTION = flags.DEFINE_string("inception", None, "FID Inception weights: pytorch-fid's "
-                                 "pt_inception-2015-12-05-6726825d.pth or a `convert inception` folder "
-                                 "(default: the run's eval.inception). Without it (or with --inception=) FID and "
-                                 "patch-FID are not computed.")
-_NUM_CROPS = flags.DEFINE_integer("num_crops", None, "patch-FID: random crops per image (default: the run's "
-                                  "eval.num_crops, else 4).")
-_CROP_SIZE = flags.DEFINE_integer("crop_size", None, "patch-FID: crop side in pixels, 0: image_size / 2 (default: "
-                                  "the run's eval.crop_size, else 0).")
-_FID_STATS = flags.DEFINE_string("fid_stats", None, "npz of the real images' FID statistics (pytorch-fid "
-                                 "format): read when it exists, else computed and written there.")
-_SEED = flags.DEFINE_integer("seed", None, "Seed of the sampling noise and the patch-FID crops (default: the run's "
-                             "config.seed, which its validation used).")
-_OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/eval).")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                                 "jax.distributed.initialize, as in train.py.")
+from cfm_jax import cli
 
 
-def _fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+def define_flags(fl: flags.FlagValues) -> None:
+    """eval.py's flags, on ``fl`` (a fresh ``FlagValues`` per :func:`main` call, so that main runs
+    in-process as often as a test wants)."""
+    def string(name, help_):
+        flags.DEFINE_string(name, None, help_, flag_values=fl)
+
+    def integer(name, help_):
+        flags.DEFINE_integer(name, None, help_, flag_values=fl)
+
+    def real(name, help_):
+        flags.DEFINE_float(name, None, help_, flag_values=fl)
+
+    string("workdir", "Run directory written by train.py (or `convert fmboost`). Required.")
+    integer("step", "Checkpoint step (default: newest).")
+    flags.DEFINE_bool("online", False, "Evaluate the online weights instead of the EMA.", flag_values=fl)
+    flags.DEFINE_bool("no_ema", False, "Same as --online (kept for older commands).", flag_values=fl)
+    string("solvers", "Comma-separated solvers, e.g. euler:10,euler:40,rk4:10,dopri5:1e-3,sde_euler:40 (default: "
+           "the run's sample.method:sample.num_steps).")
+    string("method", "Single solver method (shorthand; --solvers wins).")
+    integer("num_steps", "Grid points for --method (>= 2).")
+    string("diffusion_form", "SDE solvers: diffusion form (default: the run's sample.diffusion_form, else sigma).")
+    real("diffusion_norm", "SDE solvers: diffusion scale (default: the run's, else 1).")
+    string("last_step", "SDE solvers: Mean | Euler | none (default: the run's, else Mean).")
+    real("last_step_size", "SDE solvers: size of the last step (default: the run's, else 0.04).")
+    string("records", "Prepared records to evaluate on (default: the run's data.path).")
+    string("split", "Split of the records (default: the run's data.val_split).")
+    string("images", "Folder of high-res images to evaluate on instead of records.")
+    integer("num_images", "Images to evaluate, >= 1 (default: the run's data.num_val_images).")
+    integer("batch_size", "Global batch size, >= 1 (default: the run's data.batch_size).")
+    string("inception", "FID Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a `convert "
+           "inception` folder (default: the run's eval.inception). Without it (or with --inception=) FID and "
+           "patch-FID are not computed.")
+    integer("num_crops", "patch-FID: random crops per image, >= 1 (default: the run's eval.num_crops, else 4).")
+    integer("crop_size", "patch-FID: crop side in pixels, 0: image_size / 2 (default: the run's eval.crop_size, "
+            "else 0).")
+    string("fid_stats", "npz of the real images' FID statistics (pytorch-fid format): read when it exists, else "
+           "computed and written there.")
+    integer("seed", "Seed of the sampling noise and the patch-FID crops (default: the run's config.seed, which its "
+            "validation used).")
+    string("out", "Output folder (default: <workdir>/eval).")
+    flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "jax.distributed.initialize, as in train.py.",
+                      flag_values=fl)
 
 
-def main(argv):
-    del argv
+def _check_counts(f: flags.FlagValues) -> None:
+    """Counts and sizes that must be positive, named by their flag (before anything is loaded)."""
+    for name, low, meaning in (("num_images", 1, "the number of images to evaluate"),
+                               ("batch_size", 1, "the global batch size"),
+                               ("num_crops", 1, "patch-FID crops per image"),
+                               ("crop_size", 0, "the patch-FID crop side, 0 for image_size / 2"),
+                               ("num_steps", 2, "grid points of --method, 2 for one step"),
+                               ("step", 0, "a checkpoint step")):
+        value = f[name].value
+        if value is not None and value < low:
+            cli.fail(f"--{name}={value}: it is {meaning} and must be >= {low}; omit it for the run's default.")
+
+
+def parse(argv) -> flags.FlagValues:
+    """The flags of ``argv`` (``argv[0]`` the program), checked as far as they can be without
+    reading the run: a bad flag or value is one line and exit code 2."""
+    fl = flags.FlagValues()
+    define_flags(fl)
+    rest = cli.parse_flags(fl, argv, prog="python eval.py", usage="--workdir DIR [flags]", doc=__doc__)
+    if len(rest) > 1:
+        cli.fail(f"unexpected arguments {rest[1:]}: every option is a --flag (see python eval.py --help).")
+    if not fl.workdir:
+        cli.fail("--workdir is required: the run directory written by train.py (or `python -m cfm_jax.convert "
+                 "fmboost`).")
+    _check_counts(fl)
+    return fl
+
+
+def main(argv=None) -> int:
+    fl = parse(sys.argv if argv is None else argv)
+    cli.skip_tpu_probe_without_accelerator()  # before JAX makes a backend
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax metadata chatter
+    logging.getLogger("jax").setLevel(logging.WARNING)  # backend probes, compilation cache notes
     import jax
     import ml_collections
 
     from cfm_jax import checkpointing, distributed, evaluation, sharding
     from cfm_jax.data import eval_data
     from cfm_jax.solvers import SolverSpec
+    from cfm_jax.upsample import check_params_fit_config
     from cfm_jax.upsampler import CFMUpsampler
 
-    distributed.initialize(_DISTRIBUTED.value)
-    workdir = _WORKDIR.value
+    try:
+        distributed.initialize(fl.distributed)
+    except (RuntimeError, ValueError) as e:  # as train.py: a coordinator that is not there, bad settings
+        cli.fail(str(e))
+    workdir = fl.workdir
     cfg_path = os.path.join(workdir, "config.json")
     if not os.path.exists(cfg_path):
-        _fail(f"{cfg_path} not found: --workdir must be a directory written by train.py.")
+        cli.fail(f"{cfg_path} not found: --workdir must be a directory written by train.py.")
     import json
     with open(cfg_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
     d = config.data
-    if _NUM_IMAGES.value:
-        d.num_val_images = _NUM_IMAGES.value
-    if _BATCH_SIZE.value:
-        d.batch_size = _BATCH_SIZE.value
-    if _RECORDS.value:
-        d.name, d.path, d.prepare_photos = "records", _RECORDS.value, False
-    if _SPLIT.value:
-        d.val_split = _SPLIT.value
+    if fl.num_images is not None:
+        d.num_val_images = fl.num_images
+    if fl.batch_size is not None:
+        d.batch_size = fl.batch_size
+    if fl.records:
+        d.name, d.path, d.prepare_photos = "records", fl.records, False
+    if fl.split:
+        d.val_split = fl.split
 
     # solvers and options first: a typo fails before anything is loaded
     sample = config.sample
-    sde_kwargs = {k: v for k, v in (("diffusion_form", _DIFFUSION_FORM.value),
-                                    ("diffusion_norm", _DIFFUSION_NORM.value), ("last_step", _LAST_STEP.value),
-                                    ("last_step_size", _LAST_STEP_SIZE.value)) if v is not None}
+    sde_kwargs = {k: v for k, v in (("diffusion_form", fl.diffusion_form), ("diffusion_norm", fl.diffusion_norm),
+                                    ("last_step", fl.last_step), ("last_step_size", fl.last_step_size))
+                  if v is not None}
     if isinstance(sde_kwargs.get("last_step"), str) and sde_kwargs["last_step"].lower() == "none":
         sde_kwargs["last_step"] = None
     try:
-        if _SOLVERS.value:  # the run's atol, max_steps and SDE settings unless a flag says otherwise
+        if fl.solvers:  # the run's atol, max_steps and SDE settings unless a flag says otherwise
             run = SolverSpec.from_config(sample, **sde_kwargs)
-            solvers = SolverSpec.parse_list(_SOLVERS.value, **{k: getattr(run, k) for k in (
+            solvers = SolverSpec.parse_list(fl.solvers, **{k: getattr(run, k) for k in (
                 "atol", "max_steps", "diffusion_form", "diffusion_norm", "last_step", "last_step_size")})
         else:
-            overrides = {k: v for k, v in (("method", _METHOD.value), ("num_steps", _NUM_STEPS.value)) if v}
+            overrides = {k: v for k, v in (("method", fl.method), ("num_steps", fl.num_steps)) if v}
             solvers = [SolverSpec.from_config(sample, **sde_kwargs, **overrides)]
     except ValueError as e:
-        _fail(str(e))
+        cli.fail(str(e))
     if len({s.label for s in solvers}) != len(solvers):
-        _fail(f"--solvers repeats a solver: {[s.label for s in solvers]}.")
+        cli.fail(f"--solvers repeats a solver: {[s.label for s in solvers]}.")
     run_eval = config.get("eval") or {}  # absent from the config.json of older runs
-    inception = _INCEPTION.value if _INCEPTION.value is not None else run_eval.get("inception", "")
-    num_crops = _NUM_CROPS.value if _NUM_CROPS.value is not None else run_eval.get("num_crops", 4)
-    crop_size = _CROP_SIZE.value if _CROP_SIZE.value is not None else run_eval.get("crop_size", 0)
-    seed = _SEED.value if _SEED.value is not None else int(config.get("seed", 0))
+    inception = fl.inception if fl.inception is not None else run_eval.get("inception", "")
+    num_crops = fl.num_crops if fl.num_crops is not None else run_eval.get("num_crops", 4)
+    crop_size = fl.crop_size if fl.crop_size is not None else run_eval.get("crop_size", 0)
+    seed = fl.seed if fl.seed is not None else int(config.get("seed", 0))
     if inception and not os.path.exists(inception):
-        _fail(f"--inception {inception!r} does not exist (pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
-              "or a folder written by `python -m cfm_jax.convert inception`).")
-    if _IMAGES.value and not os.path.isdir(_IMAGES.value):
-        _fail(f"--images {_IMAGES.value!r} is not a folder.")
+        cli.fail(f"--inception {inception!r} does not exist (pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+                 "or a folder written by `python -m cfm_jax.convert inception`).")
+    if fl.images and not os.path.isdir(fl.images):
+        cli.fail(f"--images {fl.images!r} is not a folder.")
 
-    use_ema = not (_ONLINE.value or _NO_EMA.value)
+    use_ema = not (fl.online or fl.no_ema)
     try:
-        params = checkpointing.read_params(workdir, use_ema=use_ema, step=_STEP.value)
+        params = checkpointing.read_params(workdir, use_ema=use_ema, step=fl.step)
     except (FileNotFoundError, ValueError) as e:
-        _fail(f"{e} Train first: python train.py --workdir {workdir}")
-    step = _STEP.value if _STEP.value is not None else _newest_step(workdir)
+        cli.fail(f"{e} Train first: python train.py --workdir {workdir}")
+    step = fl.step if fl.step is not None else _newest_step(workdir)
     mesh = sharding.make_data_mesh()
     try:
         upsampler = CFMUpsampler(config)
-        if _IMAGES.value:
+        # the weights must have the shapes config.json builds (the same check as the upsampling CLI's)
+        check_params_fit_config(workdir, upsampler, params, config)
+        if fl.images:
             eval_set = eval_data.image_folder_set(
-                _IMAGES.value, image_size=d.image_size, lowres_size=d.lowres_size, num_images=d.num_val_images,
+                fl.images, image_size=d.image_size, lowres_size=d.lowres_size, num_images=d.num_val_images,
                 batch_size=d.batch_size, n_devices=mesh.devices.size,
                 lowres_filter=d.get("lowres_filter", "box"))  # absent from older runs' config.json
         else:
             from cfm_jax.data.train_data import make_data
             _, eval_set = make_data(config, upsampler.first_stage, n_devices=mesh.devices.size, train=False)
         fid_cfg = evaluation.FIDConfig.from_path(inception, num_crops=num_crops, crop_size=crop_size,
-                                                 reference_stats=_FID_STATS.value)
+                                                 reference_stats=fl.fid_stats)
         ev = evaluation.Evaluator(upsampler, eval_set, mesh, seed=seed, fid=fid_cfg,
                                   num_grid=config.train.num_grid_images)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        _fail(str(e))
+    except (FileNotFoundError, ValueError, ImportError) as e:  # UpsampleError is a ValueError
+        cli.fail(str(e))
     print(f"Evaluating {ev.num_images} images ({eval_set.description}) on {mesh.devices.size} device(s), "
           f"{jax.process_count()} process(es); solvers {[s.label for s in solvers]}"
           f"{'; FID + patch-FID' if fid_cfg else '; no FID (pass --inception)'}", flush=True)
@@ -166,7 +206,7 @@ def main(argv):
               + f", {r.seconds_per_image:.3f} s/image", flush=True)
     grid_images = {s.label: grids[s.label] for s in solvers}
 
-    out = _OUT.value or os.path.join(workdir, "eval")
+    out = fl.out or os.path.join(workdir, "eval")
     record = {"checkpoint": os.path.abspath(workdir), "step": step, "weights": "ema" if use_ema else "online",
               "data": eval_set.description, "num_images": ev.num_images, "image_size": d.image_size,
               "lowres_size": d.lowres_size, "seed": seed, "devices": mesh.devices.size,
@@ -183,6 +223,7 @@ def main(argv):
         print(f"\nCFM ({best.label}, best PSNR) minus bicubic: {best.psnr - bicubic.psnr:+.3f} dB PSNR, "
               f"{best.ssim - bicubic.ssim:+.4f} SSIM.")
         print(f"Results in {os.path.abspath(out)}: {' '.join(files)}")
+    return 0
 
 
 def _newest_step(workdir: str):
@@ -192,4 +233,4 @@ def _newest_step(workdir: str):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

@@ -5,7 +5,10 @@ For every solver (:class:`cfm_jax.solvers.SolverSpec`) the checkpoint up-samples
 evaluation set and the prediction is compared with the ground truth by
 
 * PSNR, SSIM, MSE per image (:mod:`cfm_jax.metrics`: dm-pix, checked against
-  scikit-image), averaged over the set;
+  scikit-image), averaged over the set. Per-image PSNR is capped at
+  ``metrics.PSNR_MAX_DB`` (100 dB) before the mean, so one exact reconstruction (bilinear
+  up-sampling of a flat image is one) cannot make it ``+inf``; ``psnr_mean_mse`` is the PSNR
+  of the set's mean MSE (capped the same way), the other usual set PSNR;
 * FID over whole images and patch-FID over ``num_crops`` random ``crop_size``² crops per
   image, the same positions in the real and the generated image (as the original's
   ``ImageMetricTracker``), with the FID Inception network of :mod:`cfm_jax.fid` when its
@@ -26,6 +29,9 @@ at most 2048² x 8 bytes = 32 MiB each, two per method: whole images and crops);
 first ``num_grid`` images of each method for the grid. Latents of sets without them (image
 folders with an autoencoder) are encoded once per batch and pass, shared by the solvers
 of the pass, and not kept after it.
+
+Files: ``metrics.json`` is strict JSON (``allow_nan=False``): a non-finite number (a FID of a
+degenerate set, say) is written as ``null`` and named under ``non_finite`` (:func:`finite_json`).
 
 Seeds: validation uses ``config.seed``, ``eval.py`` ``--seed`` (default: the run's
 ``config.seed``), so for the same checkpoint, solver and images the numbers training logs
@@ -74,9 +80,10 @@ class MethodResult:
     label: str  # solver label for CFM, the baseline's name otherwise
     solver: dict | None
     nfe: int
-    psnr: float
+    psnr: float  # mean of per-image PSNR, each capped at metrics.PSNR_MAX_DB
     ssim: float
     mse: float
+    psnr_mean_mse: float | None = None  # PSNR of the mean MSE (capped at metrics.PSNR_MAX_DB)
     fid: float | None = None
     patch_fid: float | None = None
     seconds_per_image: float | None = None  # sampling + decoding, compile excluded
@@ -161,7 +168,11 @@ class _MethodStats:
         self.grid: list[np.ndarray] = []
 
     def mean_scores(self) -> dict[str, float]:
-        return {k: float(np.mean(np.concatenate(v))) for k, v in self.scores.items()}
+        """Set means of the per-image scores, and ``psnr_mean_mse``; all finite (per-image PSNR
+        is capped when scored)."""
+        means = {k: float(np.mean(np.concatenate(v))) for k, v in self.scores.items()}
+        means["psnr_mean_mse"] = float(image_metrics.psnr_from_mse(means["mse"]))
+        return means
 
 
 # --------------------------------------------------------------------------- the evaluator
@@ -195,7 +206,8 @@ class Evaluator:
 
         @jax.jit
         def scores(pred, target):
-            return {"psnr": image_metrics.psnr(pred, target), "ssim": image_metrics.ssim(pred, target),
+            return {"psnr": image_metrics.psnr(pred, target, max_db=image_metrics.PSNR_MAX_DB),
+                    "ssim": image_metrics.ssim(pred, target),
                     "mse": image_metrics.mse(pred, target)}
         self._scores = scores
         self._compiled: dict = {}
@@ -535,8 +547,34 @@ def markdown_table(results: Sequence[MethodResult]) -> str:
     return "\n".join(lines)
 
 
-CSV_FIELDS = ("method", "label", "nfe", "psnr", "ssim", "mse", "fid", "patch_fid", "seconds_per_image",
-              "compile_seconds")
+CSV_FIELDS = ("method", "label", "nfe", "psnr", "ssim", "mse", "psnr_mean_mse", "fid", "patch_fid",
+              "seconds_per_image", "compile_seconds")
+
+
+def finite_json(obj: Any, path: str = "") -> tuple[Any, list[str]]:
+    """``obj`` (dicts, lists, tuples, numbers, strings, None) with every non-finite float
+    (NaN, +-inf, also numpy scalars) replaced by ``None``, and the paths of those values
+    (``results[0].fid``): what ``json.dumps(..., allow_nan=False)`` accepts. Strict parsers
+    (JavaScript's ``JSON.parse``, ``jq``, Go, Rust) reject the bare ``NaN`` / ``Infinity``
+    Python's ``json`` writes by default."""
+    if isinstance(obj, dict):
+        out, bad = {}, []
+        for k, v in obj.items():
+            out[k], b = finite_json(v, f"{path}.{k}" if path else str(k))
+            bad += b
+        return out, bad
+    if isinstance(obj, (list, tuple)):
+        out, bad = [], []
+        for i, v in enumerate(obj):
+            item, b = finite_json(v, f"{path}[{i}]")
+            out.append(item)
+            bad += b
+        return out, bad
+    if isinstance(obj, (float, np.floating)):
+        return (float(obj), []) if math.isfinite(obj) else (None, [path])
+    if isinstance(obj, np.integer):
+        return int(obj), []
+    return obj, []
 
 
 def write_reports(out: str, record: dict, results: Sequence[MethodResult], grids: dict[str, np.ndarray],
@@ -550,8 +588,13 @@ def write_reports(out: str, record: dict, results: Sequence[MethodResult], grids
 
     os.makedirs(out, exist_ok=True)
     files = ["metrics.json", "metrics.csv", "report.md"]
+    metrics, non_finite = finite_json({**record, "psnr_max_db": image_metrics.PSNR_MAX_DB,
+                                       "results": [r.row() for r in results]})
+    if non_finite:
+        metrics["non_finite"] = {"fields": non_finite, "note": "not finite (NaN or infinite); written as null"}
+        log.warning("metrics.json: non-finite values written as null: %s", ", ".join(non_finite))
     with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump({**record, "results": [r.row() for r in results]}, f, indent=2)
+        json.dump(metrics, f, indent=2, allow_nan=False)
     with open(os.path.join(out, "metrics.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CSV_FIELDS)

@@ -7,8 +7,12 @@ return one value per image (shape [B], or a scalar), and are jittable.
 
 * PSNR: ``dm_pix.psnr`` (-10 log10 MSE, data range 1). Identical images give
   ``+inf`` -- the same as the original's ``20 log10(1 / sqrt(mse))`` and as
-  scikit-image -- unless ``max_db`` is given, which caps the value (use it when
-  averaging over sets that may contain exact reconstructions).
+  scikit-image -- unless ``max_db`` is given, which caps the value. The evaluator
+  (:mod:`cfm_jax.evaluation`) averages per-image PSNR capped at
+  :data:`PSNR_MAX_DB` = 100 dB (an MSE of 1e-10: far above any real up-sampler,
+  reached only by exact or float-rounding-exact reconstructions, e.g. bilinear
+  up-sampling of a flat image), so that a set mean stays finite; it also reports
+  :func:`psnr_from_mse` of the set's mean MSE beside it.
 * SSIM: ``dm_pix.ssim`` with its defaults = Wang et al. 2004 / torchmetrics
   ``StructuralSimilarityIndexMeasure(data_range=1.)`` (as used by the original):
   11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03, population
@@ -32,7 +36,11 @@ from __future__ import annotations
 import dm_pix
 import jax.numpy as jnp
 
-__all__ = ["to_unit", "psnr", "ssim", "mse"]
+__all__ = ["PSNR_MAX_DB", "to_unit", "psnr", "psnr_from_mse", "ssim", "mse"]
+
+# The cap of per-image PSNR in set means (dB): MSE 1e-10. Without a cap one exact image makes
+# the mean +inf, which is no number to compare and no valid JSON.
+PSNR_MAX_DB = 100.0
 
 
 def to_unit(x):
@@ -67,6 +75,16 @@ def psnr(pred, target, *, max_db: float | None = None):
     Identical images give ``+inf`` unless ``max_db`` caps the result.
     """
     value = dm_pix.psnr(to_unit(pred), to_unit(target))
+    if max_db is not None:
+        value = jnp.minimum(value, max_db)
+    return value
+
+
+def psnr_from_mse(mse_value, *, max_db: float | None = PSNR_MAX_DB):
+    """PSNR in dB of a mean squared error of [0, 1] images (data range 1): ``-10 log10 mse``,
+    capped at ``max_db`` (default :data:`PSNR_MAX_DB`; ``None``: ``+inf`` for 0). E.g. of a
+    set's mean MSE (a PSNR that one near-exact image cannot dominate)."""
+    value = -10.0 * jnp.log10(jnp.asarray(mse_value, jnp.float32))
     if max_db is not None:
         value = jnp.minimum(value, max_db)
     return value

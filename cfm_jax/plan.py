@@ -658,10 +658,12 @@ def main(argv=None) -> int:
     from absl import flags
     from ml_collections import config_flags
 
+    argv = list(sys.argv if argv is None else argv)
     fl = flags.FlagValues()
+    # sys_argv: the --config.* overrides are read from this argv, not the process's.
     cfg = config_flags.DEFINE_config_file("config", "configs/flow400_64-128/unet_base_psu.py",
                                           "Config file (ml_collections), with --config.section.key=value overrides.",
-                                          lock_config=True, flag_values=fl)
+                                          lock_config=True, flag_values=fl, sys_argv=argv)
     topo = flags.DEFINE_list("topology", None, "TPU topologies or accelerator types, e.g. v5e:4x4, v4-32, "
                              "v5litepod-16, v5p-8 (comma-separated: one plan each).", flag_values=fl)
     progs = flags.DEFINE_list("programs", list(PROGRAMS), f"Programs to compile, from {PROGRAMS}.",
@@ -675,7 +677,6 @@ def main(argv=None) -> int:
     no_cache = flags.DEFINE_bool("no_cache", False, "Compile everything again.", flag_values=fl)
     out = flags.DEFINE_string("json", None, "Write the full report (a list, one per topology) here.",
                               flag_values=fl)
-    argv = list(sys.argv if argv is None else argv)
     # The plan needs no local accelerator: keep JAX on the CPU (on a TPU VM it must not grab the
     # chips), and out of the persistent compilation cache, which cannot hold compile-only programs.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")

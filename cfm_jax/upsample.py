@@ -16,13 +16,16 @@ Inputs (files or folders, mixed):
   / LCM pipeline returns with ``output_type="latent"``: ``[C, h, w]`` or ``[B, C, h, w]``
   (PyTorch layout) or ``[h, w, C]`` / ``[B, h, w, C]`` (``--latent_layout``); by default
   they are taken as *scaled* latents (multiplied by the VAE's scaling factor, as diffusers
-  pipelines return them); ``--nolatents_scaled`` for raw posterior samples.
+  pipelines return them); ``--no-latents_scaled`` for raw posterior samples.
 
 Every stage maps its input latent (``data.lowres_size / f`` cells) to its output latent
 (``data.image_size / f``); in a cascade each stage's output must be the next stage's input
 size. ``--any_resolution`` lifts that check (the UNet is convolutional) and applies each
 stage's up-sampling factor to whatever size it receives. All checks run before any
-network is evaluated; problems are listed together.
+network is evaluated; problems are listed together. Memory too: every program (encode,
+each stage, decode) is compiled for every input shape first, and one that needs more than
+the device has free (XLA's memory analysis against ``memory_stats()``, on CPU the host's
+available memory) is refused with what could fit (a smaller batch or input, tiles).
 
 Outputs: ``<out>/<name>.png`` per input (``<name>_<i>`` for the i-th latent of a batched
 file) and, with ``--save_latents``, the final scaled latent ``<name>.npy`` [H, W, C]. The
@@ -40,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -165,10 +169,10 @@ def read_stage_weights(stages: Sequence[Stage], *, use_ema: bool = True, step: i
             st.params = checkpointing.read_params(st.path, use_ema=use_ema, step=step)
         except (FileNotFoundError, ValueError) as e:
             raise UpsampleError(f"{st.path}: {e}") from None
-        _check_params(st.path, st.upsampler, st.params, st.config)
+        check_params_fit_config(st.path, st.upsampler, st.params, st.config)
 
 
-def _check_params(path: str, ups, params, cfg) -> None:
+def check_params_fit_config(path: str, ups, params, cfg) -> None:
     """The checkpoint's weights must have the shapes its config builds."""
     import jax
 
@@ -244,6 +248,9 @@ def scan_inputs(paths: Sequence[str], *, channels: int, latent_layout: str = "au
             files += sorted(os.path.join(p, f) for f in ignored if f.lower().endswith(LATENT_EXTENSIONS))
         elif os.path.isfile(p):
             files.append(p)
+        elif os.path.exists(p):
+            problems.append(f"--input {p!r} is not a regular file or folder (a FIFO, socket or device); "
+                            "give an image, a latent file or a folder.")
         else:
             problems.append(f"--input {p!r} does not exist.")
     items, names = [], set()
@@ -251,6 +258,9 @@ def scan_inputs(paths: Sequence[str], *, channels: int, latent_layout: str = "au
         stem, ext = os.path.splitext(os.path.basename(f))
         ext = ext.lower()
         if ext in IMAGE_EXTENSIONS:
+            if not os.path.isfile(f):  # opening a FIFO would block
+                problems.append(f"{f}: not a regular file (a FIFO, socket or device); remove it.")
+                continue
             try:
                 with Image.open(f) as img:
                     w, h = img.size
@@ -340,6 +350,95 @@ def load_item(item: InputItem, *, latent_layout: str = "auto", channels: int = 4
     return np.asarray(arr[item.index], np.float32)
 
 
+# --------------------------------------------------------------------------- memory
+@dataclasses.dataclass(frozen=True)
+class ProgramMemory:
+    """Bytes of one compiled program: its temporaries, outputs and aliased buffers by XLA's
+    ``memory_analysis()``, and its inputs other than the weights (which are in memory before it
+    runs, like every stage's); ``kind``: encode, stage or decode."""
+
+    kind: str
+    stage: int | None  # index of the stage (kind "stage")
+    what: str
+    temp: int
+    inputs: int
+    outputs: int
+    aliased: int = 0
+
+    @property
+    def need(self) -> int:
+        """Bytes the program adds to what is in memory while it runs."""
+        return self.temp + self.inputs + self.outputs - self.aliased
+
+
+def _size(n: int) -> str:
+    """Bytes for people: GiB from 1 GiB, else MiB."""
+    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _tree_bytes(tree) -> int:
+    """Bytes of the arrays (or ShapeDtypeStructs) of a pytree."""
+    import jax
+
+    return sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)
+               if hasattr(leaf, "shape") and hasattr(leaf, "dtype"))
+
+
+def _host_available_bytes() -> tuple[int | None, str]:
+    """Host memory a process may still take: ``MemAvailable`` of /proc/meminfo (else free
+    pages), lowered to what a cgroup (container) limit leaves."""
+    available, source = None, ""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available, source = int(line.split()[1]) * 1024, "host MemAvailable"
+                    break
+    except OSError:
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            source = "host free pages"
+        except (ValueError, OSError, AttributeError):
+            return None, "host memory unknown"
+    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_path) as f:
+                limit = f.read().strip()
+            with open(usage_path) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) - usage < available:
+            available, source = int(limit) - usage, "the container's memory limit"
+        break
+    return available, source
+
+
+def available_memory(device=None) -> tuple[int | None, str]:
+    """``(bytes, where the number comes from)`` a new program may still allocate on ``device``
+    (default: JAX's first device), ``(None, why)`` when that cannot be told.
+
+    Accelerators: ``memory_stats()``'s ``bytes_limit`` minus ``bytes_in_use`` (weights already
+    placed are in use). CPU: the host's available memory (:func:`_host_available_bytes`)."""
+    import jax
+
+    device = device if device is not None else jax.devices()[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 -- backends without statistics raise various errors
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        limit, used = int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
+        return limit - used, f"{device.device_kind}: {_size(limit)} limit, {_size(used)} in use"
+    if device.platform == "cpu":
+        return _host_available_bytes()
+    return None, f"{device.device_kind} reports no memory statistics"
+
+
 # --------------------------------------------------------------------------- the pipeline
 class CascadeRunner:
     """Jitted stages and decoder of a cascade (compiled once per input shape)."""
@@ -406,27 +505,28 @@ class CascadeRunner:
             self._jitted[name] = build()
         return self._jitted[name]
 
-    def encode(self, kind: str, batch: np.ndarray, entry: int):
+    def _encode_fn(self, kind: str, entry: int):
+        """Jitted ``(first stage, batch) -> scaled latents`` of the first stage's input, or
+        ``None`` (latents already scaled: taken as they are)."""
         import jax
 
         from cfm_jax.coupling import resize_bilinear
 
-        fs = self.first_stage
         if kind == "latent":
             if self.latents_scaled:
-                return jax.numpy.asarray(batch)
-            fn = self._fn("scale_latent", lambda: jax.jit(
+                return None
+            return self._fn("scale_latent", lambda: jax.jit(
                 lambda fs, x: (x - getattr(fs, "shift_factor", 0.0)) * fs.scale_factor))
-            return fn(fs, batch)
-        f = fs.downsample_factor
+        f = self.first_stage.downsample_factor
 
         def enc(fs, x):
             if x.shape[1] != entry * f:
                 x = resize_bilinear(x, (entry * f, entry * f))
             return fs.encode(x)
-        return self._fn(f"image{entry}", lambda: jax.jit(enc))(fs, batch)
+        return self._fn(f"image{entry}", lambda: jax.jit(enc))
 
-    def run_stage(self, s: int, x, keys, size: int):
+    def _stage_fn(self, s: int, size: int):
+        """Jitted ``(params, first stage, x, keys) -> (x, nfe, success)`` of stage ``s``."""
         import jax
 
         ups = self.stages[s].upsampler
@@ -435,25 +535,126 @@ class CascadeRunner:
         def sample(params, fs, x, keys):
             r = ups.sample(params, x, keys, size=size, solver=solver, first_stage=fs)
             return r.x, r.nfe, r.success
-        fn = self._fn(f"stage{s}-{size}", lambda: jax.jit(sample))
-        return fn(self.params[s], self.first_stage, x, keys)
+        return self._fn(f"stage{s}-{size}", lambda: jax.jit(sample))
 
-    def decode(self, x):
+    def _decode_fn(self, size: int):
+        """``(jitted (decoder, z) -> uint8 images, decoder)`` of ``size``² latents."""
         import jax
         import jax.numpy as jnp
 
-        dec = self.decoder(x.shape[1])
+        dec = self.decoder(size)
 
         def to_uint8(fs, z):
             img = jnp.clip(fs.decode(z), -1.0, 1.0)
             return jnp.round((img + 1.0) * 127.5).astype(jnp.uint8)
-        return self._fn(f"decode{x.shape[1]}-{getattr(dec, 'tile_size', 0)}", lambda: jax.jit(to_uint8))(dec, x)
+        return self._fn(f"decode{size}-{getattr(dec, 'tile_size', 0)}", lambda: jax.jit(to_uint8)), dec
+
+    def encode(self, kind: str, batch: np.ndarray, entry: int):
+        fn = self._encode_fn(kind, entry)
+        if fn is None:
+            import jax
+            return jax.numpy.asarray(batch)
+        return fn(self.first_stage, batch)
+
+    def run_stage(self, s: int, x, keys, size: int):
+        return self._stage_fn(s, size)(self.params[s], self.first_stage, x, keys)
+
+    def decode(self, x):
+        fn, dec = self._decode_fn(x.shape[1])
+        return fn(dec, x)
+
+    # memory -----------------------------------------------------------------------------
+    def memory_estimate(self, item: InputItem, batch_size: int) -> list[ProgramMemory]:
+        """What each program of one batch of inputs like ``item`` needs, in run order: the
+        programs are lowered and compiled with abstract inputs (the run reuses the compiled
+        programs) and XLA's ``memory_analysis()`` is read. Nothing is computed."""
+        import jax
+        import jax.numpy as jnp
+
+        fs = self.first_stage
+        entry, sizes = self.entry_size(item), self.output_sizes(item)
+        keys = jax.eval_shape(lambda: jax.random.split(jax.random.PRNGKey(0), batch_size))  # [B, 2] uint32
+        steps = []  # (kind, stage, description, jitted function, arguments already in memory)
+        enc = self._encode_fn(item.kind, entry)
+        if enc is not None:
+            steps.append(("encode", None, f"encoding {item.shape[0]}² inputs to {entry}² latents", enc, (fs,)))
+        for s, size in enumerate(sizes):
+            steps.append(("stage", s, f"stage {s + 1} ({self.stages[s].path}) up to {size}² latents",
+                          self._stage_fn(s, size), (self.params[s], fs)))
+        dec_fn, dec = self._decode_fn(sizes[-1])
+        tile = getattr(dec, "tile_size", 0)
+        steps.append(("decode", None, f"decoding {sizes[-1]}² latents" + (f" in {tile}² tiles" if tile else ""),
+                      dec_fn, (dec,)))
+        x = jax.ShapeDtypeStruct((batch_size, *item.shape), jnp.float32)  # the batch load_item makes
+        out = []
+        for kind, s, what, fn, resident in steps:
+            new_inputs = (x, keys) if kind == "stage" else (x,)
+            lowered = fn.lower(*resident, *new_inputs)
+            stats = lowered.compile().memory_analysis()
+            x = lowered.out_info[0] if kind == "stage" else lowered.out_info  # the next program's input
+            if stats is not None:  # None: the backend does not tell
+                # The inputs besides the weights: XLA's argument bytes leave out weights the
+                # program does not use (pruned), so the weights cannot be subtracted from them.
+                out.append(ProgramMemory(kind=kind, stage=s, what=what, temp=int(stats.temp_size_in_bytes),
+                                         inputs=_tree_bytes(new_inputs), outputs=int(stats.output_size_in_bytes),
+                                         aliased=int(stats.alias_size_in_bytes)))
+        return out
+
+    def check_memory(self, items: Sequence[InputItem], batch_size: int) -> None:
+        """Raises :class:`UpsampleError` before any compute when a program of a batch of
+        ``items`` (inputs of one shape) needs more memory than the device has free, saying
+        what could fit instead."""
+        available, source = available_memory()
+        if available is None:
+            return
+        plan = self.memory_estimate(items[0], batch_size)
+        worst = max(plan, key=lambda p: p.need, default=None)
+        if worst is not None and worst.need > available:
+            raise UpsampleError(self._memory_advice(items, batch_size, worst, available, source))
+
+    def _memory_advice(self, items: Sequence[InputItem], batch_size: int, worst: ProgramMemory, available: int,
+                       source: str) -> str:
+        item = items[0]
+        side, f = item.shape[0], self.first_stage.downsample_factor
+        unit = "pixels" if item.kind == "image" else "latent cells"
+        ratio = available / worst.need
+        fits = []  # upper bounds: memory grows at least in proportion to the batch and the area
+        if batch_size > 1:
+            k = math.floor(batch_size * ratio)
+            fits.append(f"--batch_size {k} or less" if k >= 1 else "not even --batch_size 1 at this input size")
+        max_side = math.floor(side * math.sqrt(min(1.0, ratio * batch_size)))  # at batch size 1
+        max_side -= max_side % f if item.kind == "image" else 0
+        if max_side < side:
+            fits.append(f"inputs of at most {max_side}² {unit} (now {side}²)" if max_side > 0
+                        else "no input size: free memory first")
+        autoencoder = self.first_stage.name != "identity"
+        if worst.kind == "decode" and autoencoder:
+            tile = getattr(self.decoder(self.output_sizes(item)[-1]), "tile_size", 0)
+            fits.append(f"decoding in smaller tiles, --decode_tile {max(8, (tile or AUTO_TILE) // 2)} "
+                        f"(now {f'{tile}²' if tile else 'untiled'})")
+        psu = worst.kind == "stage" and "psu" in (self.stages[worst.stage].upsampler.coupling.upsampling_mode,
+                                                  self.stages[worst.stage].upsampler.coupling.context_mode)
+        if autoencoder and (worst.kind == "encode" or psu):
+            config = os.path.join(self.stages[0].path, "config.json")
+            does = "encoding" if worst.kind == "encode" else "the PSU up-sampling's decoding and encoding"
+            fits.append(f"{does} in tiles: set first_stage.tile_size (latent cells, e.g. 64) in {config}")
+        shown = ", ".join(it.path for it in items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+        return (f"Not enough memory for {side}² {unit} inputs ({shown}) at --batch_size {batch_size}: {worst.what} "
+                f"needs about {_size(worst.need)} ({_size(worst.temp)} temporaries and {_size(worst.outputs)} outputs "
+                f"by XLA's memory analysis of the compiled program, {_size(worst.inputs)} inputs; the weights, "
+                f"already in memory, not counted), but {_size(available)} "
+                f"is free ({source}). Nothing was run. What could fit (upper bounds: memory grows at least in "
+                f"proportion to the batch and to the input's area): {'; '.join(fits) or 'a device with more memory'}.")
 
 
 def run(stages: Sequence[Stage], items: Sequence[InputItem], out_dir: str, *, solver, batch_size: int = 1,
         seed: int = 0, decode_tile: int = -1, latents_scaled: bool = True, latent_layout: str = "auto",
-        save_latents: bool = False, progress: bool = True) -> dict:
-    """Upsamples ``items`` through ``stages``; returns a summary (paths, NFE, seconds)."""
+        save_latents: bool = False, progress: bool = True, check_memory: bool = True) -> dict:
+    """Upsamples ``items`` through ``stages``; returns a summary (paths, NFE, seconds).
+
+    ``check_memory``: first compile every program for every input shape and refuse (an
+    :class:`UpsampleError` saying what could fit) if one needs more memory than the device has
+    free (:meth:`CascadeRunner.check_memory`)."""
     import jax
     from PIL import Image
     from tqdm import tqdm
@@ -464,11 +665,14 @@ def run(stages: Sequence[Stage], items: Sequence[InputItem], out_dir: str, *, so
     channels = runner.first_stage.latent_channels
     for it in items:
         runner.output_sizes(it)  # integer sizes all the way (raises before compute)
-    os.makedirs(out_dir, exist_ok=True)
     order = {it: i for i, it in enumerate(items)}
     groups: dict[tuple, list[InputItem]] = {}
     for it in items:
         groups.setdefault((it.kind, it.shape), []).append(it)
+    if check_memory:  # every input shape, before any compute: a clear refusal, not RESOURCE_EXHAUSTED
+        for group in groups.values():
+            runner.check_memory(group, batch_size)
+    os.makedirs(out_dir, exist_ok=True)
     batches = [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
     root = jax.random.PRNGKey(seed)
     written, nfe, seconds = [], [0] * len(stages), {"cfm": 0.0, "decode": 0.0}
@@ -509,10 +713,10 @@ def run(stages: Sequence[Stage], items: Sequence[InputItem], out_dir: str, *, so
 
 # --------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    from cfm_jax import sde
+    from cfm_jax import cli, sde
     from cfm_jax.solvers import ALL_METHODS
 
-    p = argparse.ArgumentParser(prog="python -m cfm_jax.upsample", description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(prog="python -m cfm_jax.upsample", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See the module docstring (python -c 'import cfm_jax.upsample as u; "
                                        "print(u.__doc__)') for input formats and seeds.")
@@ -520,7 +724,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="Run directory (train.py or `convert fmboost`); repeat it or separate with commas for a "
                         "cascade, lowest resolution first.")
     p.add_argument("--input", action="append", required=True, help="Image or latent file, or folder (repeatable).")
-    p.add_argument("--out", required=True, help="Output folder for the PNGs.")
+    p.add_argument("--out", required=True, help="Output folder for the PNGs (created if missing).")
     p.add_argument("--solver", default="euler:40",
                    help=f"method[:grid points | :rtol], methods {ALL_METHODS}; default euler:40 (39 NFE, the paper's "
                         "tables).")
@@ -529,26 +733,40 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--last_step", default="Mean", choices=["Mean", "Euler", "none"], help="SDE solvers only.")
     p.add_argument("--last_step_size", type=float, default=0.04, help="SDE solvers only.")
     p.add_argument("--atol", type=float, default=1e-6, help="Adaptive solvers only.")
-    p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=cli.positive_int, default=1, help="Inputs per network call.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise (see the module docstring).")
     p.add_argument("--online", action="store_true", help="Use the online weights instead of the EMA.")
-    p.add_argument("--step", type=int, default=None, help="Checkpoint step (default: newest).")
+    p.add_argument("--step", type=cli.nonnegative_int, default=None, help="Checkpoint step (default: newest).")
     p.add_argument("--first_stage", default=None, help="Autoencoder path overriding the checkpoints' configs.")
-    p.add_argument("--latent_layout", default="auto", choices=["auto", "nchw", "nhwc"])
+    p.add_argument("--latent_layout", default="auto", choices=["auto", "nchw", "nhwc"],
+                   help="Axis order of .npy/.npz latents; auto: the axis with the first stage's channel count.")
     p.add_argument("--latents_scaled", action=argparse.BooleanOptionalAction, default=True,
                    help="Input latents are already multiplied by the VAE's scale factor (diffusers' "
-                        "output_type='latent').")
+                        "output_type='latent'); --no-latents_scaled for raw posterior samples.")
     p.add_argument("--any_resolution", action="store_true",
                    help="Allow inputs and cascades at sizes the checkpoints were not trained for.")
     p.add_argument("--decode_tile", type=int, default=-1,
                    help=f"Latent cells per decoder tile; -1: {AUTO_TILE} above {AUTO_TILE_ABOVE}² latents, "
                         "else untiled; 0: never tile.")
     p.add_argument("--save_latents", action="store_true", help="Also write the final latents as .npy.")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--no_progress", action="store_true", help="No progress bar.")
     return p
 
 
+def _check_options(args) -> None:
+    """Option errors that need no file read (raises :class:`UpsampleError`)."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UpsampleError(f"--out {args.out!r} is a file; --out names the folder the PNGs are written to "
+                            "(created if missing): pass a folder path.")
+    if args.decode_tile < -1:
+        raise UpsampleError(f"--decode_tile={args.decode_tile}: use a tile size in latent cells, 0 (never tile) "
+                            "or -1 (automatic).")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from cfm_jax import cli
+
+    cli.skip_tpu_probe_without_accelerator()  # before JAX makes a backend
     args = _parser().parse_args(argv)
     import logging
 
@@ -557,9 +775,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     checkpoints = [c for arg in args.checkpoint for c in arg.split(",") if c]
     try:
-        solver = SolverSpec.parse(args.solver, diffusion_form=args.diffusion_form, diffusion_norm=args.diffusion_norm,
-                                  last_step=None if args.last_step == "none" else args.last_step,
-                                  last_step_size=args.last_step_size, atol=args.atol)
+        _check_options(args)
+        try:
+            solver = SolverSpec.parse(args.solver, diffusion_form=args.diffusion_form,
+                                      diffusion_norm=args.diffusion_norm,
+                                      last_step=None if args.last_step == "none" else args.last_step,
+                                      last_step_size=args.last_step_size, atol=args.atol)
+        except ValueError as e:
+            raise UpsampleError(f"--solver {args.solver}: {e}") from None
         stages = load_cascade(checkpoints, use_ema=not args.online, step=args.step, first_stage_path=args.first_stage,
                               any_resolution=args.any_resolution, read_weights=False)
         channels = stages[0].upsampler.first_stage.latent_channels

@@ -266,3 +266,54 @@ def test_nfe_plot_places_points_by_value():
     dashed = [ln for ln in root.findall(f"{ns}line") if ln.get("stroke-dasharray")]
     assert len(dashed) == 1 and y2 < float(dashed[0].get("y1")) < y1  # bicubic between the two
     assert evaluation.nfe_plot_svg(results, "fid", title="t") == ""  # no FID: no plot
+
+
+def _strict_json(path):
+    """Parses like a strict JSON parser: a bare NaN / Infinity / -Infinity is an error."""
+    def refuse(name):
+        raise ValueError(f"{path} holds {name}, which is not JSON")
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
+
+
+def test_flat_images_keep_means_finite_and_metrics_json_strict(tmp_path):
+    """A flat (saturated white) image is up-sampled exactly by bilinear: its PSNR would be
+    +inf. The set mean uses the per-image PSNR capped at metrics.PSNR_MAX_DB, the PSNR
+    of the mean MSE is reported beside it, and metrics.json is strict JSON (a NaN FID becomes
+    null and is named)."""
+    import dataclasses
+
+    from cfm_jax import metrics, sharding
+    from cfm_jax.data import eval_data, photos
+    from cfm_jax.upsampler import CFMUpsampler
+
+    rng = np.random.default_rng(0)
+    image = np.stack([np.ones((16, 16, 3), np.float32),  # flat white
+                      rng.uniform(-1, 1, (16, 16, 3)).astype(np.float32)])
+    lowres = np.asarray(photos.downsample(image, 2), np.float32)
+    eval_set = eval_data.EvalSet(num_images=2, batch_size=2, image_size=16, description="a flat and a noisy image",
+                                 read=lambda: iter([{"image": image, "image_lowres": lowres}]))
+    mesh = sharding.make_data_mesh(jax.devices()[:1])
+    ev = evaluation.Evaluator(CFMUpsampler(tiny_config()), eval_set, mesh, num_grid=1)
+    results, grids = ev.run(None, [])
+    bilinear = next(r for r in results if r.method == "bilinear")
+    up = np.asarray(photos.upsample_bilinear(lowres, 16), np.float32)
+    per_image = np.asarray(metrics.psnr(up, image))
+    assert np.isposinf(per_image[0]) and np.isfinite(per_image[1])  # uncapped: the mean would be +inf
+    assert bilinear.psnr == pytest.approx((metrics.PSNR_MAX_DB + per_image[1]) / 2, rel=1e-6)
+    assert bilinear.psnr_mean_mse == pytest.approx(-10 * np.log10(np.mean(metrics.mse(up, image))), rel=1e-5)
+    assert all(np.isfinite([r.psnr, r.psnr_mean_mse, r.ssim, r.mse]).all() for r in results)
+
+    record = {"checkpoint": "test", "step": 0, "weights": "ema", "data": eval_set.description, "num_images": 2,
+              "image_size": 16, "lowres_size": 8, "seed": 0, "fid": None}
+    results[1] = dataclasses.replace(results[1], fid=float("nan"), patch_fid=float("inf"))  # a degenerate FID
+    evaluation.write_reports(str(tmp_path), record, results, grids)
+    written = _strict_json(tmp_path / "metrics.json")
+    assert written["psnr_max_db"] == metrics.PSNR_MAX_DB
+    assert written["results"][1]["psnr"] == pytest.approx(bilinear.psnr)
+    assert written["results"][1]["fid"] is None and written["results"][1]["patch_fid"] is None
+    assert written["non_finite"]["fields"] == ["results[1].fid", "results[1].patch_fid"]
+    with open(tmp_path / "metrics.csv") as f:
+        assert "psnr_mean_mse" in next(csv.reader(f))
+    assert evaluation.finite_json({"a": [1.0, np.float32("-inf")], "b": np.int64(3)}) == ({"a": [1.0, None], "b": 3},
+                                                                                           ["a[1]"])

@@ -99,6 +99,15 @@ def test_identical_images(pairs):
     np.testing.assert_array_equal(metrics.mse(target, target), 0.0)
 
 
+def test_psnr_from_mse_is_capped_and_matches_psnr(pairs):
+    pred, target = pairs
+    np.testing.assert_allclose(metrics.psnr_from_mse(metrics.mse(pred, target)), metrics.psnr(pred, target),
+                               atol=1e-4)
+    assert float(metrics.psnr_from_mse(0.0)) == metrics.PSNR_MAX_DB == 100.0  # MSE 1e-10
+    assert float(metrics.psnr_from_mse(1e-10)) == pytest.approx(100.0)
+    assert np.isposinf(metrics.psnr_from_mse(0.0, max_db=None))
+
+
 def test_mse(pairs):
     pred, target = pairs
     unit = np.asarray(metrics.mse(pred, target))

@@ -132,6 +132,39 @@ def test_load_policy_for_odd_images(src):
     np.testing.assert_allclose(rotated.image.astype(int), np.rot90(_exif_rotated_pixels(), k=-1), atol=8)
 
 
+def _within(seconds, fn, *args, release=None, **kw):
+    """``fn(*args, **kw)`` in a thread; fails instead of hanging if it takes longer than
+    ``seconds`` (then opens the FIFO ``release`` for writing, which frees a blocked reader)."""
+    import threading
+
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(value=fn(*args, **kw)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        if release:
+            os.close(os.open(release, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"{getattr(fn, '__name__', fn)} still running after {seconds} s (blocked on a FIFO?)")
+    return result["value"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this OS")
+def test_a_fifo_named_like_an_image_is_skipped_not_read(tmp_path):
+    """A named pipe called ``*.png`` would block ``open`` forever: it is skipped as
+    ``not_a_file`` by loading and by prepare, which names it in the summary."""
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(skimage.data.astronaut()[:64, :64]).save(src / "photo.png")
+    os.mkfifo(src / "pipe.png")
+    assert image_io.list_images(str(src))[0] == ["photo.png", "pipe.png"]
+    loaded = _within(10, image_io.load_image, str(src / "pipe.png"), release=str(src / "pipe.png"))
+    assert loaded.skip_reason == "not_a_file" and loaded.detail == "a FIFO (named pipe), not a regular file"
+    summary = _within(60, _prepare, str(src), tmp_path / "out", release=str(src / "pipe.png"))
+    assert summary["finalized"] and summary["examples"] == 1
+    assert summary["skipped"] == {"not_a_file": ["pipe.png"]}
+    assert "FIFO" in summary["skip_details"]["pipe.png"]
+
+
 # --------------------------------------------------------------------------- records
 def test_pixel_space_records_contents_and_summary(pixel_run, src):
     data_dir, out, summary = pixel_run
@@ -260,6 +293,30 @@ def test_interrupted_runs_resume_to_identical_bytes(pixel_run, src, tmp_path, mo
     assert os.listdir(out / "_prepare" / "tmp") == []
     again = _prepare(src, out)  # a finished folder: nothing to do
     assert again["shards_written"] == [] and again["finalized"]
+
+
+def test_two_identical_runs_write_identical_bytes(tmp_path):
+    """Two runs of the same command in two processes (other Python hash seeds, which used to
+    reorder the tf.train.Example feature map) write the same bytes in every file but the
+    per-process summary (its timings and output path)."""
+    from tests.test_trainer import run_cli
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("astronaut", "coffee", "chelsea"):
+        Image.fromarray(getattr(skimage.data, name)()[:96, :96]).save(src / f"{name}.jpg", quality=90)
+    runs = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"run{seed}"
+        proc = run_cli(["-m", "cfm_jax.data.prepare", "--src", str(src), "--out", str(out), "--image_size", "32",
+                        "--lowres_size", "16", "--crop", "random", "--crops_per_image", "2",
+                        "--images_per_shard", "2", "--no_progress"], env={"PYTHONHASHSEED": seed}, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append({os.path.relpath(os.path.join(d, f), out): open(os.path.join(d, f), "rb").read()
+                     for d, _, files in os.walk(out) for f in files if not f.startswith("summary_process")})
+    assert sorted(runs[0]) == sorted(runs[1])
+    assert sum(".array_record-" in f for f in runs[0]) == 2 and "dataset_info.json" in runs[0]
+    assert [f for f in runs[0] if runs[0][f] != runs[1][f]] == []
 
 
 def test_two_processes_write_disjoint_shards_that_cover_the_data(pixel_run, src, tmp_path):

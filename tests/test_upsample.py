@@ -184,3 +184,66 @@ def test_bad_inputs_are_all_reported_before_any_compute(latent_stage, tmp_path):
                    "missing.png' does not exist"):
         assert needle in err, (needle, err)
     assert not out.exists()
+
+
+def test_memory_is_estimated_before_any_compute_and_a_misfit_refused(latent_stage, tmp_path, monkeypatch):
+    """--any_resolution at twice the trained size: every program is compiled and XLA's memory
+    analysis compared with the free memory first; too little (1 MiB here) gives one clear error
+    saying what could fit, and nothing is run or written (upsample.main prints it as
+    ``error: ...``, exit 2, like every UpsampleError). With the real free memory it runs."""
+    import re
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    stages = upsample.load_cascade([latent_stage], any_resolution=True)
+    items = upsample.scan_inputs([str(tmp_path / "big.png")], channels=4, stages=stages, any_resolution=True)
+    solver = SolverSpec(method="euler", num_steps=2)
+    plans = []
+    estimate = upsample.CascadeRunner.memory_estimate
+    monkeypatch.setattr(upsample.CascadeRunner, "memory_estimate",
+                        lambda self, *a: plans.append(estimate(self, *a)) or plans[-1])
+    monkeypatch.setattr(upsample, "available_memory", lambda device=None: (2**20, "a small test device"))
+    out = tmp_path / "refused"
+    with pytest.raises(upsample.UpsampleError) as e:
+        upsample.run(stages, items, str(out), solver=solver, batch_size=2, progress=False)
+    assert not out.exists()
+    (plan,) = plans
+    assert [p.kind for p in plan] == ["encode", "stage", "decode"]
+    assert plan[1].inputs == 2 * 32 * 32 * 4 * 4 + 2 * 2 * 4  # latents and keys; the weights are in memory
+    assert all(p.temp > 0 and p.need > p.inputs for p in plan)
+    worst = max(plan, key=lambda p: p.need)
+    assert worst.need > 2**20
+    msg = str(e.value)
+    for needle in ("Not enough memory for 32² pixels inputs", "big.png", "at --batch_size 2", worst.what,
+                   "is free (a small test device)", "Nothing was run",
+                   "not even --batch_size 1", {"decode": "--decode_tile 32 (now untiled)"}.get(
+                       worst.kind, "set first_stage.tile_size")):
+        assert needle in msg, (needle, msg)
+    max_side = int(re.search(r"inputs of at most (\d+)² pixels \(now 32²\)", msg).group(1))
+    assert max_side == int(32 * np.sqrt(2 * 2**20 / worst.need)) // 2 * 2  # an upper bound from the area
+
+    monkeypatch.undo()
+    summary = upsample.run(stages, items, str(tmp_path / "fits"), solver=solver, batch_size=2, progress=False)
+    assert np.asarray(Image.open(summary["outputs"][0])).shape == (64, 64, 3)
+
+
+def test_a_fifo_among_the_inputs_is_reported_not_opened(tmp_path):
+    """Opening a FIFO blocks: scan_inputs names it (in a folder and given directly) instead."""
+    import threading
+    folder = tmp_path / "in"
+    folder.mkdir()
+    os.mkfifo(folder / "pipe.png")
+    os.mkfifo(tmp_path / "direct.png")
+    result = {}
+
+    def scan():
+        try:
+            upsample.scan_inputs([str(folder), str(tmp_path / "direct.png")], channels=3)
+        except upsample.UpsampleError as e:
+            result["error"] = str(e)
+
+    worker = threading.Thread(target=scan, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "scan_inputs blocked on a FIFO"
+    assert "pipe.png: not a regular file" in result["error"]
+    assert "direct.png' is not a regular file or folder" in result["error"]

@@ -15,59 +15,110 @@ run folder (``config.json``, ``checkpoints/<step>/`` with params and EMA params)
 ``eval.py --workdir`` and ``train.py --load_weights`` accept.
 """
 import os
+import re
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-_SRC = flags.DEFINE_string("src", None, "Checkpoint file or folder to convert.", required=True)
-_OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
-_SCALE = flags.DEFINE_float("scale_factor", -1.0, "vae: latent scale to record (-1: from the source; "
-                            "0.18215 for LDM files, the diffusers config's scaling_factor otherwise).")
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/flow400_64-128/unet_base_psu.py",
-                                          "fmboost: the config whose model the checkpoint was trained with.",
-                                          lock_config=True)
+from cfm_jax import cli
+
 COMMANDS = ("vae", "fmboost", "inception")
+PROG = "python -m cfm_jax.convert"
+USAGE = f"{{{'|'.join(COMMANDS)}}} --src SRC --out OUT [flags]"
+_DEFAULT_CONFIG = "configs/flow400_64-128/unet_base_psu.py"
 
 
-def main(argv):
-    if len(argv) != 2 or argv[1] not in COMMANDS:
-        sys.exit(f"usage: python -m cfm_jax.convert {{{'|'.join(COMMANDS)}}} --src SRC --out OUT [...]")
+def define_flags(fl: flags.FlagValues, argv) -> None:
+    """The converter's flags, on ``fl`` (a fresh ``FlagValues`` per :func:`main` call);
+    ``--config.section.key=value`` overrides are looked for in ``argv``."""
+    from ml_collections import config_flags
+
+    flags.DEFINE_string("src", None, "Checkpoint file or folder to convert. Required.", flag_values=fl)
+    flags.DEFINE_string("out", None, "Output folder. Required.", flag_values=fl)
+    flags.DEFINE_float("scale_factor", -1.0, "vae: latent scale to record (-1: from the source; 0.18215 for LDM "
+                       "files, the diffusers config's scaling_factor otherwise).", flag_values=fl)
+    config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "fmboost: the config whose model the checkpoint "
+                                    "was trained with (--config.model.key=value overrides).", lock_config=True,
+                                    flag_values=fl, sys_argv=list(argv))
+
+
+def parse(argv) -> tuple[str, flags.FlagValues]:
+    """The command and the flags of ``argv`` (``argv[0]`` the program; the config file loaded for
+    ``fmboost``); every command-line error is one line and exit code 2."""
+    fl = flags.FlagValues()
+    try:  # the config file and its overrides are read while the flags are defined and parsed
+        define_flags(fl, argv)
+        rest = cli.parse_flags(fl, argv, prog=PROG, usage=USAGE, doc=__doc__)
+        if len(rest) != 2 or rest[1] not in COMMANDS:
+            problem = f"unknown command {' '.join(rest[1:])!r}" if len(rest) > 1 else "no command"
+            cli.fail(f"{problem}; usage: {PROG} {USAGE}")
+        if not fl.src or not fl.out:
+            cli.fail(f"--src (the file or folder to convert) and --out (the folder to write) are required: "
+                     f"{PROG} {rest[1]} --src SRC --out OUT.")
+        if rest[1] == "fmboost":
+            path = fl["config"].config_filename.split(":")[0]
+            if not os.path.isfile(path):
+                cli.fail(f"--config {path!r} does not exist: give the config file the checkpoint was trained "
+                         f"with, e.g. {_DEFAULT_CONFIG}.")
+            fl.config.model  # noqa: B018 -- loads the config file: a broken one fails here, not mid-conversion
+    except (AttributeError, KeyError) as e:  # an override of a key the config does not have
+        key = re.search(r"'([^'\\]+)", str(e))  # ml_collections nests the key in reprs
+        hint = re.search(r'Did you mean "([^"]+)"', str(e))
+        cli.fail(f"--config has no key {key.group(1) if key else str(e)!r}"
+                 f"{f' (did you mean {hint.group(1)!r}?)' if hint else ''}: check the spelling of the "
+                 "--config.section.key=value overrides against the config file.")
+    except (OSError, ValueError) as e:  # a config file that does not load
+        cli.fail(f"--config: {str(e).strip().splitlines()[0]}")
+    return rest[1], fl
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    command, fl = parse(argv)
+    cli.skip_tpu_probe_without_accelerator()  # before JAX makes a backend
+    try:
+        _convert(command, fl)
+    except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e:  # a missing, wrong or damaged file
+        cli.fail(str(e))
+    return 0
+
+
+def _convert(command: str, fl: flags.FlagValues) -> None:
     import jax
 
-    if argv[1] == "inception":
+    src, out = fl.src, fl.out
+    if command == "inception":
         from cfm_jax.convert.inception import load_fid_inception, save_converted as save_inception
-        _, variables = load_fid_inception(_SRC.value)
-        save_inception(_OUT.value, variables, source=os.path.abspath(_SRC.value))
+        _, variables = load_fid_inception(src)
+        save_inception(out, variables, source=os.path.abspath(src))
         n = sum(x.size for x in jax.tree.leaves(variables["params"]))
-        print(f"Converted {_SRC.value} -> {_OUT.value}: FID Inception-v3 ({n:,} parameters).")
+        print(f"Converted {src} -> {out}: FID Inception-v3 ({n:,} parameters).")
         return
-    if argv[1] == "vae":
+    if command == "vae":
         from cfm_jax.first_stage import load_autoencoder, save_converted
-        model, params, scale = load_autoencoder(_SRC.value)
-        if _SCALE.value != -1.0:
-            scale = _SCALE.value
-        save_converted(_OUT.value, model, params, scale_factor=scale, source=os.path.abspath(_SRC.value))
+        model, params, scale = load_autoencoder(src)
+        if fl.scale_factor != -1.0:
+            scale = fl.scale_factor
+        save_converted(out, model, params, scale_factor=scale, source=os.path.abspath(src))
         n = sum(x.size for x in jax.tree.leaves(params))
-        print(f"Converted {_SRC.value} -> {_OUT.value}: AutoencoderKL ch={model.ch} ch_mult={tuple(model.ch_mult)} "
+        print(f"Converted {src} -> {out}: AutoencoderKL ch={model.ch} ch_mult={tuple(model.ch_mult)} "
               f"z={model.z_channels}, {n:,} parameters, scale_factor {scale}.")
         return
 
     from cfm_jax.convert.fmboost_checkpoint import load_fmboost, write_run_dir
-    from cfm_jax.upsampler import build_unet
     from cfm_jax.models.unet import count_params
+    from cfm_jax.upsampler import build_unet
 
-    config = _CONFIG.value
+    config = fl.config
     model = build_unet(config.model)
     target = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, 16, 16, config.model.in_channels), "float32"),
                             jax.ShapeDtypeStruct((1,), "float32"))["params"]
-    weights = load_fmboost(_SRC.value, target)
-    write_run_dir(_OUT.value, config, weights.params, weights.ema_params, source=_SRC.value,
-                  ema_step=weights.ema_step)
-    print(f"Converted {_SRC.value} -> {_OUT.value}: EfficientUNet with {count_params(model):,} parameters "
-          f"(online and EMA). Evaluate with: python eval.py --workdir {_OUT.value}")
+    weights = load_fmboost(src, target)
+    write_run_dir(out, config, weights.params, weights.ema_params, source=src, ema_step=weights.ema_step)
+    print(f"Converted {src} -> {out}: EfficientUNet with {count_params(model):,} parameters "
+          f"(online and EMA). Evaluate with: python eval.py --workdir {out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

@@ -6,6 +6,7 @@ with `weights_only=True` (no arbitrary code from the file runs).
 """
 import os
 import pickle
+import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -63,9 +64,11 @@ def _to_numpy(value) -> Optional[np.ndarray]:
 
 def _corrupt_error(path: str, err: BaseException, kind: str) -> ValueError:
     size = os.path.getsize(path)
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return ValueError(f"cannot read {kind} file {path} ({size} bytes): {type(err).__name__}: {first}. "
-                      "The file is truncated or corrupt (re-download or re-save it).")
+    text = str(err).strip()
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # torch's first line is boilerplate
+    first = detail.group(1).strip() if detail else text.splitlines()[0] if text else type(err).__name__
+    return ValueError(f"cannot read {kind} file {path} ({size} bytes): {type(err).__name__}: "
+                      f"{first.rstrip('.')}. The file is truncated or corrupt (re-download or re-save it).")
 
 
 def _load_safetensors(path: str) -> Dict[str, np.ndarray]:
@@ -95,6 +98,26 @@ def _load_safetensors(path: str) -> Dict[str, np.ndarray]:
         raise _corrupt_error(path, e, "safetensors") from e
 
 
+def _not_a_torch_file(path: str) -> Optional[str]:
+    """Why ``path`` cannot be a ``torch.save`` file, judged from its first bytes, or None when it
+    could be one: torch.save writes a zip archive (``PK``), older versions a pickle (``0x80``)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK") or head.startswith(b"\x80"):
+        return None
+    if not head:
+        what = "it is empty"
+    elif head.lstrip()[:1] in (b"<", b"{"):
+        what = "it is text (HTML, XML or JSON: a failed download or the wrong file?)"
+    elif len(head) >= 10 and head[8:10] == b'{"':
+        what = "it looks like a .safetensors file: give it the .safetensors extension"
+    else:
+        what = f"it starts with bytes {head[:8].hex(' ')}"
+    return (f"{path} ({os.path.getsize(path)} bytes) is not a PyTorch checkpoint: torch.save writes a zip "
+            f"archive or a pickle, and {what}. The file is corrupt or another kind of file: re-download or "
+            "re-save it.")
+
+
 def _load_torch(path: str) -> Any:
     try:
         import torch
@@ -103,16 +126,18 @@ def _load_torch(path: str) -> Any:
                           "or convert the checkpoint to .safetensors once where PyTorch is installed") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() and "truncat" not in str(e).lower() and \
-                "ran out of input" not in str(e).lower():
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        not_torch = _not_a_torch_file(path)
+        if not_torch:
+            raise ValueError(not_torch) from e
+        # weights_only=True refuses a class it does not know ("Unsupported global: GLOBAL module.Class");
+        # every other failure of a zip or pickle file is damage ("Unsupported operand", EOF, bad zip)
+        disallowed = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if isinstance(e, pickle.UnpicklingError) and disallowed:
             raise ValueError(
-                f"cannot read checkpoint {path} with torch.load(weights_only=True): it holds Python "
-                "objects other than tensors and plain containers (e.g. a pickled config). Re-save just "
-                f"its state dict, or convert it to .safetensors. torch said: {str(e).strip().splitlines()[0]}"
-            ) from e
-        raise _corrupt_error(path, e, "PyTorch checkpoint") from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+                f"cannot read checkpoint {path} with torch.load(weights_only=True): it holds Python objects "
+                f"other than tensors and plain containers ({disallowed.group(1)} here; typically a pickled "
+                "config). Re-save just its state dict, or convert it to .safetensors.") from e
         raise _corrupt_error(path, e, "PyTorch checkpoint") from e
 
 
@@ -136,7 +161,8 @@ def load_state_dict(path) -> Dict[str, np.ndarray]:
         raise ValueError(f"unknown checkpoint extension {ext!r} of {path}; expected .safetensors, "
                          ".ckpt, .pt, .pth or .bin")
     if not isinstance(raw, Mapping):
-        raise ValueError(f"{path} holds a {type(raw).__name__}, not a state dict")
+        raise ValueError(f"{path} holds a {type(raw).__name__}, not a state dict (a dict of tensors, as "
+                         "torch.save(model.state_dict(), path) or a Lightning checkpoint writes).")
     out = {}
     for key, value in unwrap_lightning(raw).items():
         array = _to_numpy(value)

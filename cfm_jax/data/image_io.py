@@ -15,6 +15,9 @@ Listing
     AppleDouble stubs) are ignored; symlinked folders are not followed.
 
 Skipped, with a reason (:data:`SKIP_REASONS`)
+  * ``not_a_file``: not a regular file (a FIFO / named pipe, a socket, a device)
+    under an image name. It is opened without blocking and never read: reading a FIFO
+    would wait for a writer forever;
   * ``not_an_image``: PIL cannot identify the file (e.g. text named ``.png``);
   * ``corrupt``: the header was read but decoding failed (truncated JPEG/PNG, bad
     data). Truncated files are *not* loaded partially (PIL's
@@ -48,15 +51,18 @@ is resized down afterwards anyway. ``original_size`` is always the full size.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import stat
 import warnings
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-SKIP_REASONS = ("not_an_image", "corrupt", "too_large", "bad_exif", "unsupported_mode", "too_small")
+SKIP_REASONS = ("not_a_file", "not_an_image", "corrupt", "too_large", "bad_exif", "unsupported_mode", "too_small")
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -129,14 +135,51 @@ def to_rgb_uint8(img: Image.Image) -> np.ndarray | None:
     return None
 
 
-def load_image(path: str, *, min_size: int = 0, draft_short_side: int | None = None) -> LoadedImage:
-    """Opens ``path`` and applies the module's policy (EXIF orientation, 8-bit RGB,
-    alpha onto white, ``min_size`` on the upright short side)."""
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return f"a special file (mode {stat.filemode(mode)})"
+
+
+def _open_regular_file(path) -> tuple[Any, LoadedImage | None]:
+    """``(binary file, None)`` for a regular file (the caller closes it), else ``(None, skip)``.
+    Opened with O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer
+    (forever); the flag changes nothing for regular files, the only ones read."""
     try:
-        with warnings.catch_warnings():
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:  # e.g. a socket (ENXIO), no permission, gone since the listing
+        try:
+            st_mode = os.stat(path).st_mode
+        except OSError:
+            st_mode = None
+        if st_mode is not None and not stat.S_ISREG(st_mode):
+            return None, _skip("not_a_file", f"{_file_kind(st_mode)}, not a regular file")
+        return None, _skip("corrupt", f"cannot open it: {type(e).__name__}: {e}")
+    st_mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(st_mode):
+        os.close(fd)
+        return None, _skip("not_a_file", f"{_file_kind(st_mode)}, not a regular file")
+    return os.fdopen(fd, "rb"), None
+
+
+def load_image(path, *, min_size: int = 0, draft_short_side: int | None = None) -> LoadedImage:
+    """Opens ``path`` (a file name, or an open binary file such as ``io.BytesIO``) and applies
+    the module's policy (regular files only, EXIF orientation, 8-bit RGB, alpha onto white,
+    ``min_size`` on the upright short side)."""
+    if isinstance(path, (str, bytes, os.PathLike)):
+        file, skipped = _open_regular_file(path)
+        if skipped is not None:
+            return skipped
+    else:
+        file = contextlib.nullcontext(path)  # the caller's file: not closed here
+    try:
+        with file as f, warnings.catch_warnings():
             # Above MAX_IMAGE_PIXELS PIL only warns; above twice that it raises (too_large).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(f) as img:
                 width, height = img.size  # full size, before any draft reduction
                 if min(width, height) < min_size:  # (the short side does not depend on orientation)
                     return _skip("too_small", f"{width}x{height} (WxH), short side < min_size={min_size}")

@@ -667,8 +667,13 @@ def prepare(src: str | Sequence[str], out: str, *, image_size: int, lowres_size:
 
 # --------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cfm_jax.data.prepare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from cfm_jax import cli
+
+    count, size = cli.positive_int, cli.nonnegative_int
+    p = cli.ArgumentParser(prog="python -m cfm_jax.data.prepare", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           epilog="The module docstring (python -c 'import cfm_jax.data.prepare as p; "
+                                  "print(p.__doc__)') describes each step, the shards and resuming.")
     p.add_argument("--src", required=True, nargs="+",
                    help="folder of images (recursive), photos[:train|:validation], or WebDataset tar shards: "
                         "one or more (quoted) patterns such as '/data/train-{000000..000099}.tar'")
@@ -678,55 +683,74 @@ def _parser() -> argparse.ArgumentParser:
                    help="tar shards: 'stored' writes their latent/latent_lowres as they are (unscaled, [C, h, h]), "
                         "'encode' encodes their images, 'auto': stored if the first samples have latents")
     p.add_argument("--out", required=True, help="dataset folder to write (TFDS layout)")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train",
+                   help="split to write, e.g. train or validation (lower-case letters, digits, '_'); several "
+                        "splits can share one --out")
     p.add_argument("--name", default="cfm_latents", help="TFDS dataset name (file name prefix)")
-    p.add_argument("--image_size", type=int, required=True)
-    p.add_argument("--lowres_size", type=int, required=True)
+    p.add_argument("--image_size", type=count, required=True,
+                   help="side of the square high-res crops in pixels (1024 for the paper's 64² -> 128² latents); "
+                        "divisible by the first stage's factor (8 for the SD VAE)")
+    p.add_argument("--lowres_size", type=count, required=True,
+                   help="side of the low-res images in pixels, at most --image_size (512 for the paper)")
     p.add_argument("--lowres_filter", default="box", choices=photos.LOWRES_FILTERS,
                    help="how the low-res image is made: box (area average) or bilinear (the original's "
                         "F.interpolate without antialiasing; the same as box at x2)")
-    p.add_argument("--short_side", type=int, default=None, help="resize the short side to this (default image_size; 0: keep the native size)")
-    p.add_argument("--max_short_side", type=int, default=0,
+    p.add_argument("--short_side", type=size, default=None,
+                   help="resize the short side to this before cropping (default image_size; 0: keep the native size)")
+    p.add_argument("--max_short_side", type=size, default=0,
                    help="then reduce larger images to this short side (0: no cap; useful with --short_side 0)")
-    p.add_argument("--min_size", type=int, default=None, help="skip images with a shorter short side "
+    p.add_argument("--min_size", type=size, default=None, help="skip images with a shorter short side "
                    "(default short_side: no up-scaling)")
     p.add_argument("--first_stage_path", default="identity",
                    help="'identity' (pixel space) or the autoencoder: converted folder, sd_ae.ckpt, safetensors, "
                         "diffusers VAE folder")
     p.add_argument("--scale_factor", type=float, default=-1.0, help="latent scale; -1: the checkpoint's")
-    p.add_argument("--first_stage_dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--tile_size", type=int, default=0, help="tiled encoding, latent cells (0: off)")
-    p.add_argument("--tile_overlap", type=int, default=8)
-    p.add_argument("--crop", default="center", choices=_CROP_MODES)
-    p.add_argument("--crops_per_image", type=int, default=1)
+    p.add_argument("--first_stage_dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype of the autoencoder while encoding")
+    p.add_argument("--tile_size", type=size, default=0, help="tiled encoding, latent cells (0: off)")
+    p.add_argument("--tile_overlap", type=size, default=8, help="tiled encoding: overlap of the tiles, latent cells")
+    p.add_argument("--crop", default="center", choices=_CROP_MODES,
+                   help="center: one centre crop per image; random: --crops_per_image crops at random positions")
+    p.add_argument("--crops_per_image", type=count, default=1, help="crops per image (more than 1 with --crop random)")
     p.add_argument("--min_scale", type=float, default=1.0,
                    help="random crops: zoom out by a log-uniform factor in [min_scale, 1] (1: no zoom)")
-    p.add_argument("--images_per_shard", type=int, default=64)
-    p.add_argument("--num_processes", type=int, default=1)
-    p.add_argument("--process_index", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--images_per_shard", type=count, default=64,
+                   help="source images per output shard (the unit of resuming and of splitting over processes)")
+    p.add_argument("--num_processes", type=count, default=1,
+                   help="processes (or hosts) preparing the split together; shard k is done by process k %% N")
+    p.add_argument("--process_index", type=size, default=0, help="this process's index, 0 .. num_processes - 1")
+    p.add_argument("--batch_size", type=count, default=8,
+                   help="crops encoded per jitted call (rounded up to a multiple of the local devices)")
     p.add_argument("--with_moments", action="store_true", help="also store posterior mean and logvar")
     p.add_argument("--seed", type=int, default=0, help="random crop positions")
-    p.add_argument("--num_workers", type=int, default=None, help="image decoding threads (default min(8, CPUs))")
-    p.add_argument("--max_shards", type=int, default=None, help="stop after this many shards (resume later)")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--num_workers", type=count, default=None, help="image decoding threads (default min(8, CPUs))")
+    p.add_argument("--max_shards", type=size, default=None, help="stop after this many shards (resume later)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv=None) -> int:
+    from cfm_jax import cli
+
     args = _parser().parse_args(argv)
-    fs = load_first_stage(args.first_stage_path, scale_factor=args.scale_factor, dtype=args.first_stage_dtype,
-                          tile_size=args.tile_size, tile_overlap=args.tile_overlap)
-    summary = prepare(
-        args.src[0] if len(args.src) == 1 else args.src, args.out, image_size=args.image_size,
-        lowres_size=args.lowres_size, first_stage=fs, tar_base=args.tar_base,
-        webdataset_latents=args.webdataset_latents,
-        split=args.split, name=args.name, short_side=args.short_side, max_short_side=args.max_short_side,
-        min_size=args.min_size, crop=args.crop, min_scale=args.min_scale,
-        crops_per_image=args.crops_per_image, images_per_shard=args.images_per_shard,
-        num_processes=args.num_processes, process_index=args.process_index, batch_size=args.batch_size,
-        with_moments=args.with_moments, seed=args.seed, num_workers=args.num_workers, max_shards=args.max_shards,
-        progress=not args.no_progress, lowres_filter=args.lowres_filter)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        cli.fail(f"--out {args.out!r} is a file; --out names the dataset folder to write (created if missing).")
+    cli.skip_tpu_probe_without_accelerator()  # before JAX makes a backend
+    try:  # a missing folder or file, bad sizes or settings: one line (see prepare's checks)
+        fs = load_first_stage(args.first_stage_path, scale_factor=args.scale_factor, dtype=args.first_stage_dtype,
+                              tile_size=args.tile_size, tile_overlap=args.tile_overlap)
+        summary = prepare(
+            args.src[0] if len(args.src) == 1 else args.src, args.out, image_size=args.image_size,
+            lowres_size=args.lowres_size, first_stage=fs, tar_base=args.tar_base,
+            webdataset_latents=args.webdataset_latents,
+            split=args.split, name=args.name, short_side=args.short_side, max_short_side=args.max_short_side,
+            min_size=args.min_size, crop=args.crop, min_scale=args.min_scale,
+            crops_per_image=args.crops_per_image, images_per_shard=args.images_per_shard,
+            num_processes=args.num_processes, process_index=args.process_index, batch_size=args.batch_size,
+            with_moments=args.with_moments, seed=args.seed, num_workers=args.num_workers, max_shards=args.max_shards,
+            progress=not args.no_progress, lowres_filter=args.lowres_filter)
+    except (FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError, ValueError, ImportError) as e:
+        cli.fail(str(e))
     short = {k: v for k, v in summary.items() if k not in ("skip_details", "ignored")}
     short["ignored"] = len(summary["ignored"])
     print(json.dumps(short, indent=2))

@@ -50,8 +50,9 @@ Why not a ``GeneratorBasedBuilder``
 Its ``download_and_prepare`` writes a whole split in one process run (or needs
 Apache Beam to spread it), so it can neither resume after an interruption nor let
 several hosts write their own shards. Preparation therefore writes the shards
-itself with the same pieces TFDS uses internally -- ``FeaturesDict.serialize_example``
-(a ``tf.train.Example`` built from TFDS's own protos, no TensorFlow) and
+itself with the same pieces TFDS uses internally -- ``FeaturesDict.encode_example`` and
+TFDS's ``ExampleSerializer`` (a ``tf.train.Example`` built from TFDS's own protos, no
+TensorFlow; serialised with ``deterministic=True``, see :func:`example_serializer`) and
 ``ArrayRecordWriter(path, 'group_size:1')`` (TFDS's ArrayRecord options: one record per
 group for random access, zstd level 3 by default) -- and then writes the metadata
 with ``tfds.core.DatasetInfo``/``SplitInfo``, the mechanism behind
@@ -70,7 +71,7 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -110,6 +111,23 @@ def shard_filename(name: str, split: str, shard: int, num_shards: int) -> str:
     return f"{name}-{split}.{FILE_FORMAT}-{shard:05d}-of-{num_shards:05d}"
 
 
+def example_serializer(features) -> Callable[[Mapping[str, Any]], bytes]:
+    """``example -> bytes``: ``features.serialize_example``, but the same bytes in every process.
+
+    A ``tf.train.Example`` holds its features in a protobuf *map*, and protobuf writes map
+    entries in hash-table order unless asked for ``deterministic=True``; TFDS does not ask,
+    so two processes (another Python hash seed) wrote the same examples as different bytes
+    (same content, other entry order, other compressed size). Parsing does not depend on
+    the order: records written either way read back the same."""
+    from tensorflow_datasets.core.example_serializer import ExampleSerializer
+
+    to_proto = ExampleSerializer(features.get_serialized_info()).get_tf_example
+
+    def serialize(example: Mapping[str, Any]) -> bytes:
+        return to_proto(features.encode_example(example)).SerializeToString(deterministic=True)
+    return serialize
+
+
 def write_shard(path: str, examples: Iterable[Mapping[str, Any]], features, *, tmp_dir: str) -> tuple[int, int]:
     """Writes ``examples`` (dicts matching ``features``) as one ArrayRecord file at ``path``,
     atomically: the records go to a file in ``tmp_dir`` (same file system) that is renamed
@@ -121,10 +139,11 @@ def write_shard(path: str, examples: Iterable[Mapping[str, Any]], features, *, t
     if os.path.exists(tmp):  # left by an interrupted run
         os.remove(tmp)
     writer = array_record_module.ArrayRecordWriter(tmp, ARRAY_RECORD_OPTIONS)
+    serialize = example_serializer(features)
     count = 0
     try:
         for example in examples:
-            writer.write(features.serialize_example(example))
+            writer.write(serialize(example))
             count += 1
     finally:
         writer.close()

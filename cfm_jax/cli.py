@@ -1,0 +1,125 @@
+"""What the command lines share (``eval.py``, ``python -m cfm_jax.upsample``, ``.data.prepare``,
+``.convert``): a user error is one line on stderr, ``error: <problem and fix>``, and exit code 2
+(:func:`fail`, :class:`ArgumentParser`, :func:`parse_flags`); an unexpected error keeps its
+traceback; and JAX does not probe for a TPU on a machine that has none
+(:func:`skip_tpu_probe_without_accelerator`).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from typing import NoReturn, Sequence
+
+EXIT_USAGE = 2  # argparse's and absl's code for a bad command line; ours for every user error
+
+
+def fail(message: str) -> NoReturn:
+    """Ends the command with ``error: message`` on stderr and exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (argparse prints the whole usage first: 20 lines
+    for ``prepare``), naming ``--help``; still exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` of a count or size (>= 1)."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse ``type`` of a size where 0 has a documented meaning (off, native, none)."""
+    return _int_at_least(text, 0)
+
+
+def parse_flags(fl, argv: Sequence[str], *, prog: str, usage: str = "[flags]", doc: str = "") -> list[str]:
+    """Parses ``argv`` (``argv[0]`` the program) into the absl ``FlagValues`` ``fl``; returns
+    ``argv[0]`` and the positional arguments. ``--help`` (``-h``, ``--helpshort``, ``--helpfull``) prints ``usage``,
+    ``doc`` and the flags and exits 0; a bad flag is one line and exit code 2 (absl's
+    ``app.run`` prints two and exits 1)."""
+    from absl import flags
+
+    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
+        parts = [f"usage: {prog} {usage}", doc.strip(), fl.get_help(include_special_flags=False).strip()]
+        print("\n\n".join(p for p in parts if p))
+        raise SystemExit(0)
+    try:
+        return fl(list(argv))
+    except flags.Error as e:
+        fail(f"{e} (see {prog} --help)")
+
+
+# --------------------------------------------------------------------------- the TPU probe
+# With libtpu installed (the tests install it for compile-only TPU plans) and JAX_PLATFORMS
+# unset, JAX tries the TPU backend first even on a machine without one: libtpu prints "Failed to
+# find host bounds ...", "INVALID_ARGUMENT: unexpected worker hostname ..." from C++ (no Python
+# logger can silence that) and JAX logs "Unable to initialize backend 'tpu'", then falls back to
+# the CPU. The only way to skip the probe is to name the platforms before the first backend is
+# made. JAX_PLATFORMS=cpu is set only when that is what JAX would end up with anyway: no TPU
+# device node or Google PCI device (what JAX's own TPU detection reads; a Google network card
+# also counts, which only means the probe is kept), no GPU device node (JAX's hint that a CUDA
+# jaxlib is missing stays) and no other PJRT plugin (CUDA, ROCm, ...) installed. A user's
+# JAX_PLATFORMS (even empty) or JAX_FORCE_TPU_INIT is left alone.
+_ACCELERATOR_DEVICE_GLOBS = ("dev/accel*", "dev/vfio/[0-9]*",  # TPU v2-v4 / v5e and later
+                             "dev/nvidia[0-9]*", "dev/nvidiactl", "dev/dxg", "dev/kfd")  # NVIDIA, WSL, AMD
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+
+
+def accelerator_hardware_present(root: str = "/") -> bool:
+    """A TPU or GPU device node, or any Google PCI device, under ``root``."""
+    if any(glob.glob(os.path.join(root, p)) for p in _ACCELERATOR_DEVICE_GLOBS):
+        return True
+    for vendor in glob.glob(os.path.join(root, "sys/bus/pci/devices/*/vendor")):
+        try:
+            with open(vendor) as f:
+                if f.read().strip() == _GOOGLE_PCI_VENDOR:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def accelerator_plugins() -> list[str]:
+    """JAX PJRT plugins other than libtpu (the jax[cuda12] / jax[rocm] plugin packages)."""
+    import importlib.metadata
+    import importlib.util
+
+    names = [ep.name for ep in importlib.metadata.entry_points(group="jax_plugins")]
+    if importlib.util.find_spec("jax_plugins") is not None:
+        import pkgutil
+
+        import jax_plugins  # a namespace package
+        names += [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+    return names
+
+
+def skip_tpu_probe_without_accelerator(root: str = "/") -> bool:
+    """Sets ``JAX_PLATFORMS=cpu`` on a Linux machine with no accelerator and no accelerator plugin, unless
+    the user chose platforms; returns whether it did. Call it before JAX makes its first backend."""
+    if "JAX_PLATFORMS" in os.environ or "JAX_FORCE_TPU_INIT" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    if accelerator_hardware_present(root) or accelerator_plugins():
+        return False
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # imported already (it reads JAX_PLATFORMS at import): tell its config (no
+        import jax            # effect once a backend exists, which on this machine is the CPU's anyway)
+
+        jax.config.update("jax_platforms", "cpu")
+    return True
