@@ -8,7 +8,18 @@ are rejected. Re-running with the same ``--workdir`` resumes from its newest
 checkpoint, or from ``--resume_checkpoint=STEP|PATH``; ``--load_weights=PATH`` starts a new run from
 another run's (or an original fm-boosting ``.ckpt``'s) weights. SIGTERM, SIGINT and SIGUSR1 (SLURM's
 ``--signal=USR1@90``) save a checkpoint at the next step boundary and stop.
+
+Exit codes (for schedulers and requeue scripts):
+  0   the run finished (``train.num_steps`` reached; also a rerun with nothing left to do)
+  1   the loss became NaN/inf (``TrainingDiverged``), or an unexpected error (with its traceback)
+  2   a user error, one line ``error: ...``: config key typo, bad value, missing config file or
+      checkpoint, unusable work directory (all found before anything is written)
+  74  (EX_IOERR) the disk or quota is full: one line naming what could not be written, where, and
+      the newest complete checkpoint; run the same command once space is free
+  75  (EX_TEMPFAIL) stopped early by SIGTERM/SIGINT/SIGUSR1 or a TPU preemption notice after saving a
+      checkpoint: run the same command to resume
 """
+import errno
 import logging
 import os
 import sys
@@ -16,8 +27,13 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file (ml_collections).",
-                                          lock_config=True)
+EXIT_DIVERGED, EXIT_USAGE, EXIT_OUT_OF_SPACE, EXIT_STOPPED = 1, 2, 74, 75
+DEFAULT_CONFIG = "configs/quickstart.py"
+
+# No default here: ml_collections would load a default config while the flag is defined, at import,
+# where an override typo cannot be reported as a usage error. _parse_flags supplies it.
+_CONFIG = config_flags.DEFINE_config_file("config", None, f"Config file (ml_collections); default "
+                                          f"{DEFAULT_CONFIG}.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, logs, samples). "
                                "Default: runs/<config file name>.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
@@ -38,20 +54,82 @@ _RESUME = flags.DEFINE_string("resume_checkpoint", None, "Resume from this check
                               "Newer checkpoints of --workdir are moved to superseded_checkpoints/.")
 
 
+def user_error(e: BaseException, argv: list[str] = ()) -> str | None:
+    """The one-line message of an error the user can fix from the command line (exit 2), or
+    ``None`` for an unexpected error, which keeps its traceback. ``argv``: the command line, to
+    name the override a config key typo came from."""
+    from cfm_jax.trainer import TrainingDiverged, OutOfSpace
+    if isinstance(e, (TrainingDiverged, OutOfSpace)):
+        return None
+    if isinstance(e, flags.Error):  # unknown flag, bad value, --config.x before --config
+        return _one_line(e)
+    if isinstance(e, (KeyError, AttributeError)):  # a config key typo in --config.a.b=...
+        key, hint = _missing_key(e)
+        for arg in argv:
+            path = arg.lstrip("-").split("=", 1)[0].split(".")
+            if path[0] == "config" and key in path[1:]:
+                where = ".".join(path[:path.index(key, 1)])
+                return f"{key!r} not found in {where} ({arg}){'; ' + hint if hint else ''}"
+        return None
+    if isinstance(e, OSError) and ("Failed loading config file" in str(e) or "failure to load" in str(e)):
+        text = _one_line(e)  # ml_collections: "... Attempted [Relative path]: nope.py [Errno 2] No such file ..."
+        return f"cannot load the config file: {text[text.rfind('[Errno'):] if '[Errno' in text else text}"
+    if isinstance(e, (FileNotFoundError, ValueError, ImportError)):  # bad config, missing file or checkpoint
+        return _one_line(e)
+    if isinstance(e, (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)) or \
+            (isinstance(e, OSError) and e.errno == errno.EROFS):  # an unusable --workdir
+        return f"{e.strerror}: {e.filename}" if e.filename else _one_line(e)
+    return None
+
+
+def _missing_key(e: BaseException) -> tuple[str | None, str]:
+    """``(key, 'did you mean ...')`` of ml_collections' KeyError for an unknown config field."""
+    key, hint = None, ""
+    while e is not None:
+        if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str):
+            first, _, rest = e.args[0].partition("\n")
+            key = first.strip("'\"")
+            hint = hint or rest.strip().replace("Did you mean", "did you mean")
+        e = e.__cause__ or e.__context__
+    return key, hint
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with one-line usage errors (exit 2) instead of a traceback."""
+    if not any(a == "--config" or a.startswith("--config=") or a in ("-config",) or a.startswith("-config=")
+               for a in argv[1:]):
+        argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+    try:
+        rest = flags.FLAGS(argv)
+        _CONFIG.value.keys()  # a config file that failed to load raises on first use: here
+        return rest
+    except Exception as e:  # noqa: BLE001 -- sorted by user_error; the rest re-raised
+        message = user_error(e, argv)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from cfm_jax import distributed
+    from cfm_jax import cli, distributed
+    cli.skip_tpu_probe_without_accelerator()  # no libtpu probe noise on machines without one
     try:  # before anything touches a JAX backend
         distributed.initialize(_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
                                timeout_s=_DIST_TIMEOUT.value)
     except (RuntimeError, ValueError) as e:
         print(f"\nerror: {e}", file=sys.stderr)
-        sys.exit(2)
-    from cfm_jax.trainer import TrainingDiverged, train
+        sys.exit(EXIT_USAGE)
+    from cfm_jax.trainer import OutOfSpace, TrainingDiverged, train
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join(
@@ -60,11 +138,22 @@ def main(argv):
         summary = train(config, workdir, load_weights=_LOAD_WEIGHTS.value, resume=_RESUME.value)
     except TrainingDiverged as e:
         print(f"\nTraining stopped: {e}", file=sys.stderr)
-        sys.exit(1)
-    except (FileNotFoundError, ValueError, ImportError) as e:  # bad config, missing file or checkpoint
+        sys.exit(EXIT_DIVERGED)
+    except OutOfSpace as e:
         print(f"\nerror: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_OUT_OF_SPACE)
+    except Exception as e:  # noqa: BLE001 -- sorted by user_error; the rest re-raised
+        message = user_error(e)
+        if message is None:
+            raise
+        print(f"\nerror: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     import jax
+    if summary.get("stopped_by"):  # every process: the scheduler reads any of them
+        if jax.process_index() == 0:
+            print(f"\nstopped at step {summary['final_step']} of {summary['num_steps']} "
+                  f"({summary['stopped_by']}); run the same command to resume", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
     if jax.process_index() != 0:  # the other processes' outputs are the same run
         return
     print(f"\nTraining finished at step {summary['final_step']}. Outputs in {summary['workdir']}:")
@@ -76,4 +165,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

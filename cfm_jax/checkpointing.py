@@ -12,12 +12,15 @@ checkpoint, non-strictly: matching leaves are taken, the rest is reported.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import traverse_util
 
 
@@ -31,17 +34,34 @@ def make_manager(workdir: str, *, keep: int = 3, read_only: bool = False,
                  directory: str | None = None) -> ocp.CheckpointManager:
     """The manager of ``<workdir>/checkpoints`` (or of the checkpoints folder ``directory``)."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep if keep > 0 else None, save_interval_steps=1, create=not read_only,
-        read_only=read_only, enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
-    return ocp.CheckpointManager(directory or checkpoint_dir(workdir), options=options, item_names=ITEMS)
+        max_to_keep=keep if keep > 0 and not read_only else None, save_interval_steps=0 if read_only else 1,
+        create=not read_only, read_only=read_only, enable_async_checkpointing=False,
+        cleanup_tmp_directories=not read_only)
+    with _orbax_warnings_off(read_only):  # "Given directory is read only": as asked (a restore)
+        return ocp.CheckpointManager(directory or checkpoint_dir(workdir), options=options, item_names=ITEMS)
+
+
+@contextlib.contextmanager
+def _orbax_warnings_off(off: bool = True):
+    """Orbax's warnings (it logs through absl) off for a call whose warnings say nothing useful."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    if off:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def complete_steps(directory: str) -> list[int]:
-    """The steps of the complete checkpoints (``<step>/state`` present) in a checkpoints folder."""
-    if not os.path.isdir(directory):
+    """The steps of the complete checkpoints (``<step>/state`` present) in a checkpoints folder
+    (a local path or a bucket URL). Orbax writes into ``<step>.orbax-checkpoint-tmp...`` folders
+    and renames them when complete, so a half-written step is never listed."""
+    path = epath.Path(directory)
+    if not path.is_dir():
         return []
-    return sorted(int(d) for d in os.listdir(directory)
-                  if d.isdigit() and os.path.isdir(os.path.join(directory, d, "state")))
+    return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "state").is_dir())
 
 
 def locate(path: str, step: int | None = None) -> tuple[str, int]:
@@ -71,7 +91,8 @@ def locate(path: str, step: int | None = None) -> tuple[str, int]:
 
 def saved_state_keys(directory: str, step: int) -> set[str]:
     """The top-level keys of the train state saved at ``step`` (e.g. to detect older layouts)."""
-    with ocp.PyTreeCheckpointer() as ckptr:
+    # (orbax warns that the item folder has no _CHECKPOINT_METADATA: that file is the step folder's)
+    with _orbax_warnings_off(), ocp.PyTreeCheckpointer() as ckptr:
         meta = ckptr.metadata(os.path.join(directory, str(step), "state"))
     tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
     return set(tree)
@@ -121,6 +142,14 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
             f"(different model or optimizer config?). Use a fresh --workdir, or start from its weights with "
             f"--load_weights={manager.directory}. Orbax said: {e}") from e
     return out["state"], out["meta"]
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The ``meta`` record (step, config) of checkpoint ``step``; ``{}`` when it has none."""
+    try:
+        return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {})
+    except Exception:  # noqa: BLE001 -- only used to explain another error; missing is fine
+        return {}
 
 
 def _read_state_tree(path: str, step: int | None) -> tuple[dict, str]:

@@ -2,32 +2,74 @@
 
 Only process 0 writes. ``MetricWriter.write(step, metrics)`` fans a dict of scalars
 out to every enabled sink; ``write_image`` logs a HWC uint8 image.
+
+A resumed run redoes the steps after its checkpoint, which an earlier, interrupted run may
+have logged already: ``resume_step`` drops those rows from ``metrics.csv`` and starts a new
+TensorBoard event file with a purge marker (``SessionLog.START`` at ``resume_step + 1``,
+tensorboardX's ``purge_step``), on which TensorBoard hides the older files' events from that
+step on, so each step is shown once. W&B (``resume="allow"``) ignores steps lower than ones it
+already holds instead.
 """
 from __future__ import annotations
 
 import csv
 import os
+import time
 
 import jax
 import numpy as np
 
 
+class _EventFile:
+    """One TensorBoard event file written in the calling thread (tensorboardX's ``EventsWriter``).
+
+    tensorboardX's ``SummaryWriter`` writes from a background thread: a failed write (a full
+    disk) ends that thread with a traceback of its own, and its bounded queue then blocks the
+    next write forever. Here a failed write raises in the trainer, which reports it."""
+
+    def __init__(self, logdir: str, purge_step: int | None = None):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        self._event = Event
+        os.makedirs(logdir, exist_ok=True)
+        # the process id in the name: a restart within the same second gets a file of its own
+        self._file = EventsWriter(os.path.join(logdir, "events"), filename_suffix=f".{os.getpid()}")
+        if purge_step is not None:
+            self._file.write_event(Event(wall_time=time.time(), step=purge_step,
+                                         session_log=SessionLog(status=SessionLog.START)))
+
+    def add(self, step: int, summary) -> None:
+        self._file.write_event(self._event(wall_time=time.time(), step=step, summary=summary))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class MetricWriter:
     def __init__(self, workdir: str, *, use_csv: bool = True, tensorboard: bool = True,
                  wandb: bool = False, wandb_project: str = "cfm-jax", wandb_name: str = "",
-                 config_dict: dict | None = None):
+                 config_dict: dict | None = None, resume_step: int | None = None):
+        """``resume_step``: the step the run starts from; metrics an earlier run logged after it
+        are dropped (CSV rows) or hidden (TensorBoard purge marker)."""
         self.enabled = jax.process_index() == 0
         self.workdir = workdir
         self._csv_path = os.path.join(workdir, "metrics.csv") if use_csv else None
         self._csv_fields: list[str] | None = None
-        self._tb = None
+        self._tb = None  # the event file, opened at the first event (a run with nothing to do adds none)
+        self._tb_args = None
         self._wandb = None
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
+        if self._csv_path and resume_step is not None:
+            self._drop_csv_rows_after(resume_step)
         if tensorboard:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            tb_dir = os.path.join(workdir, "tensorboard")
+            earlier = os.path.isdir(tb_dir) and any(n.startswith("events.") for n in os.listdir(tb_dir))
+            self._tb_args = (tb_dir, resume_step + 1 if earlier and resume_step is not None else None)
         if wandb:
             try:
                 import wandb as wandb_lib
@@ -43,12 +85,18 @@ class MetricWriter:
         scalars = {k: float(v) for k, v in metrics.items()}
         if self._csv_path:
             self._write_csv(step, scalars)
-        if self._tb is not None:
+        if self._event_file() is not None:
+            from tensorboardX.summary import scalar
             for k, v in scalars.items():
-                self._tb.add_scalar(k, v, step)
+                self._tb.add(step, scalar(k, v))
             self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
+
+    def _event_file(self) -> _EventFile | None:
+        if self._tb is None and self._tb_args is not None:
+            self._tb = _EventFile(*self._tb_args)
+        return self._tb
 
     def _write_csv(self, step: int, scalars: dict) -> None:
         row = {"step": step, **scalars}
@@ -63,11 +111,8 @@ class MetricWriter:
             rows = []
             if exists:
                 with open(self._csv_path, newline="") as f:
-                    rows = list(csv.DictReader(f))
-            with open(self._csv_path, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=fields)
-                w.writeheader()
-                w.writerows(rows)
+                    rows = [[r.get(k, "") for k in fields] for r in csv.DictReader(f)]
+            self._replace_csv(fields, rows)
             exists = True
         self._csv_fields = fields
         with open(self._csv_path, "a", newline="") as f:
@@ -76,11 +121,43 @@ class MetricWriter:
                 w.writeheader()
             w.writerow(row)
 
+    def _drop_csv_rows_after(self, step: int) -> None:
+        """Removes the rows of steps after ``step`` (logged by a run that stopped past its last
+        checkpoint; the resumed run logs them again), keeping the header."""
+        if not os.path.exists(self._csv_path):
+            return
+        with open(self._csv_path, newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            rows = list(reader)
+        if not header or "step" not in header:
+            return
+        col = header.index("step")
+
+        def keep(row):
+            try:
+                return int(float(row[col])) <= step
+            except (IndexError, ValueError):  # a torn last line of a killed run
+                return False
+        kept = [r for r in rows if keep(r)]
+        if len(kept) != len(rows):
+            self._replace_csv(header, kept)
+
+    def _replace_csv(self, header: list[str], rows: list[list]) -> None:
+        """Rewrites the CSV through a temporary file and a rename: a crash leaves the old or the new file."""
+        tmp = self._csv_path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+        os.replace(tmp, self._csv_path)
+
     def write_image(self, step: int, tag: str, image: np.ndarray) -> None:
         if not self.enabled:
             return
-        if self._tb is not None:
-            self._tb.add_image(tag, np.asarray(image), step, dataformats="HWC")
+        if self._event_file() is not None:
+            from tensorboardX.summary import image as image_summary
+            self._tb.add(step, image_summary(tag, np.asarray(image), dataformats="HWC"))
             self._tb.flush()
         if self._wandb is not None:
             import wandb as wandb_lib
@@ -92,7 +169,8 @@ class MetricWriter:
             self._tb.flush()
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        tb, wandb, self._tb, self._tb_args, self._wandb = self._tb, self._wandb, None, None, None
+        if tb is not None:
+            tb.close()
+        if wandb is not None:
+            wandb.finish()

@@ -8,17 +8,22 @@
 3. Validation: the evaluator of ``eval.py`` (:class:`cfm_jax.evaluation.Evaluator`) on the
    held-out set with the EMA weights: PSNR/SSIM/MSE (and FID, patch-FID) of the prediction
    and of bicubic/bilinear up-sampling, an image grid (``make_validator``).
-4. The loop: resume from the newest checkpoint, log, validate, checkpoint, stop on a
-   NaN/inf loss or a SIGTERM/SIGINT (``train``).
+4. The loop: check the config and restore the newest checkpoint before anything is written,
+   log, validate, checkpoint; stop on a NaN/inf loss, a full disk (one message naming the
+   newest complete checkpoint) or a SIGTERM/SIGINT/SIGUSR1 (``train``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import io
 import json
 import logging
 import os
 import signal
+import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -255,6 +260,160 @@ def _host_metrics(metrics: list[dict]) -> list[dict]:
     return [{k: float(v) for k, v in m.items()} for m in jax.device_get(metrics)]
 
 
+class OutOfSpace(RuntimeError):
+    """Raised when a write fails for lack of disk space (or quota); the message names what could
+    not be written, where, and the newest complete checkpoint (nothing complete is lost)."""
+
+
+def check_train_settings(t) -> None:
+    """Rejects step counts and intervals the loop cannot use (``config.train``), before anything
+    is compiled or written."""
+    for key in ("num_steps", "log_every", "checkpoint_every"):
+        if t[key] < 1:
+            raise ValueError(f"train.{key}={t[key]}: must be a positive number of steps.")
+    if t.eval_every < 0:
+        raise ValueError(f"train.eval_every={t.eval_every}: must be a number of steps, or 0 for no validation.")
+
+
+def _check_workdir(workdir: str) -> None:
+    """A local work directory must be a directory we may write in (or creatable in one)."""
+    if "://" in str(workdir):
+        return
+    path = os.path.abspath(workdir)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "" if existing == path else f" ({existing} is a file)"
+        raise ValueError(f"--workdir {workdir} is a file, not a directory{where}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" (in {existing})"
+        raise ValueError(f"--workdir {workdir}: no permission to write{where}; choose another --workdir.")
+
+
+_OUT_OF_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def out_of_space_reason(e: BaseException | str) -> str | None:
+    """``"no space left on device"`` or ``"disk quota exceeded"`` when ``e`` (or an exception it
+    was raised from, or its text) says so, else ``None``. Orbax/TensorStore report a full disk as a
+    ``ValueError`` whose text carries the OS message; Python writes raise ``OSError``."""
+    todo, seen = [e], set()
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in _OUT_OF_SPACE:
+            return _OUT_OF_SPACE[x.errno]
+        for code, reason in _OUT_OF_SPACE.items():
+            if os.strerror(code) in str(x):
+                return reason
+        if isinstance(x, BaseException):
+            todo += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
+    return None
+
+
+class _QuietOutOfSpace(logging.Filter):
+    """Drops the log records (each with a traceback) that orbax's threads and asyncio's unretrieved
+    tasks write for every array of a save that failed for lack of space: the trainer reports that
+    once, as :class:`OutOfSpace`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return out_of_space_reason(record.getMessage()) is None
+
+
+def _is_orphaned_write_callback(exc_type, exc: BaseException | None) -> bool:
+    """TensorStore completing a write of a failed orbax save after orbax closed that save's event
+    loop: ``RuntimeError('Event loop is closed')``, printed from TensorStore's own threads, once per
+    array, also after the error was reported. Never the main thread's own error."""
+    return (exc_type is RuntimeError and str(exc) == "Event loop is closed"
+            and threading.current_thread() is not threading.main_thread())
+
+
+_failed_write_reports_quiet = False
+
+
+def _quiet_failed_write_reports() -> None:
+    """Installs, once per process, the filters of the reports a failed save keeps producing after
+    the trainer raised (logged when asyncio collects the failed tasks, or printed by TensorStore's
+    callbacks until the process exits): they name nothing the :class:`OutOfSpace` message does not."""
+    global _failed_write_reports_quiet
+    if _failed_write_reports_quiet:
+        return
+    _failed_write_reports_quiet = True
+    for name in ("absl", "asyncio"):  # orbax logs through absl
+        logging.getLogger(name).addFilter(_QuietOutOfSpace())
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def quiet_excepthook(exc_type, exc, tb):
+        if not _is_orphaned_write_callback(exc_type, exc):
+            excepthook(exc_type, exc, tb)
+
+    def quiet_unraisablehook(unraisable):
+        if not _is_orphaned_write_callback(unraisable.exc_type, unraisable.exc_value):
+            unraisablehook(unraisable)
+
+    sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+
+
+@contextlib.contextmanager
+def _writing(what: str, where, checkpoints: str):
+    """Turns a write that fails for lack of space into :class:`OutOfSpace`, naming ``what``,
+    ``where`` and the newest complete checkpoint in ``checkpoints``."""
+    try:
+        yield
+    except Exception as e:
+        reason = out_of_space_reason(e)
+        if reason is None:
+            raise
+        try:
+            steps = checkpointing.complete_steps(checkpoints)
+        except Exception:  # noqa: BLE001 -- the message must not fail
+            steps = []
+        newest = f"the newest complete checkpoint is step {steps[-1]}" if steps else "no checkpoint is complete yet"
+        raise OutOfSpace(f"{reason} writing {what} to {where}; {newest} (resume with the same command once "
+                         "space is free).") from e
+
+
+def _close_quietly(*closables) -> None:
+    """Closes what a failed run leaves open (progress bar, checkpoint manager, metric files)
+    without a second error on top of the one being raised."""
+    quiet = logging.getLogger("absl"), logging.getLogger("orbax")
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.CRITICAL)
+    try:
+        for c in closables:
+            if c is not None:
+                try:
+                    c.close()
+                except Exception:  # noqa: BLE001
+                    pass
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+
+
+def _read_summary(wd) -> dict:
+    try:
+        return json.loads((wd / "train_summary.json").read_text())
+    except Exception:  # noqa: BLE001 -- none yet, or unreadable: nothing to keep
+        return {}
+
+
+def _config_changes(saved: dict | None, now: dict, limit: int = 8) -> str:
+    """``"model.model_channels: 32 -> 64, ..."``: the leaves in which ``now`` differs from the
+    config a checkpoint was saved with (``""`` when unknown or equal)."""
+    if not saved:
+        return ""
+    a = flax.traverse_util.flatten_dict(saved, sep=".")
+    b = flax.traverse_util.flatten_dict(json.loads(json.dumps(now, default=str)), sep=".")
+    diff = [f"{k}: {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+    return ", ".join(diff[:limit]) + (f" and {len(diff) - limit} more" if len(diff) > limit else "")
+
+
 def train(config, workdir: str, *, load_weights: str | None = None, resume: str | None = None) -> dict:
     """Trains ``config`` in ``workdir``; returns a summary.
 
@@ -265,10 +424,19 @@ def train(config, workdir: str, *, load_weights: str | None = None, resume: str 
     original's ``--resume_checkpoint``. Checkpoints of ``workdir`` newer than the chosen step
     are moved to ``workdir/superseded_checkpoints/`` (kept, not deleted). ``load_weights`` starts
     a fresh run from another checkpoint's weights (see :func:`_load_weights`).
+
+    Nothing in ``workdir`` changes until the config is known to work: settings, data, sampler
+    and the restore of the checkpoint (or the weights to load) come first. The summary has
+    ``stopped_by`` when a signal or a preemption notice stopped the run before ``num_steps``.
+    Raises :class:`TrainingDiverged` on a NaN/inf loss and :class:`OutOfSpace` when a write
+    fails for lack of space.
     """
     if resume is not None and load_weights:
         raise ValueError("--resume_checkpoint and --load_weights exclude each other: resume continues a run "
                          "(optimizer, EMA, data position); --load_weights starts a new one from weights.")
+    check_train_settings(config.train)
+    _check_workdir(workdir)
+    _quiet_failed_write_reports()
     # Everything that can reject the config runs before anything is written to workdir.
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.data.batch_size, mesh)
@@ -282,30 +450,13 @@ def train(config, workdir: str, *, load_weights: str | None = None, resume: str 
     solver = SolverSpec.from_config(config.sample)  # the validation sampler (ODE or SDE) exists
     train_data, val_set = make_data(config, upsampler.first_stage, n_devices=mesh.devices.size)
     validator = make_validator(config, upsampler, val_set, mesh)
-    resume_from = _resume_source(resume, workdir) if resume is not None else None
+    own_checkpoints = checkpointing.checkpoint_dir(workdir)
+    if resume is not None:
+        source_dir, start_step = _resume_source(resume, workdir)
+    else:
+        steps = checkpointing.complete_steps(own_checkpoints)
+        source_dir, start_step = own_checkpoints, (steps[-1] if steps else None)
 
-    wd = epath.Path(workdir)  # a local folder or a bucket URL (gs://...)
-    remote = "://" in str(workdir)
-    is_main = jax.process_index() == 0
-    if is_main:
-        wd.mkdir(parents=True, exist_ok=True)
-        (wd / "config.json").write_text(config.to_json_best_effort(indent=2))
-    # Metric files are appended to locally; with a bucket work directory they live in a local
-    # mirror that is copied to the bucket at every checkpoint (and fetched back when resuming).
-    log_dir = _local_log_dir(workdir) if remote else workdir
-    if remote and is_main:
-        _fetch_logs(wd, log_dir)
-
-    if resume_from is not None and is_main:
-        _supersede_newer(workdir, resume_from)
-    distributed.barrier("cfm_jax.train.resume")
-    manager = checkpointing.make_manager(workdir, keep=config.train.keep_checkpoints)
-    start_step = manager.latest_step()
-    source = manager
-    if resume_from is not None:
-        start_step = resume_from[1]
-        if resume_from[0] != checkpointing.checkpoint_dir(workdir):
-            source = checkpointing.make_manager(None, read_only=True, directory=resume_from[0])
     fsdp_min = config.mesh.fsdp_min_size
     abstract = abstract_train_state(upsampler, tx, latent_size, mesh, fsdp_min)
     state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
@@ -314,18 +465,21 @@ def train(config, workdir: str, *, load_weights: str | None = None, resume: str 
              "(%d arrays sharded over fsdp, %d replicated).", dict(mesh.shape), mesh.devices.size,
              jax.process_count(), layout["bytes"] / 2**20, layout["bytes_per_device"] / 2**20,
              layout["sharded_leaves"], layout["replicated_leaves"])
+    # The state comes before any write: a checkpoint this config cannot restore (another model
+    # or optimizer) is rejected with the work directory untouched, config.json included.
     if start_step is not None:
-        state = _restore_state(source, abstract, start_step)
-        if train_data.restore_arg() is not None:
-            if checkpointing.has_item(source, start_step, "data"):
-                checkpointing.restore_data(source, start_step, train_data.restore_arg())
-            else:
-                log.warning("Checkpoint %d holds no data iterator (saved by a run on another data source?): "
-                            "the records are read from the start of a new epoch order.", start_step)
-        log.info("Resumed from %s at step %d.", os.path.join(str(source.directory), str(start_step)),
-                 int(state.step))
-        if source is not manager:
+        source = checkpointing.make_manager(None, read_only=True, directory=source_dir)
+        try:
+            state = _restore_state(source, abstract, start_step, config)
+            if train_data.restore_arg() is not None:
+                if checkpointing.has_item(source, start_step, "data"):
+                    checkpointing.restore_data(source, start_step, train_data.restore_arg())
+                else:
+                    log.warning("Checkpoint %d holds no data iterator (saved by a run on another data source?): "
+                                "the records are read from the start of a new epoch order.", start_step)
+        finally:
             source.close()
+        log.info("Resumed from %s at step %d.", os.path.join(source_dir, str(start_step)), int(state.step))
         if load_weights:
             log.warning("--load_weights ignored: the work directory already has checkpoints (resuming).")
     else:
@@ -333,10 +487,31 @@ def train(config, workdir: str, *, load_weights: str | None = None, resume: str 
                                    shardings=state_sharding)
         if load_weights:
             state = _load_weights(state, load_weights, mesh)
+    step = int(state.step)
 
-    writer = MetricWriter(log_dir, use_csv=config.logging.csv, tensorboard=config.logging.tensorboard,
-                          wandb=config.logging.wandb, wandb_project=config.logging.wandb_project,
-                          wandb_name=config.logging.wandb_name, config_dict=config.to_dict())
+    wd = epath.Path(workdir)  # a local folder or a bucket URL (gs://...)
+    remote = "://" in str(workdir)
+    is_main = jax.process_index() == 0
+    previous_summary = _read_summary(wd) if is_main else {}
+    if is_main:
+        with _writing("config.json", wd, own_checkpoints):
+            wd.mkdir(parents=True, exist_ok=True)
+            (wd / "config.json").write_text(config.to_json_best_effort(indent=2))
+    # Metric files are appended to locally; with a bucket work directory they live in a local
+    # mirror that is copied to the bucket at every checkpoint (and fetched back when resuming).
+    log_dir = _local_log_dir(workdir) if remote else workdir
+    if remote and is_main:
+        _fetch_logs(wd, log_dir)
+
+    if resume is not None and is_main:
+        _supersede_newer(workdir, (source_dir, start_step))
+    distributed.barrier("cfm_jax.train.resume")
+    manager = checkpointing.make_manager(workdir, keep=config.train.keep_checkpoints)
+    with _writing("metrics.csv and tensorboard/", log_dir, own_checkpoints):
+        writer = MetricWriter(log_dir, use_csv=config.logging.csv, tensorboard=config.logging.tensorboard,
+                              wandb=config.logging.wandb, wandb_project=config.logging.wandb_project,
+                              wandb_name=config.logging.wandb_name, config_dict=config.to_dict(),
+                              resume_step=step)
     train_step = make_train_step(upsampler, tx, schedule, ema_cfg, mesh,
                                  grad_accum_steps=config.optim.grad_accum_steps, state_sharding=state_sharding)
     # model FLOPs (forward + backward of the UNet, analytic; a rematerialised forward is not counted)
@@ -345,29 +520,36 @@ def train(config, workdir: str, *, load_weights: str | None = None, resume: str 
     prepare = batch_preparer(upsampler, train_data.has_latents) or (lambda b: b)
     t_cfg = config.train
     num_steps = t_cfg.num_steps
-    step = int(state.step)
     train_data.seek(step)
-    summary = {"workdir": str(workdir) if remote else os.path.abspath(workdir), "start_step": step}
+    summary = {"workdir": str(workdir) if remote else os.path.abspath(workdir), "start_step": step,
+               "num_steps": num_steps}
 
     def save(step_now: int, state_now: TrainState):
-        checkpointing.save(manager, step_now, state_now, {"step": step_now, "config": config.to_dict()},
-                           data=train_data.save_arg())
-        if remote and is_main:
-            writer.flush()
-            _push_logs(log_dir, wd)
+        with _writing(f"checkpoint {step_now}", own_checkpoints, own_checkpoints):
+            checkpointing.save(manager, step_now, state_now, {"step": step_now, "config": config.to_dict()},
+                               data=train_data.save_arg())
+            if remote and is_main:
+                writer.flush()
+                _push_logs(log_dir, wd)
+
+    def write_metrics(step_now: int, metrics: dict):
+        with _writing(f"the metrics of step {step_now}", log_dir, own_checkpoints):
+            writer.write(step_now, metrics)
 
     def validate(step_now: int, state_now: TrainState):
         params = state_now.ema_params if config.sample.use_ema else state_now.params
         evaluated, grids = validator.run(params, [solver])
         results, grid = validation_metrics(evaluated), grids[solver.label]
-        writer.write(step_now, results)
-        if is_main:
-            (wd / "samples").mkdir(parents=True, exist_ok=True)
-            png = io.BytesIO()
-            Image.fromarray(grid).save(png, format="PNG")
-            (wd / "samples" / f"val_{step_now:07d}.png").write_bytes(png.getvalue())
-        writer.write_image(step_now, "val/grid", grid)
+        write_metrics(step_now, results)
+        with _writing(f"the validation grid of step {step_now}", wd / "samples", own_checkpoints):
+            if is_main:
+                (wd / "samples").mkdir(parents=True, exist_ok=True)
+                png = io.BytesIO()
+                Image.fromarray(grid).save(png, format="PNG")
+                (wd / "samples" / f"val_{step_now:07d}.png").write_bytes(png.getvalue())
+            writer.write_image(step_now, "val/grid", grid)
         summary["validation"] = results
+        summary["validation_step"] = step_now
         return results
 
     pbar = None
@@ -378,81 +560,96 @@ def train(config, workdir: str, *, load_weights: str | None = None, resume: str 
     compiled_step = None
     last_time, last_step = time.perf_counter(), step
     first_step_time = None
-    with _StopSignal() as stop:
-        while step < num_steps:
-            batch = prepare(sharding.shard_batch(train_data.next_batch(), mesh))
-            if compiled_step is None:  # ahead-of-time: trace, lower and compile once, timed
-                t0 = time.perf_counter()
-                with jax.set_mesh(mesh):
-                    compiled_step = train_step.lower(state, batch).compile()
-                summary["compile_seconds"] = time.perf_counter() - t0
-                log.info("Compiled the train step in %.1f s.", summary["compile_seconds"])
-                last_time = time.perf_counter()
-            state, metrics = compiled_step(state, batch)
-            step += 1
-            pending.append(metrics)
-            if first_step_time is None:
-                jax.block_until_ready(metrics)
-                first_step_time = time.perf_counter() - last_time
-                last_time, last_step = time.perf_counter(), step
-                summary["first_step_seconds"] = first_step_time
-            stop_by = _agreed_stop(stop.received, step)
-            at_log = step % t_cfg.log_every == 0 or step == num_steps
-            at_ckpt = step % t_cfg.checkpoint_every == 0 or step == num_steps
-            at_eval = validator is not None and (step % t_cfg.eval_every == 0 or step == num_steps)
-            if at_log or at_ckpt or at_eval or stop_by:
-                host = _host_metrics(pending)
-                for i, m in enumerate(host):
-                    if not np.isfinite(m["loss"]):
-                        bad = step - len(host) + i + 1
-                        if pbar is not None:
-                            pbar.close()
-                        raise TrainingDiverged(
-                            f"The loss became {m['loss']} at step {bad} (grad_norm {m['grad_norm']}). "
-                            f"Nothing was saved after it; the newest good checkpoint is step "
-                            f"{manager.latest_step()}. Lower --config.optim.lr, set "
-                            f"--config.optim.grad_clip_norm, or check the data.")
-                pending = []
-                now = time.perf_counter()
-                rate = (step - last_step) / max(now - last_time, 1e-9)
-                last_time, last_step = now, step
-                row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-                row["steps_per_sec"] = rate
-                row["step_seconds"] = 1.0 / max(rate, 1e-12)
-                row["examples_per_sec"] = rate * config.data.batch_size
-                row["examples_per_sec_per_device"] = row["examples_per_sec"] / n_devices
-                row["tflops_per_device"] = flops_lib.model_tflops_per_device(
-                    flops_per_example, row["step_seconds"], config.data.batch_size, n_devices)
-                writer.write(step, {f"train/{k}": v for k, v in row.items()})
-                summary["train"] = row
+    try:
+        with _StopSignal() as stop:
+            while step < num_steps:
+                batch = prepare(sharding.shard_batch(train_data.next_batch(), mesh))
+                if compiled_step is None:  # ahead-of-time: trace, lower and compile once, timed
+                    t0 = time.perf_counter()
+                    with jax.set_mesh(mesh):
+                        compiled_step = train_step.lower(state, batch).compile()
+                    summary["compile_seconds"] = time.perf_counter() - t0
+                    log.info("Compiled the train step in %.1f s.", summary["compile_seconds"])
+                    last_time = time.perf_counter()
+                state, metrics = compiled_step(state, batch)
+                step += 1
+                pending.append(metrics)
+                if first_step_time is None:
+                    jax.block_until_ready(metrics)
+                    first_step_time = time.perf_counter() - last_time
+                    last_time, last_step = time.perf_counter(), step
+                    summary["first_step_seconds"] = first_step_time
+                stop_by = _agreed_stop(stop.received, step)
+                at_log = step % t_cfg.log_every == 0 or step == num_steps
+                at_ckpt = step % t_cfg.checkpoint_every == 0 or step == num_steps
+                at_eval = validator is not None and (step % t_cfg.eval_every == 0 or step == num_steps)
+                if at_log or at_ckpt or at_eval or stop_by:
+                    host = _host_metrics(pending)
+                    for i, m in enumerate(host):
+                        if not np.isfinite(m["loss"]):
+                            bad = step - len(host) + i + 1
+                            raise TrainingDiverged(
+                                f"The loss became {m['loss']} at step {bad} (grad_norm {m['grad_norm']}). "
+                                f"Nothing was saved after it; the newest good checkpoint is step "
+                                f"{manager.latest_step()}. Lower --config.optim.lr, set "
+                                f"--config.optim.grad_clip_norm, or check the data.")
+                    pending = []
+                    now = time.perf_counter()
+                    rate = (step - last_step) / max(now - last_time, 1e-9)
+                    last_time, last_step = now, step
+                    row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                    row["steps_per_sec"] = rate
+                    row["step_seconds"] = 1.0 / max(rate, 1e-12)
+                    row["examples_per_sec"] = rate * config.data.batch_size
+                    row["examples_per_sec_per_device"] = row["examples_per_sec"] / n_devices
+                    row["tflops_per_device"] = flops_lib.model_tflops_per_device(
+                        flops_per_example, row["step_seconds"], config.data.batch_size, n_devices)
+                    write_metrics(step, {f"train/{k}": v for k, v in row.items()})
+                    summary["train"] = row
+                    if pbar is not None:
+                        pbar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                         ex_s=f"{row['examples_per_sec']:.1f}")
+                if at_eval:
+                    results = validate(step, state)
+                    if pbar is not None:
+                        pbar.write(f"step {step}: PSNR cfm {results['val/cfm_psnr']:.2f} dB vs bicubic "
+                                   f"{results['val/bicubic_psnr']:.2f} dB | SSIM cfm {results['val/cfm_ssim']:.4f} "
+                                   f"vs bicubic {results['val/bicubic_ssim']:.4f}")
+                if at_ckpt or stop_by:
+                    save(step, state)
                 if pbar is not None:
-                    pbar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                                     ex_s=f"{row['examples_per_sec']:.1f}")
-            if at_eval:
-                results = validate(step, state)
-                if pbar is not None:
-                    pbar.write(f"step {step}: PSNR cfm {results['val/cfm_psnr']:.2f} dB vs bicubic "
-                               f"{results['val/bicubic_psnr']:.2f} dB | SSIM cfm {results['val/cfm_ssim']:.4f} "
-                               f"vs bicubic {results['val/bicubic_ssim']:.4f}")
-            if at_ckpt or stop_by:
-                save(step, state)
-            if pbar is not None:
-                pbar.update(1)
-            if stop_by:
-                log.warning("Stopping (%s): saved a checkpoint at step %d.", stop_by, step)
-                summary["stopped_by"] = stop_by
-                break
+                    pbar.update(1)
+                if stop_by and step < num_steps:  # (at the last step the run is simply finished)
+                    log.warning("Stopping (%s): saved a checkpoint at step %d.", stop_by, step)
+                    summary["stopped_by"] = stop_by
+                    break
+    except BaseException:
+        _close_quietly(pbar, manager, writer)
+        raise
     if pbar is not None:
         pbar.close()
     manager.close()
-    writer.close()
+    with _writing("the metric files", log_dir, own_checkpoints):
+        writer.close()
     summary["final_step"] = step
     summary["num_traces"] = train_step.num_traces()
     distributed.barrier("cfm_jax.train.end")
+    if step == summary["start_step"] and previous_summary:
+        # Nothing to do (a rerun of a finished run): its summary stays as it was.
+        kept = {k: v for k, v in previous_summary.items() if k != "stopped_by"}
+        return {**kept, **summary}
+    for key in ("validation", "validation_step"):  # the last validation, when this run had none
+        if key not in summary and key in previous_summary:
+            summary[key] = previous_summary[key]
     if is_main:
-        (wd / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        if remote:
-            _push_logs(log_dir, wd)
+        with _writing("train_summary.json", wd, own_checkpoints):
+            from cfm_jax.evaluation import finite_json
+            clean, non_finite = finite_json(summary)  # strict JSON: NaN/inf become null, named
+            if non_finite:
+                clean["non_finite"] = {"fields": non_finite, "note": "not finite (NaN or infinite); written as null"}
+            (wd / "train_summary.json").write_text(json.dumps(clean, indent=2, allow_nan=False))
+            if remote:
+                _push_logs(log_dir, wd)
     return summary
 
 
@@ -534,14 +731,24 @@ def _supersede_newer(workdir: str, resume_from: tuple[str, int]) -> None:
     log.warning("Resuming from step %d: moved the newer checkpoints %s to %s.", resume_from[1], newer, aside)
 
 
-def _restore_state(manager, abstract: TrainState, step: int) -> TrainState:
+def _restore_state(manager, abstract: TrainState, step: int, config) -> TrainState:
     """The train state of checkpoint ``step``; checkpoints written before the EMA had its own
-    counter (no ``ema_step``) restore with ``ema_step = step``, which is what it was then."""
+    counter (no ``ema_step``) restore with ``ema_step = step``, which is what it was then. A
+    checkpoint of another model or optimizer is rejected naming the config keys that differ."""
     keys = checkpointing.saved_state_keys(str(manager.directory), step)
-    if "ema_step" in keys:
-        return checkpointing.restore(manager, abstract, step)[0]
-    fields = [f.name for f in dataclasses.fields(TrainState) if f.name != "ema_step"]
-    tree, _ = checkpointing.restore(manager, {k: getattr(abstract, k) for k in fields}, step)
+    try:
+        if "ema_step" in keys:
+            return checkpointing.restore(manager, abstract, step)[0]
+        fields = [f.name for f in dataclasses.fields(TrainState) if f.name != "ema_step"]
+        tree, _ = checkpointing.restore(manager, {k: getattr(abstract, k) for k in fields}, step)
+    except ValueError as e:
+        changes = _config_changes(checkpointing.read_meta(manager, step).get("config"), config.to_dict())
+        if not changes:
+            raise
+        raise ValueError(f"This config does not fit checkpoint {step} in {manager.directory} (nothing was "
+                         f"changed): it differs from the checkpoint's config in {changes}. Resume with the "
+                         f"checkpoint's settings, use a fresh --workdir, or start a new run from its weights "
+                         f"with --load_weights={manager.directory}.") from e
     return TrainState(**tree, ema_step=jnp.copy(tree["step"]))  # a buffer of its own (donated)
 
 
@@ -571,5 +778,6 @@ def _load_weights(state: TrainState, path: str, mesh) -> TrainState:
                          ema_step=jax.device_put(jnp.asarray(ema_step, jnp.int32), state.ema_step.sharding))
 
 
-__all__ = ["TrainState", "TrainingDiverged", "create_train_state", "make_train_step", "make_validator",
-           "split_microbatches", "train", "validation_metrics"]
+__all__ = ["OutOfSpace", "TrainState", "TrainingDiverged", "check_train_settings", "create_train_state",
+           "make_train_step", "make_validator", "out_of_space_reason", "split_microbatches", "train",
+           "validation_metrics"]

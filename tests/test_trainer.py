@@ -1,5 +1,6 @@
 """End-to-end training on a tiny model: loss goes down, resume is exact, no retrace, NaN stops,
-gradient accumulation, weights-only start, config typos (eval.py: tests/test_eval.py). (Several devices and
+gradient accumulation, weights-only start, config typos, incompatible resumes and reruns (eval.py:
+tests/test_eval.py; full disks, bad settings, exit codes: tests/test_train_failures.py). (Several devices and
 processes: tests/test_multihost.py.)"""
 import json
 import os
@@ -180,6 +181,47 @@ def test_resume_from_an_explicit_step_or_path(straight_run, tmp_path):
         train(tiny_config(num_steps=6), copy, resume="3", load_weights=workdir_a)
 
 
+def tree_snapshot(root):
+    """Every file and folder under ``root`` with its size and modification time."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.stat(path)
+            out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_an_incompatible_config_is_rejected_with_the_work_directory_untouched(straight_run, tmp_path):
+    """Resuming with another model: the error names what differs from the checkpoint's config, and
+    nothing in the work directory changed (config.json still describes the checkpoints)."""
+    import shutil
+    copy = str(tmp_path / "copy")
+    shutil.copytree(straight_run[0], copy)
+    before = tree_snapshot(copy)
+    c = tiny_config(eval_every=6)
+    c.model.model_channels = 64
+    with pytest.raises(ValueError, match=r"does not fit checkpoint 6 .*model\.model_channels: 32 -> 64"):
+        train(c, copy)
+    assert tree_snapshot(copy) == before
+    with open(os.path.join(copy, "config.json")) as f:
+        assert json.load(f)["model"]["model_channels"] == 32
+
+
+def test_rerunning_a_finished_run_keeps_its_summary(straight_run, tmp_path):
+    import shutil
+    copy = str(tmp_path / "copy")
+    shutil.copytree(straight_run[0], copy)
+    with open(os.path.join(copy, "train_summary.json")) as f:
+        written = f.read()
+    again = train(tiny_config(eval_every=6), copy)
+    with open(os.path.join(copy, "train_summary.json")) as f:
+        assert f.read() == written  # metrics and validation kept, not {start_step: 6, final_step: 6}
+    assert again["start_step"] == again["final_step"] == 6 and again["num_traces"] == 0
+    assert again["validation"] == json.loads(written)["validation"]
+    assert losses(copy) == losses(straight_run[0])
+
+
 def test_checkpoint_without_an_ema_counter_resumes(straight_run, tmp_path):
     """Checkpoints written before TrainState had ema_step restore with ema_step = step."""
     workdir_a, _ = straight_run
@@ -217,38 +259,47 @@ def test_unknown_sampler_is_rejected_before_anything_is_written(tmp_path):
 
 
 def test_config_typo_is_rejected(tmp_path):
-    proc = run_cli(["train.py", "--config", "configs/quickstart.py", "--config.optim.lrr=1e-4",
-                    "--workdir", str(tmp_path)])
-    assert proc.returncode != 0
-    assert "lrr" in proc.stderr
-    assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+    """As the README promises: one line, exit 2, nothing written (other user errors of train.py:
+    tests/test_train_failures.py::test_train_py_user_errors_are_one_line)."""
+    proc = run_cli(["train.py", "--config.optim.lrr=1e-4", "--workdir", str(tmp_path / "run")])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip() == ("error: 'lrr' not found in config.optim (--config.optim.lrr=1e-4); "
+                                   'did you mean "lr" instead of "lrr"?')
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_sigusr1_saves_a_resumable_checkpoint(tmp_path):
     """SIGUSR1 (SLURM's --signal=USR1, as the original uses; SIGTERM takes the same path, see
-    test_stop_signals_include_slurms_sigusr1) mid-training: a checkpoint at the step boundary, a clean
-    exit, then resume to the end."""
+    test_stop_signals_include_slurms_sigusr1) to train.py mid-training: a checkpoint at the step
+    boundary, exit code 75 (EX_TEMPFAIL: not finished, run again) with a one-line message, then
+    resume to the end."""
+    import re
     import signal
     import time
-    workdir = str(tmp_path)
-    script = (f"import sys; sys.path.insert(0, {ROOT!r})\n"
-              "from tests.test_trainer import tiny_config\n"
-              "from cfm_jax.trainer import train\n"
-              "import json\n"
-              f"s = train(tiny_config(num_steps=100000, checkpoint_every=100000), {workdir!r})\n"
-              "print('SUMMARY', json.dumps({'final': s['final_step'], 'by': s.get('stopped_by')}))\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    workdir = str(tmp_path / "run")
+    config = tmp_path / "tiny_config.py"
+    config.write_text("from tests.test_trainer import tiny_config\n\n\ndef get_config():\n"
+                      "    return tiny_config(num_steps=100000, checkpoint_every=100000)\n")
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(config), "--workdir", workdir], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
     csv_path = os.path.join(workdir, "metrics.csv")
     deadline = time.time() + 240
     while time.time() < deadline and len(losses(workdir) if os.path.exists(csv_path) else []) < 3:
         time.sleep(0.5)
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
-    summary = json.loads(out.split("SUMMARY", 1)[1])
-    assert summary["by"] == "SIGUSR1" and summary["final"] >= 3
+    assert proc.returncode == 75, err[-3000:]
+    assert "Training finished" not in out
+    last = err.strip().splitlines()[-1]
+    match = re.fullmatch(r"stopped at step (\d+) of 100000 \(SIGUSR1\); run the same command to resume", last)
+    assert match, err[-3000:]
+    final = int(match.group(1))
+    with open(os.path.join(workdir, "train_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["stopped_by"] == "SIGUSR1" and summary["final_step"] == final >= 3
     steps = checkpointing.make_manager(workdir, read_only=True).all_steps()
-    assert steps == [summary["final"]]
-    resumed = train(tiny_config(num_steps=summary["final"] + 2), workdir)
-    assert resumed["start_step"] == summary["final"] and resumed["final_step"] == summary["final"] + 2
+    assert steps == [final]
+    resumed = train(tiny_config(num_steps=final + 2), workdir)
+    assert resumed["start_step"] == final and resumed["final_step"] == final + 2
+    assert "stopped_by" not in resumed
