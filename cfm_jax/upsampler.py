@@ -135,8 +135,36 @@ class CFMUpsampler:
             return x0[0], (None if context is None else context[0])
 
         x0, context = jax.vmap(one_source)(lowres, source_keys)
-        return solver.solve(self._ode_velocity, x0, {"params": params, "context": context}, noise_keys,
-                            schedule=self.config.flow.schedule)
+        pad = self.border_pad
+        if pad:  # reflect-pad source and context, integrate, crop back (sample.border_pad)
+            self.check_border_pad(x0.shape[1], x0.shape[2])
+            widths = ((0, 0), (pad, pad), (pad, pad), (0, 0))
+            x0 = jnp.pad(x0, widths, mode="reflect")
+            context = None if context is None else jnp.pad(context, widths, mode="reflect")
+        result = solver.solve(self._ode_velocity, x0, {"params": params, "context": context}, noise_keys,
+                              schedule=self.config.flow.schedule)
+        if pad:
+            crop = lambda a: a[..., pad:-pad, pad:-pad, :]  # noqa: E731 -- [.., H, W, C] leaves
+            result = result._replace(x=crop(result.x), intermediates=None if result.intermediates is None
+                                     else jax.tree.map(crop, result.intermediates))
+        return result
+
+    @property
+    def border_pad(self) -> int:
+        """``sample.border_pad``: latent cells of reflect padding around the source and context
+        while sampling, cropped off the result (0: none, the original's math). The network then
+        never sees an output pixel next to its zero padding (issue: a frame at the borders)."""
+        return int(self.config.sample.get("border_pad", 0))  # absent from older runs' config.json
+
+    def check_border_pad(self, height: int, width: int) -> None:
+        pad = self.border_pad
+        levels = 2 ** (len(self.config.model.channel_mult) - 1)
+        if pad < 0 or pad >= min(height, width):
+            raise ValueError(f"sample.border_pad={pad} must be in [0, {min(height, width)}) for {height}x{width} "
+                             "latents (reflect padding).")
+        if (height + 2 * pad) % levels or (width + 2 * pad) % levels:
+            raise ValueError(f"sample.border_pad={pad}: the padded latents {height + 2 * pad}x{width + 2 * pad} must "
+                             f"stay divisible by the UNet's {levels}x down-sampling; use a multiple of {levels // 2 or 1}.")
 
     def predict(self, params, batch: dict, keys: jax.Array, *, solver, first_stage=None):
         """``(images [B,H,W,3] in [-1,1], SampleResult)`` for a batch with ``latent`` (its shape

@@ -92,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict(dict(
         method="rk4", num_steps=40, atol=1e-6, rtol=1e-3, max_steps=4096, use_ema=True,
         diffusion_form="sigma", diffusion_norm=1.0, last_step="Mean", last_step_size=0.04,
+        border_pad=0,  # latent cells of reflect padding while sampling, cropped off (0: the original's math)
     ))
 
     # The training loop (cfm_jax/trainer.py).

@@ -247,3 +247,22 @@ def test_a_fifo_among_the_inputs_is_reported_not_opened(tmp_path):
     assert not worker.is_alive(), "scan_inputs blocked on a FIFO"
     assert "pipe.png: not a regular file" in result["error"]
     assert "direct.png' is not a regular file or folder" in result["error"]
+
+
+def test_border_pad_samples_a_reflect_padded_source_and_crops_back():
+    """sample.border_pad: same output shape, only a change of the sampled values, and clear errors."""
+    c = tiny_config()
+    from tests.random_weights import random_params
+    up = CFMUpsampler(c)
+    params = random_params(jax.eval_shape(lambda: up.init(jax.random.PRNGKey(0), 16)), seed=3)  # no zero layers
+    lowres = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 3), minval=-1, maxval=1)
+    keys = jax.random.split(jax.random.PRNGKey(2), 2)
+    solver = SolverSpec(method="euler", num_steps=3)
+    plain = up.sample(params, lowres, keys, size=16, solver=solver).x
+    c.sample.border_pad = 4
+    padded = CFMUpsampler(c).sample(params, lowres, keys, size=16, solver=solver).x
+    assert padded.shape == plain.shape == (2, 16, 16, 3)
+    assert np.all(np.isfinite(padded)) and not np.allclose(padded, plain)
+    c.sample.border_pad = 16
+    with pytest.raises(ValueError, match=r"sample.border_pad=16 must be in \[0, 16\)"):
+        CFMUpsampler(c).sample(params, lowres, keys, size=16, solver=solver)
