@@ -353,6 +353,9 @@ on_workers all "$install"
 train=(train.py)
 user_gave --config || train+=(--config "$CONFIG")
 user_gave --workdir || train+=(--workdir "$WORKDIR")
+# Every TPU VM host joins jax.distributed (JAX finds the slice's peers from the VM metadata; one
+# host joins as process 0 of 1). Environment variables alone do not reveal a TPU slice.
+user_gave --distributed || train+=(--distributed=on)
 train+=(${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
 train_q=$(printf ' %q' "${train[@]}")
 # One process per host; jax.distributed finds its peers from the TPU VM metadata. The pid file

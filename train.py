@@ -37,7 +37,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, f"Config file (ml_coll
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, logs, samples). "
                                "Default: runs/<config file name>.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                                 "jax.distributed: auto = on TPU VM slices / SLURM / with a coordinator address.")
+                                 "jax.distributed: auto = for several SLURM/MPI tasks or TPU hosts, or with a coordinator "
+                                 "address; on = always (launch_tpu.sh passes it on TPU VMs).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host outside "
                                    "TPU VMs; or JAX_COORDINATOR_ADDRESS).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run (or JAX_NUM_PROCESSES).")

@@ -23,8 +23,23 @@ import jax
 
 log = logging.getLogger("cfm_jax")
 
-_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "MEGASCALE_COORDINATOR_ADDRESS",
-                "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+def in_multiprocess_cluster(env=None) -> bool:
+    """Whether the environment describes a job of several processes (TPU slice, SLURM, Open MPI).
+
+    One host or one task is not a cluster: ``TPU_WORKER_HOSTNAMES=localhost`` (which the planner sets
+    to compile for TPUs on a CPU machine), a one-task SLURM allocation or ``mpirun -n 1`` run as one
+    process without a coordination service."""
+    env = os.environ if env is None else env
+
+    def count(key: str) -> int:
+        try:
+            return int(env.get(key, "") or 0)
+        except ValueError:
+            return 0
+
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    return (len(hosts) > 1 or bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
+            or count("SLURM_NTASKS") > 1 or count("OMPI_COMM_WORLD_SIZE") > 1)
 
 
 class PeerTimeout(RuntimeError):
@@ -43,8 +58,7 @@ def initialize(mode: str = "auto", *, coordinator_address: str | None = None, nu
         num_processes = int(os.environ["JAX_NUM_PROCESSES"])
     if process_id is None and os.environ.get("JAX_PROCESS_ID"):
         process_id = int(os.environ["JAX_PROCESS_ID"])
-    in_cluster = any(os.environ.get(k) for k in _CLUSTER_ENV)
-    if mode == "auto" and coordinator_address is None and not in_cluster:
+    if mode == "auto" and coordinator_address is None and not in_multiprocess_cluster():
         return False
     if coordinator_address is not None and (num_processes is None or process_id is None):
         raise ValueError("A coordinator address needs --num_processes and --process_id (or JAX_NUM_PROCESSES "

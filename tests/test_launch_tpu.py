@@ -155,7 +155,7 @@ def test_dry_run_creates_ships_installs_starts_and_follows(fake):
     assert "requirements-tpu.txt" in words  # gcsfs: gs:// work directories
     assert f"jax[tpu]=={pinned_jax_version()}" in words
     assert train_argv(remote(start)) == ["train.py", "--config", PAPER_CONFIG,
-                                         "--workdir", "gs://my-bucket/run1", *TRICKY]
+                                         "--workdir", "gs://my-bucket/run1", "--distributed=on", *TRICKY]
     assert "nohup" in remote(start) and "train.log" in remote(start)
     assert remote(follow)[:2] == ["tail", "-n"] and "-F" in remote(follow)
     assert remote(follow)[-1] == "~/cfm-jax/train.log"
@@ -172,15 +172,17 @@ def test_dry_run_workdir_run_name_spot_project_remote_dir(fake):
     assert {"--spot", "--accelerator-type=v5litepod-64", "--version=v2-alpha-tpuv5-lite"} <= set(cmds[0])
     # the default run name is the config's; a gs:// prefix and a trailing slash of --bucket are dropped
     start = remote(cmds[4])
-    assert train_argv(start)[-2:] == ["--workdir", "gs://my-bucket/cfm/unet_base_psu"]
+    assert train_argv(start)[-3:] == ["--workdir", "gs://my-bucket/cfm/unet_base_psu", "--distributed=on"]
     assert start[:2] == ["cd", "/opt/cfm run"]
 
 
 def test_workdir_and_config_after_double_dash_replace_ours(fake):
-    r = launch(fake, *BASE, "--dry-run", "--", "--workdir=/mnt/runs/a", "--config", "configs/quickstart.py")
+    r = launch(fake, *BASE, "--dry-run", "--", "--workdir=/mnt/runs/a", "--config", "configs/quickstart.py",
+               "--distributed=off")
     assert r.returncode == 0, r.stderr  # no --bucket needed
     start = remote(printed_commands(r.stdout)[4])
-    assert train_argv(start) == ["train.py", "--workdir=/mnt/runs/a", "--config", "configs/quickstart.py"]
+    assert train_argv(start) == ["train.py", "--workdir=/mnt/runs/a", "--config", "configs/quickstart.py",
+                                 "--distributed=off"]
 
 
 def test_dry_run_queued_resource(fake):
@@ -282,7 +284,7 @@ def test_real_run_calls_gcloud_as_expected_and_the_workers_start_train_py(fake, 
     while not argv_file.exists() and time.time() < deadline:
         time.sleep(0.05)
     assert json.loads(argv_file.read_text()) == [
-        "train.py", "--config", PAPER_CONFIG, "--workdir", "gs://bkt/r", *TRICKY]
+        "train.py", "--config", PAPER_CONFIG, "--workdir", "gs://bkt/r", "--distributed=on", *TRICKY]
     assert (home / "cfm-jax" / "train.pid").read_text().strip().isdigit()
     deadline = time.time() + 30
     while "fake train.py started" not in (home / "cfm-jax" / "train.log").read_text() and time.time() < deadline:

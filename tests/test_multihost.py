@@ -133,3 +133,19 @@ def test_a_stalled_peer_ends_the_wait_with_a_clear_error():
             p.kill()
     assert procs[0].returncode == 3, err0[-3000:]
     assert "barrier 'test.barrier'" in out0 and "a peer stalled or failed" in out0
+
+
+def test_one_host_or_one_task_is_not_a_cluster(monkeypatch):
+    """`--distributed=auto` joins a coordination service only for jobs of several processes: the
+    planner's TPU_WORKER_HOSTNAMES=localhost (left in the environment of a test process and inherited
+    by every train.py it starts) once made single-process runs wait for a coordinator."""
+    from cfm_jax import distributed
+    assert not distributed.in_multiprocess_cluster({"TPU_WORKER_HOSTNAMES": "localhost"})
+    assert not distributed.in_multiprocess_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"})
+    assert not distributed.in_multiprocess_cluster({"OMPI_COMM_WORLD_SIZE": "1"})
+    assert distributed.in_multiprocess_cluster({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"})
+    assert distributed.in_multiprocess_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"})
+    assert distributed.in_multiprocess_cluster({"OMPI_COMM_WORLD_SIZE": "2"})
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    assert distributed.initialize("auto") is False  # one process, no coordinator asked for
