@@ -64,6 +64,8 @@ def define_flags(fl: flags.FlagValues) -> None:
     integer("num_crops", "patch-FID: random crops per image, >= 1 (default: the run's eval.num_crops, else 4).")
     integer("crop_size", "patch-FID: crop side in pixels, 0: image_size / 2 (default: the run's eval.crop_size, "
             "else 0).")
+    integer("rim", "Interior scores leave out a rim of this many pixels on every side, reported beside the "
+            "full-image scores; 0: none, -1: two latent cells, at least 4 px (default: the run's eval.rim, else -1).")
     string("fid_stats", "npz of the real images' FID statistics (pytorch-fid format): read when it exists, else "
            "computed and written there.")
     integer("seed", "Seed of the sampling noise and the patch-FID crops (default: the run's config.seed, which its "
@@ -80,7 +82,8 @@ def _check_counts(f: flags.FlagValues) -> None:
                                ("num_crops", 1, "patch-FID crops per image"),
                                ("crop_size", 0, "the patch-FID crop side, 0 for image_size / 2"),
                                ("num_steps", 2, "grid points of --method, 2 for one step"),
-                               ("step", 0, "a checkpoint step")):
+                               ("step", 0, "a checkpoint step"),
+                               ("rim", -1, "the interior's margin in pixels, -1 for two latent cells")):
         value = f[name].value
         if value is not None and value < low:
             cli.fail(f"--{name}={value}: it is {meaning} and must be >= {low}; omit it for the run's default.")
@@ -160,6 +163,7 @@ def main(argv=None) -> int:
     inception = fl.inception if fl.inception is not None else run_eval.get("inception", "")
     num_crops = fl.num_crops if fl.num_crops is not None else run_eval.get("num_crops", 4)
     crop_size = fl.crop_size if fl.crop_size is not None else run_eval.get("crop_size", 0)
+    rim = fl.rim if fl.rim is not None else run_eval.get("rim", -1)
     seed = fl.seed if fl.seed is not None else int(config.get("seed", 0))
     if inception and not os.path.exists(inception):
         cli.fail(f"--inception {inception!r} does not exist (pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
@@ -189,7 +193,8 @@ def main(argv=None) -> int:
         fid_cfg = evaluation.FIDConfig.from_path(inception, num_crops=num_crops, crop_size=crop_size,
                                                  reference_stats=fl.fid_stats)
         ev = evaluation.Evaluator(upsampler, eval_set, mesh, seed=seed, fid=fid_cfg,
-                                  num_grid=config.train.num_grid_images)
+                                  num_grid=config.train.num_grid_images,
+                                  rim=evaluation.resolve_rim(rim, upsampler, eval_set.image_size))
     except (FileNotFoundError, ValueError, ImportError) as e:  # UpsampleError is a ValueError
         cli.fail(str(e))
     print(f"Evaluating {ev.num_images} images ({eval_set.description}) on {mesh.devices.size} device(s), "
@@ -201,7 +206,10 @@ def main(argv=None) -> int:
               disable=jax.process_index() != 0 or eval_set.num_batches < 2) as bar:
         results, grids = ev.run(params, solvers, progress=lambda done, total: bar.update(1))
     for r in results[:len(solvers)]:
-        print(f"  {r.label}: NFE {r.nfe}, PSNR {r.psnr:.3f} dB, SSIM {r.ssim:.4f}"
+        print(f"  {r.label}: NFE {r.nfe}, PSNR {r.psnr:.3f} dB (of the mean MSE {r.psnr_mean_mse:.3f} dB), "
+              f"SSIM {r.ssim:.4f}"
+              + (f"; interior (rim {r.rim} px) PSNR {r.psnr_interior:.3f} dB, SSIM {r.ssim_interior:.4f}"
+                 if r.psnr_interior is not None else "")
               + (f", FID {r.fid:.4g}, patch-FID {r.patch_fid:.4g}" if r.fid is not None else "")
               + f", {r.seconds_per_image:.3f} s/image", flush=True)
     grid_images = {s.label: grids[s.label] for s in solvers}
@@ -221,7 +229,11 @@ def main(argv=None) -> int:
         best = max((r for r in results if r.method == "cfm"), key=lambda r: r.psnr)
         bicubic = next(r for r in results if r.method == "bicubic")
         print(f"\nCFM ({best.label}, best PSNR) minus bicubic: {best.psnr - bicubic.psnr:+.3f} dB PSNR, "
-              f"{best.ssim - bicubic.ssim:+.4f} SSIM.")
+              f"{best.psnr_mean_mse - bicubic.psnr_mean_mse:+.3f} dB PSNR of the mean MSE, "
+              f"{best.ssim - bicubic.ssim:+.4f} SSIM"
+              + (f"; interior (rim {best.rim} px) {best.psnr_mean_mse_interior - bicubic.psnr_mean_mse_interior:+.3f}"
+                 f" dB PSNR of the mean MSE, {best.ssim_interior - bicubic.ssim_interior:+.4f} SSIM"
+                 if best.psnr_interior is not None else "") + ".")
         print(f"Results in {os.path.abspath(out)}: {' '.join(files)}")
     return 0
 

@@ -48,6 +48,7 @@ solvers are in the sweep.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -84,6 +85,12 @@ class MethodResult:
     ssim: float
     mse: float
     psnr_mean_mse: float | None = None  # PSNR of the mean MSE (capped at metrics.PSNR_MAX_DB)
+    # the same scores without a rim of `rim` pixels on every side (None: no interior scores)
+    rim: int = 0
+    psnr_interior: float | None = None
+    ssim_interior: float | None = None
+    mse_interior: float | None = None
+    psnr_mean_mse_interior: float | None = None
     fid: float | None = None
     patch_fid: float | None = None
     seconds_per_image: float | None = None  # sampling + decoding, compile excluded
@@ -172,6 +179,8 @@ class _MethodStats:
         is capped when scored)."""
         means = {k: float(np.mean(np.concatenate(v))) for k, v in self.scores.items()}
         means["psnr_mean_mse"] = float(image_metrics.psnr_from_mse(means["mse"]))
+        if "mse_interior" in means:
+            means["psnr_mean_mse_interior"] = float(image_metrics.psnr_from_mse(means["mse_interior"]))
         return means
 
 
@@ -181,7 +190,7 @@ class Evaluator:
     over a mesh (module docstring). ``seed``: of the sampling noise and the crop positions."""
 
     def __init__(self, upsampler, eval_set: EvalSet, mesh, *, seed: int = 0, fid: FIDConfig | None = None,
-                 num_grid: int = 8):
+                 num_grid: int = 8, rim: int = 0):
         n_dev = mesh.devices.size
         if num_grid < 1:
             raise ValueError(f"The grid needs at least one image (train.num_grid_images), got {num_grid}.")
@@ -199,17 +208,12 @@ class Evaluator:
         self.num_grid = int(num_grid)
         self.image_size = int(eval_set.image_size)
         self.num_images = int(eval_set.num_images)
+        self.rim = check_rim(rim, self.image_size)
         self.crop_size = 0
         rep = sharding.replicated(mesh)
         self._gather = jax.jit(lambda x: x, out_shardings=rep)
         self._encode = upsampler.make_latents_fn()
-
-        @jax.jit
-        def scores(pred, target):
-            return {"psnr": image_metrics.psnr(pred, target, max_db=image_metrics.PSNR_MAX_DB),
-                    "ssim": image_metrics.ssim(pred, target),
-                    "mse": image_metrics.mse(pred, target)}
-        self._scores = scores
+        self._scores = jax.jit(functools.partial(image_scores, rim=self.rim))
         self._compiled: dict = {}
         self._baselines: tuple[list[MethodResult], dict[str, np.ndarray]] | None = None
         self._real: tuple[dict, dict] | None = None  # FID reference of the real images: whole, crops
@@ -348,7 +352,8 @@ class Evaluator:
         ``baselines``, bicubic and bilinear up-sampling, in one pass over the set.
 
         Returns the results (the solvers in order, then the baselines) and, per label, a uint8
-        grid of the first ``num_grid`` images: high-res | low-res (bilinear) | the method.
+        grid of the first ``num_grid`` images with titles: high-res | bilinear | bicubic | CFM
+        (:func:`labelled_grid`; a baseline's grid has no CFM column).
         ``progress(done, total)`` is called after every batch."""
         solvers = list(solvers)
         if len({s.label for s in solvers}) != len(solvers):
@@ -362,7 +367,7 @@ class Evaluator:
         timing = {s.label: {"run": 0.0, "compile": 0.0, "nfe": 0} for s in solvers}
         if solvers:
             params = self._params(params)
-        grid_high, grid_low = [], []
+        grid_high, grid_low, grid_bicubic = [], [], []
         start, total = 0, self.eval_set.num_batches
         for b, batch in enumerate(self.eval_set):
             target = np.asarray(batch["image"], np.float32)  # [B, H, W, 3]
@@ -375,15 +380,18 @@ class Evaluator:
             low_up = None
             if fresh_baselines or have < self.num_grid:
                 low_up = np.asarray(photos.upsample_bilinear(batch["image_lowres"], self.image_size), np.float32)
+            bicubic = None
+            if fresh_baselines or have < self.num_grid:
+                bicubic = np.asarray(photos.upsample_bicubic(batch["image_lowres"], self.image_size), np.float32)
             if have < self.num_grid:
                 grid_high.append(to_uint8(target[:self.num_grid - have]))
                 grid_low.append(to_uint8(low_up[:self.num_grid - have]))
+                grid_bicubic.append(to_uint8(bicubic[:self.num_grid - have]))
             self._add(real, target, None, anchors)
             if fresh_baselines:
-                self._add(methods["bicubic"], np.asarray(
-                    photos.upsample_bicubic(batch["image_lowres"], self.image_size), np.float32), target, anchors)
+                self._add(methods["bicubic"], bicubic, target, anchors)
                 self._add(methods["bilinear"], low_up, target, anchors)
-            del low_up
+            del low_up, bicubic
             if solvers:
                 latents = self._latents(batch)  # encoded once per batch for every solver of the pass
                 keys = self._shard({"k": self._keys(start, n)})["k"]  # example i's noise: fold_in(rng, i)
@@ -397,16 +405,20 @@ class Evaluator:
             self._real = (real.features.reference(), real.crop_features.reference())
             self._write_reference()
 
-        high, low = np.concatenate(grid_high), np.concatenate(grid_low)
+        columns = {"high-res": np.concatenate(grid_high), "bilinear": np.concatenate(grid_low),
+                   "bicubic": np.concatenate(grid_bicubic)}
 
-        def finish(label: str, **fields) -> tuple[MethodResult, np.ndarray]:
+        def finish(label: str, method: str, **fields) -> tuple[MethodResult, np.ndarray]:
             stats = methods[label]
             fid_v = patch = None
             if with_fid:
                 fid_v = _fid(self._real[0], stats.features.reference())
                 patch = _fid(self._real[1], stats.crop_features.reference())
-            result = MethodResult(label=label, fid=fid_v, patch_fid=patch, **fields, **stats.mean_scores())
-            return result, image_grid([high, low, np.concatenate(stats.grid)])
+            result = MethodResult(label=label, method=method, fid=fid_v, patch_fid=patch, rim=self.rim, **fields,
+                                  **stats.mean_scores())
+            if method == "cfm":
+                return result, labelled_grid({**columns, f"CFM {label}": np.concatenate(stats.grid)})
+            return result, labelled_grid(columns)
 
         results, grids = [], {}
         for s in solvers:
@@ -421,6 +433,40 @@ class Evaluator:
             results += self._baselines[0]
             grids.update(self._baselines[1])
         return results, grids
+
+
+def check_rim(rim: int, image_size: int) -> int:
+    """``rim`` as an int, or a ValueError naming the sizes (the interior keeps an SSIM window)."""
+    rim = int(rim)
+    if rim < 0 or image_size - 2 * rim < image_metrics.SSIM_WINDOW:
+        raise ValueError(f"eval.rim={rim}: the interior of {image_size}² images without a rim of {rim} px must keep "
+                         f"at least {image_metrics.SSIM_WINDOW} px (the SSIM window); use 0 <= rim <= "
+                         f"{max(0, (image_size - image_metrics.SSIM_WINDOW) // 2)}.")
+    return rim
+
+
+def default_rim(upsampler, image_size: int) -> int:
+    """The default interior margin: two latent cells (16 px of a 1024² image under the SD
+    autoencoder), at least 4 px (pixel-space models), at most what leaves an SSIM window."""
+    return max(0, min(max(4, 2 * int(upsampler.first_stage.downsample_factor)),
+                      (int(image_size) - image_metrics.SSIM_WINDOW) // 2))
+
+
+def resolve_rim(rim: int, upsampler, image_size: int) -> int:
+    """``eval.rim``: -1 is :func:`default_rim`; other values are checked by :func:`check_rim`."""
+    return default_rim(upsampler, image_size) if int(rim) == -1 else check_rim(rim, image_size)
+
+
+def image_scores(pred, target, *, rim: int = 0) -> dict:
+    """Per-image PSNR (capped), SSIM and MSE of [B, H, W, C] images in [-1, 1] and, with a
+    ``rim`` > 0, the same of the interior without ``rim`` pixels on every side (``*_interior``)."""
+    out = {"psnr": image_metrics.psnr(pred, target, max_db=image_metrics.PSNR_MAX_DB),
+           "ssim": image_metrics.ssim(pred, target),
+           "mse": image_metrics.mse(pred, target)}
+    if rim:
+        inner = (slice(None), slice(rim, -rim), slice(rim, -rim))
+        out.update({f"{k}_interior": v for k, v in image_scores(pred[inner], target[inner]).items()})
+    return out
 
 
 def _read_reference(path: str) -> dict:
@@ -459,6 +505,35 @@ def image_grid(columns: Sequence[np.ndarray]) -> np.ndarray:
     (or uint8)."""
     rows = np.concatenate([to_uint8(c) for c in columns], axis=2)
     return rows.reshape((-1,) + rows.shape[2:])
+
+
+GRID_MIN_TILE = 256  # grid tiles smaller than this are enlarged (nearest neighbour: pixels stay visible)
+
+
+def labelled_grid(columns: dict[str, np.ndarray], *, min_tile: int = GRID_MIN_TILE) -> np.ndarray:
+    """uint8 grid with a title row: one column per entry of ``columns`` (title -> [N, H, W, 3]
+    images in [-1, 1] or uint8), one row per image. Images smaller than ``min_tile`` are
+    enlarged by a whole factor (nearest neighbour), so that a person sees the pixels each
+    method made, not a viewer's smoothing."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    grid = image_grid(list(columns.values()))
+    h = grid.shape[0] // len(next(iter(columns.values())))
+    zoom = max(1, -(-min_tile // h))
+    grid = grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
+    tile = h * zoom
+    title_h = max(20, tile // 12)
+    try:  # Pillow's bundled scalable font (Pillow >= 10.1 with FreeType), else its bitmap font
+        font = ImageFont.load_default(size=int(title_h * 0.7))
+    except TypeError:
+        font = ImageFont.load_default()
+    head = Image.new("RGB", (grid.shape[1], title_h), (255, 255, 255))
+    draw = ImageDraw.Draw(head)
+    for i, title in enumerate(columns):
+        left, top, right, bottom = draw.textbbox((0, 0), title, font=font)
+        draw.text((i * tile + (tile - (right - left)) // 2 - left, (title_h - (bottom - top)) // 2 - top), title,
+                  fill=(0, 0, 0), font=font)
+    return np.concatenate([np.asarray(head), grid], axis=0)
 
 
 def _family(r: MethodResult) -> str:
@@ -538,16 +613,26 @@ def _fmt(v, spec: str) -> str:
 
 
 def markdown_table(results: Sequence[MethodResult]) -> str:
-    lines = ["| method | solver | NFE | PSNR (dB) | SSIM | MSE | FID | patch-FID | s/image |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """Full-image scores and, beside them, the interior's (without the rim) when computed."""
+    rim = next((r.rim for r in results if r.psnr_interior is not None), 0)
+    head = ["method", "solver", "NFE", "PSNR (dB)", "PSNR of mean MSE (dB)", "SSIM", "MSE"]
+    if rim:
+        head += [f"interior PSNR (rim {rim} px)", "interior PSNR of mean MSE", "interior SSIM"]
+    head += ["FID", "patch-FID", "s/image"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        lines.append(f"| {r.method} | {r.label if r.method == 'cfm' else '-'} | {r.nfe} | {r.psnr:.3f} | "
-                     f"{r.ssim:.4f} | {r.mse:.5f} | {_fmt(r.fid, '.4g')} | {_fmt(r.patch_fid, '.4g')} | "
-                     f"{_fmt(r.seconds_per_image, '.3f')} |")
+        row = [r.method, r.label if r.method == "cfm" else "-", str(r.nfe), f"{r.psnr:.3f}",
+               _fmt(r.psnr_mean_mse, ".3f"), f"{r.ssim:.4f}", f"{r.mse:.3g}"]
+        if rim:
+            row += [_fmt(r.psnr_interior, ".3f"), _fmt(r.psnr_mean_mse_interior, ".3f"),
+                    _fmt(r.ssim_interior, ".4f")]
+        row += [_fmt(r.fid, ".4g"), _fmt(r.patch_fid, ".4g"), _fmt(r.seconds_per_image, ".3f")]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-CSV_FIELDS = ("method", "label", "nfe", "psnr", "ssim", "mse", "psnr_mean_mse", "fid", "patch_fid",
+CSV_FIELDS = ("method", "label", "nfe", "psnr", "ssim", "mse", "psnr_mean_mse", "rim", "psnr_interior",
+              "ssim_interior", "mse_interior", "psnr_mean_mse_interior", "fid", "patch_fid",
               "seconds_per_image", "compile_seconds")
 
 
@@ -629,7 +714,8 @@ def write_reports(out: str, record: dict, results: Sequence[MethodResult], grids
     text += [f"![{p}]({p})" for p in plots]
     if plots:
         text.append("")
-    text += ["Grids, one row per image: high-res | low-res (bilinear) | CFM.", ""]
+    text += ["Grids, one row per image: high-res | bilinear | bicubic | CFM (small images enlarged, nearest "
+             "neighbour).", ""]
     text += [f"![{g}](grid_{g}.png)" for g in grids]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(text) + "\n")

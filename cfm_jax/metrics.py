@@ -41,6 +41,7 @@ __all__ = ["PSNR_MAX_DB", "to_unit", "psnr", "psnr_from_mse", "ssim", "mse"]
 # The cap of per-image PSNR in set means (dB): MSE 1e-10. Without a cap one exact image makes
 # the mean +inf, which is no number to compare and no valid JSON.
 PSNR_MAX_DB = 100.0
+SSIM_WINDOW = 11  # the Gaussian window of :func:`ssim` (dm_pix default), in pixels
 
 
 def to_unit(x):

@@ -38,7 +38,7 @@ from PIL import Image
 from cfm_jax import checkpointing, distributed, flops as flops_lib, sharding
 from cfm_jax.data.train_data import make_data
 from cfm_jax.ema import EMAConfig, ema_update
-from cfm_jax.evaluation import Evaluator, FIDConfig
+from cfm_jax.evaluation import Evaluator, FIDConfig, resolve_rim
 from cfm_jax.metric_writers import MetricWriter
 from cfm_jax.optim import make_optimizer
 from cfm_jax.solvers import SolverSpec
@@ -182,7 +182,8 @@ def make_validator(config, upsampler: CFMUpsampler, val_set, mesh) -> Evaluator 
         return None
     e = config.eval
     fid = FIDConfig.from_path(e.inception, num_crops=e.num_crops, crop_size=e.crop_size)
-    return Evaluator(upsampler, val_set, mesh, seed=config.seed, fid=fid, num_grid=config.train.num_grid_images)
+    return Evaluator(upsampler, val_set, mesh, seed=config.seed, fid=fid, num_grid=config.train.num_grid_images,
+                     rim=resolve_rim(config.eval.get("rim", -1), upsampler, val_set.image_size))
 
 
 def validation_metrics(results) -> dict:
@@ -190,7 +191,8 @@ def validation_metrics(results) -> dict:
     CFM sampler and the baselines, and ``val/nfe``."""
     out = {}
     for r in results:
-        for k in ("psnr", "ssim", "mse", "fid", "patch_fid"):
+        for k in ("psnr", "ssim", "mse", "psnr_mean_mse", "psnr_interior", "ssim_interior", "psnr_mean_mse_interior",
+                  "fid", "patch_fid"):
             if getattr(r, k) is not None:
                 out[f"val/{r.method}_{k}"] = float(getattr(r, k))
         if r.method == "cfm":

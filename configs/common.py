@@ -109,11 +109,14 @@ def base_config() -> ml_collections.ConfigDict:
     # PSNR/SSIM/MSE always; FID and patch-FID (num_crops random crop_size² crops per image, 0:
     # half the image side) when `inception` names the FID Inception weights (pytorch-fid's
     # pt_inception-2015-12-05-6726825d.pth or a `python -m cfm_jax.convert inception` folder).
-    # eval.py takes these as the defaults of --inception, --num_crops and --crop_size.
+    # eval.py takes these as the defaults of --inception, --num_crops, --crop_size and --rim.
+    # PSNR/SSIM/MSE are also reported for the interior without a rim of `rim` pixels, so that a
+    # border problem shows beside the full-image mean (-1: two latent cells, at least 4 px).
     c.eval = ml_collections.ConfigDict(dict(
         inception="",  # '' : no FID
         num_crops=4,
         crop_size=0,
+        rim=-1,
     ))
 
     c.logging = ml_collections.ConfigDict(dict(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cfm_jax import evaluation
+from cfm_jax import evaluation, metrics
 from cfm_jax.solvers import SolverSpec
 from cfm_jax.trainer import train
 from tests.random_weights import random_params
@@ -96,9 +96,20 @@ def test_eval_writes_every_report_with_all_metrics(two_device_eval):
     for label, r in rows.items():
         assert float(csv_rows[label]["psnr"]) == pytest.approx(r["psnr"], rel=1e-12)
         assert float(csv_rows[label]["fid"]) == pytest.approx(r["fid"], rel=1e-12)
-    # grids (rows: 2 images; columns: high | bilinear | cfm) and plots of the sweep
+    # interior scores beside the full ones: the default rim of a pixel-space run is 4 px, at most
+    # (16 - 11) // 2 = 2 px here (an SSIM window must stay)
+    for label, r in rows.items():
+        assert r["rim"] == 2 and 0 < r["mse_interior"] and r["psnr_interior"] != r["psnr"], label
+        assert float(csv_rows[label]["psnr_interior"]) == pytest.approx(r["psnr_interior"], rel=1e-12)
+    assert "interior PSNR (rim 2 px)" in open(os.path.join(out, "report.md")).read()
+    # grids: a title row, then 2 images enlarged x16 to 256 px; columns high | bilinear | bicubic | cfm
     grid = np.asarray(Image.open(os.path.join(out, "grid_euler-3.png")))
-    assert grid.shape == (2 * 16, 3 * 16, 3)
+    title = grid.shape[0] - 2 * 256
+    assert grid.shape == (title + 2 * 256, 4 * 256, 3) and title >= 20
+    for col in range(4):  # every column has its title (dark text on white)
+        assert grid[:title, col * 256:(col + 1) * 256].min() < 100
+    tiles = grid[title:].reshape(2 * 16, 16, 4 * 16, 16, 3)
+    assert (tiles == tiles[:, :1, :, :1]).all()  # nearest-neighbour enlargement: whole pixels
     for metric in ("psnr", "ssim", "fid", "patch_fid"):
         root = ET.parse(os.path.join(out, f"{metric}_vs_nfe.svg")).getroot()
         assert root.tag.endswith("svg")
@@ -145,11 +156,13 @@ def test_validation_logs_fid_and_patch_fid(trained):
         rows = [r for r in csv.DictReader(f) if r.get("val/cfm_fid")]
     assert len(rows) == 1 and rows[0]["step"] == "4"
     for method in ("cfm", "bicubic", "bilinear"):
-        for k in ("fid", "patch_fid", "psnr", "ssim", "mse"):
+        for k in ("fid", "patch_fid", "psnr", "ssim", "mse", "psnr_mean_mse", "psnr_interior", "ssim_interior",
+                  "psnr_mean_mse_interior"):
             v = float(rows[0][f"val/{method}_{k}"])
             assert np.isfinite(v) and (v > 0 or k == "mse"), (method, k)
     grid = np.asarray(Image.open(os.path.join(trained, "samples", "val_0000004.png")))
-    assert grid.shape == (2 * 16, 3 * 16, 3)  # train.num_grid_images rows: high | bilinear | CFM
+    # a title row, then train.num_grid_images rows: high-res | bilinear | bicubic | CFM, enlarged to 256 px
+    assert grid.shape[1:] == (4 * 256, 3) and grid.shape[0] - 2 * 256 >= 20
 
 
 def test_eval_on_a_folder_of_images(trained, tmp_path):
@@ -317,3 +330,22 @@ def test_flat_images_keep_means_finite_and_metrics_json_strict(tmp_path):
         assert "psnr_mean_mse" in next(csv.reader(f))
     assert evaluation.finite_json({"a": [1.0, np.float32("-inf")], "b": np.int64(3)}) == ({"a": [1.0, None], "b": 3},
                                                                                            ["a[1]"])
+
+
+def test_interior_scores_leave_out_the_rim():
+    """An error only in a 2-pixel frame: the full image has it, the interior without a 2-pixel rim
+    is exact (PSNR at the cap); a rim that leaves less than an SSIM window is refused."""
+    target = np.random.default_rng(0).uniform(-1, 1, (2, 24, 24, 3)).astype(np.float32)
+    pred = target.copy()
+    pred[:, :2] += 0.5
+    pred[:, :, -2:] -= 0.5
+    s = jax.tree.map(np.asarray, evaluation.image_scores(pred, target, rim=2))
+    assert (s["mse"] > 1e-3).all() and (s["mse_interior"] == 0).all()
+    assert (s["psnr_interior"] == metrics.PSNR_MAX_DB).all() and (s["psnr"] < 40).all()
+    # SSIM's valid 11-px Gaussian window reaches a 2-px rim only with its tails: barely below 1
+    assert np.allclose(s["ssim_interior"], 1.0) and (s["ssim"] < 0.9999).all()
+    s1 = jax.tree.map(np.asarray, evaluation.image_scores(pred, target, rim=1))
+    assert (s1["mse_interior"] > 0).all()  # a 1-pixel rim leaves half of the frame in
+    with pytest.raises(ValueError, match="SSIM window"):
+        evaluation.check_rim(7, 24)
+    assert evaluation.check_rim(6, 24) == 6
