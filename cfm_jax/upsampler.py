@@ -42,6 +42,7 @@ def build_unet(cfg) -> EfficientUNet:
         dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
         remat=cfg.get("remat", "none"),  # absent from the config.json of older runs
         param_init=cfg.get("init", "torch"),  # absent from the config.json of older runs
+        padding_mode=cfg.get("padding_mode", "zeros"),  # likewise
         activation_axes=BATCH_AXES)
 
 

@@ -124,11 +124,29 @@ def _group_norm(dtype, param_dtype, name):
                         dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-def _conv3x3(features, in_features, init, dtype, param_dtype, name, *, strides=1, zero=False):
-    # PyTorch `Conv2d(.., 3, padding=1)`: explicit padding, not 'SAME' (differs at stride 2).
+# How 3x3 convolutions pad, with PyTorch's `Conv2d(padding_mode=...)` names. 'zeros' is the
+# original's; 'reflect' and 'replicate' extend the feature map by its own content, so that no
+# layer sees an artificial zero edge (an option against a border frame, docs/border.md).
+PADDING_MODES = ("zeros", "reflect", "replicate")
+_JNP_PAD_MODE = {"reflect": "reflect", "replicate": "edge"}
+
+
+def _check_padding_mode(mode: str) -> None:
+    if mode not in PADDING_MODES:
+        raise ValueError(f"model.padding_mode={mode!r}; choose one of {PADDING_MODES} ('zeros' is the original's).")
+
+
+def _conv3x3(features, in_features, init, dtype, param_dtype, name, *, strides=1, zero=False,
+             padding_mode="zeros"):
+    # PyTorch `Conv2d(.., 3, padding=1, padding_mode=...)`: explicit padding, not 'SAME'
+    # (differs at stride 2).
     inits = _layer_inits(init, (3, 3, in_features, features), zero=zero)
-    return nn.Conv(features, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)),
+    if padding_mode == "zeros":
+        return nn.Conv(features, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)),
+                       dtype=dtype, param_dtype=param_dtype, name=name, **inits)
+    conv = nn.Conv(features, (3, 3), strides=(strides, strides), padding="VALID",
                    dtype=dtype, param_dtype=param_dtype, name=name, **inits)
+    return lambda x: conv(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode=_JNP_PAD_MODE[padding_mode]))
 
 
 REMAT_POLICIES = ("none", "full", "save_matmuls")
@@ -169,14 +187,16 @@ class ResBlock(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     param_init: str = "torch"  # torch | flax (module docstring)
+    padding_mode: str = "zeros"  # of the 3x3 convolutions: PADDING_MODES
 
     @nn.compact
     def __call__(self, x, emb, train: bool = False):
         # x: [B, H, W, Cin], emb: [B, E]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        conv_kw = dict(padding_mode=self.padding_mode, **kw)
         c_in, c_out, init = x.shape[-1], self.out_channels, self.param_init
         h = _group_norm(self.dtype, self.param_dtype, "in_layers_0")(x)
-        h = _conv3x3(c_out, c_in, init, name="in_layers_2", **kw)(nn.silu(h))  # [B, H, W, Cout]
+        h = _conv3x3(c_out, c_in, init, name="in_layers_2", **conv_kw)(nn.silu(h))  # [B, H, W, Cout]
 
         n_emb = 2 * c_out if self.use_scale_shift_norm else c_out
         emb_out = _dense(n_emb, emb.shape[-1], init, "emb_layers_1", **kw)(nn.silu(emb))
@@ -189,7 +209,7 @@ class ResBlock(nn.Module):
         else:
             h = out_norm(h + emb_out)
         h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
-        h = _conv3x3(c_out, c_out, init, name="out_layers_3", zero=True, **kw)(h)
+        h = _conv3x3(c_out, c_out, init, name="out_layers_3", zero=True, **conv_kw)(h)
 
         if c_in == c_out:
             skip = x
@@ -256,12 +276,14 @@ class Downsample(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     param_init: str = "torch"  # torch | flax (module docstring)
+    padding_mode: str = "zeros"
 
     @nn.compact
     def __call__(self, x):
         if self.use_conv:
             c = x.shape[-1]
-            return _conv3x3(c, c, self.param_init, self.dtype, self.param_dtype, "op", strides=2)(x)
+            return _conv3x3(c, c, self.param_init, self.dtype, self.param_dtype, "op", strides=2,
+                            padding_mode=self.padding_mode)(x)
         return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
@@ -272,13 +294,15 @@ class Upsample(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     param_init: str = "torch"  # torch | flax (module docstring)
+    padding_mode: str = "zeros"
 
     @nn.compact
     def __call__(self, x):
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # [B, 2H, 2W, C]
         if self.use_conv:
             c = x.shape[-1]
-            x = _conv3x3(c, c, self.param_init, self.dtype, self.param_dtype, "conv")(x)
+            x = _conv3x3(c, c, self.param_init, self.dtype, self.param_dtype, "conv",
+                         padding_mode=self.padding_mode)(x)
         return x
 
 
@@ -307,6 +331,7 @@ class EfficientUNet(nn.Module):
     param_dtype: Any = jnp.float32
     remat: str = "none"  # rematerialise each res/attention block: none | full | save_matmuls
     param_init: str = "torch"  # torch (the original's PyTorch defaults) | flax; module docstring
+    padding_mode: str = "zeros"  # of every 3x3 conv: zeros (the original) | reflect | replicate
     activation_axes: tuple = ()  # mesh axes of the batch dimension of activations (under a mesh)
 
     @nn.compact
@@ -320,6 +345,7 @@ class EfficientUNet(nn.Module):
         if self.pool_factor > 1 and self.pool_factor not in _POOL_FACTORS:
             raise ValueError(f"pool_factor must be <= 1 or one of {_POOL_FACTORS}, got {self.pool_factor}")
         _check_init(self.param_init)
+        _check_padding_mode(self.padding_mode)
         if context is not None:
             if context.shape[:-1] != x.shape[:-1]:
                 raise ValueError(f"context shape {context.shape} does not match x shape {x.shape} "
@@ -334,10 +360,11 @@ class EfficientUNet(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         mc, init = self.model_channels, self.param_init
         b = x.shape[0]
+        pad = self.padding_mode
         res_kw = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-                      param_init=init, **kw)
+                      param_init=init, padding_mode=pad, **kw)
         attn_kw = dict(num_heads=self.num_heads, dim_head=self.dim_head, param_init=init, **kw)
-        resample_kw = dict(param_init=init, **kw)
+        resample_kw = dict(param_init=init, padding_mode=pad, **kw)
         # Same parameter names with or without remat (lifted transforms keep module names).
         ResBlock_ = _remat(ResBlock, self.remat, static_argnums=(3,))  # (self, x, emb, train)
         Attention_ = _remat(SpatialSelfAttention, self.remat)
@@ -355,7 +382,7 @@ class EfficientUNet(nn.Module):
                         **_layer_inits(init, (p, p, h.shape[-1], mc)), **kw)(h)
 
         # Encoder. Block i of torch's `input_blocks` is named `input_blocks_{i}_{j}`.
-        h = _conv3x3(mc, h.shape[-1], init, name="input_blocks_0_0", **kw)(h)
+        h = _conv3x3(mc, h.shape[-1], init, name="input_blocks_0_0", padding_mode=pad, **kw)(h)
         hs = [h]
         block, ds = 1, 1
         for level, mult in enumerate(self.channel_mult):
@@ -400,12 +427,12 @@ class EfficientUNet(nn.Module):
         h = nn.silu(_group_norm(self.dtype, self.param_dtype, "out_0")(h))
         if self.pool_factor > 1:
             p = self.pool_factor
-            h = _conv3x3(mc, h.shape[-1], init, name="out_2", **kw)(h)  # not zero-init here, as the original
+            h = _conv3x3(mc, h.shape[-1], init, name="out_2", padding_mode=pad, **kw)(h)  # no zero-init: as the original
             un_pool_kernel = (p, p, mc, self.out_channels)  # torch ConvTranspose2d: fan_in = out * p * p
             h = nn.ConvTranspose(self.out_channels, (p, p), strides=(p, p), padding="VALID", name="un_pool",
                                  **_layer_inits(init, un_pool_kernel, transposed=True), **kw)(h)
         else:
-            h = _conv3x3(self.out_channels, h.shape[-1], init, name="out_2", zero=True, **kw)(h)
+            h = _conv3x3(self.out_channels, h.shape[-1], init, name="out_2", zero=True, padding_mode=pad, **kw)(h)
         return h.astype(jnp.float32)
 
 
