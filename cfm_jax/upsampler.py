@@ -43,6 +43,7 @@ def build_unet(cfg) -> EfficientUNet:
         remat=cfg.get("remat", "none"),  # absent from the config.json of older runs
         param_init=cfg.get("init", "torch"),  # absent from the config.json of older runs
         padding_mode=cfg.get("padding_mode", "zeros"),  # likewise
+        norm=cfg.get("norm", "group"),  # likewise
         activation_axes=BATCH_AXES)
 
 

@@ -22,7 +22,8 @@ def base_config() -> ml_collections.ConfigDict:
         param_dtype="float32",   # 'bfloat16' halves parameter, Adam-state and EMA memory
         remat="none",            # rematerialise blocks in the backward pass: none | full | save_matmuls
         init="torch",            # torch: PyTorch's default init, as the original trains from | flax
-        padding_mode="zeros",    # 3x3 convs: zeros (the original) | reflect | replicate (docs/border.md)
+        padding_mode="zeros",    # 3x3 convs: zeros (the original) | reflect | replicate (docs/quickstart.md)
+        norm="group",            # group (GroupNorm(32), the original) | none (docs/quickstart.md)
     ))
 
     # Device mesh (cfm_jax/sharding.py): the batch is split over data x fsdp devices, the

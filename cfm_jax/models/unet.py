@@ -118,7 +118,22 @@ def _dense(features, in_features, init, name, *, zero=False, **kw):
     return nn.Dense(features, name=name, **_layer_inits(init, (in_features, features), zero=zero), **kw)
 
 
-def _group_norm(dtype, param_dtype, name):
+# The UNet's normalisation layers: 'group' (GroupNorm(32), the original's) or 'none'. GroupNorm
+# normalises each image's feature maps, so the network's output cannot follow the contrast of
+# its input; a residual that should scale with the image (sharpening a noise-free source, as the
+# pixel-space quick start does) is then hard to learn (docs/quickstart.md). 'none' keeps the
+# layers' places without normalising (the zero-initialised residual branches keep it stable).
+NORMS = ("group", "none")
+
+
+def _check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"model.norm={norm!r}; choose one of {NORMS} ('group' is the original's).")
+
+
+def _group_norm(dtype, param_dtype, name, norm="group"):
+    if norm == "none":
+        return lambda x: x
     # Statistics in float32 (flax promotes), exact two-pass variance like PyTorch.
     return nn.GroupNorm(num_groups=_NUM_GROUPS, epsilon=_NORM_EPS, use_fast_variance=False,
                         dtype=dtype, param_dtype=param_dtype, name=name)
@@ -126,7 +141,7 @@ def _group_norm(dtype, param_dtype, name):
 
 # How 3x3 convolutions pad, with PyTorch's `Conv2d(padding_mode=...)` names. 'zeros' is the
 # original's; 'reflect' and 'replicate' extend the feature map by its own content, so that no
-# layer sees an artificial zero edge (an option against a border frame, docs/border.md).
+# layer sees an artificial zero edge (an option against a border frame, docs/quickstart.md).
 PADDING_MODES = ("zeros", "reflect", "replicate")
 _JNP_PAD_MODE = {"reflect": "reflect", "replicate": "edge"}
 
@@ -188,6 +203,7 @@ class ResBlock(nn.Module):
     param_dtype: Any = jnp.float32
     param_init: str = "torch"  # torch | flax (module docstring)
     padding_mode: str = "zeros"  # of the 3x3 convolutions: PADDING_MODES
+    norm: str = "group"  # NORMS
 
     @nn.compact
     def __call__(self, x, emb, train: bool = False):
@@ -195,14 +211,14 @@ class ResBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         conv_kw = dict(padding_mode=self.padding_mode, **kw)
         c_in, c_out, init = x.shape[-1], self.out_channels, self.param_init
-        h = _group_norm(self.dtype, self.param_dtype, "in_layers_0")(x)
+        h = _group_norm(self.dtype, self.param_dtype, "in_layers_0", self.norm)(x)
         h = _conv3x3(c_out, c_in, init, name="in_layers_2", **conv_kw)(nn.silu(h))  # [B, H, W, Cout]
 
         n_emb = 2 * c_out if self.use_scale_shift_norm else c_out
         emb_out = _dense(n_emb, emb.shape[-1], init, "emb_layers_1", **kw)(nn.silu(emb))
         emb_out = emb_out.astype(h.dtype)[:, None, None, :]  # [B, 1, 1, n_emb]
 
-        out_norm = _group_norm(self.dtype, self.param_dtype, "out_layers_0")
+        out_norm = _group_norm(self.dtype, self.param_dtype, "out_layers_0", self.norm)
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)  # scale first, as torch.chunk
             h = out_norm(h) * (1 + scale) + shift
@@ -235,6 +251,7 @@ class SpatialSelfAttention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     param_init: str = "torch"  # torch | flax (module docstring)
+    norm: str = "group"  # NORMS
 
     @nn.compact
     def __call__(self, x):
@@ -244,7 +261,7 @@ class SpatialSelfAttention(nn.Module):
         heads, dh = self.num_heads, self.dim_head
         inner = heads * dh
 
-        h = _group_norm(self.dtype, self.param_dtype, "norm")(x).reshape(b, L, c)  # l = y*W + x
+        h = _group_norm(self.dtype, self.param_dtype, "norm", self.norm)(x).reshape(b, L, c)  # l = y*W + x
         # torch Conv1d(c, 3*inner, 1): fan_in c, as this Dense (c, 3*inner).
         qkv = _dense(3 * inner, c, self.param_init, "qkv", **kw)(h)  # [B, L, 3*inner]
         # The reshape quirk: go to the original's channels-first layout, reinterpret.
@@ -332,6 +349,7 @@ class EfficientUNet(nn.Module):
     remat: str = "none"  # rematerialise each res/attention block: none | full | save_matmuls
     param_init: str = "torch"  # torch (the original's PyTorch defaults) | flax; module docstring
     padding_mode: str = "zeros"  # of every 3x3 conv: zeros (the original) | reflect | replicate
+    norm: str = "group"  # group (GroupNorm(32), the original) | none
     activation_axes: tuple = ()  # mesh axes of the batch dimension of activations (under a mesh)
 
     @nn.compact
@@ -346,6 +364,7 @@ class EfficientUNet(nn.Module):
             raise ValueError(f"pool_factor must be <= 1 or one of {_POOL_FACTORS}, got {self.pool_factor}")
         _check_init(self.param_init)
         _check_padding_mode(self.padding_mode)
+        _check_norm(self.norm)
         if context is not None:
             if context.shape[:-1] != x.shape[:-1]:
                 raise ValueError(f"context shape {context.shape} does not match x shape {x.shape} "
@@ -362,8 +381,8 @@ class EfficientUNet(nn.Module):
         b = x.shape[0]
         pad = self.padding_mode
         res_kw = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-                      param_init=init, padding_mode=pad, **kw)
-        attn_kw = dict(num_heads=self.num_heads, dim_head=self.dim_head, param_init=init, **kw)
+                      param_init=init, padding_mode=pad, norm=self.norm, **kw)
+        attn_kw = dict(num_heads=self.num_heads, dim_head=self.dim_head, param_init=init, norm=self.norm, **kw)
         resample_kw = dict(param_init=init, padding_mode=pad, **kw)
         # Same parameter names with or without remat (lifted transforms keep module names).
         ResBlock_ = _remat(ResBlock, self.remat, static_argnums=(3,))  # (self, x, emb, train)
@@ -424,7 +443,7 @@ class EfficientUNet(nn.Module):
                 h = _constrain(h, axes)
                 block += 1
 
-        h = nn.silu(_group_norm(self.dtype, self.param_dtype, "out_0")(h))
+        h = nn.silu(_group_norm(self.dtype, self.param_dtype, "out_0", self.norm)(h))
         if self.pool_factor > 1:
             p = self.pool_factor
             h = _conv3x3(mc, h.shape[-1], init, name="out_2", padding_mode=pad, **kw)(h)  # no zero-init: as the original
