@@ -20,6 +20,8 @@ Conventions:
   `count_padding=True` gives the dense count (`9 n^2`, what a kernel that
   multiplies the zeros executes): 3.7 % more for the paper's config at latent 128,
   7.5 % at latent 64, where the 8² and 16² maps lose a larger share of their taps.
+  With ``model.padding_mode`` reflect or replicate the padded taps multiply real
+  values and are counted; with ``model.norm='none'`` there is no GroupNorm work.
 * Elementwise work (GroupNorm, SiLU, scale-shift, biases, residual adds, softmax,
   the sinusoidal embedding, average pooling) is excluded by default, as in the
   usual MFU convention; `include_elementwise=True` adds an approximate count
@@ -63,12 +65,15 @@ def _taps(n_in: int, kernel: int, stride: int, pad_lo: int, pad_hi: int, count_p
 class _Counter:
     """Accumulates the FLOPs of one example, split into matmul-class and elementwise work."""
 
-    def __init__(self, count_padding: bool):
+    def __init__(self, count_padding: bool, norm: bool = True):
         self.count_padding = count_padding
+        self.norm = norm  # model.norm='none': no GroupNorm work
         self.matmul = 0
         self.elementwise = 0
 
     def ew(self, kind: str, num_elements: int):
+        if kind == "group_norm" and not self.norm:
+            return
         self.elementwise += _ELEMENTWISE[kind] * num_elements
 
     def conv(self, size: int, c_in: int, c_out: int, kernel: int, stride: int = 1, pad: int = 0) -> int:
@@ -119,8 +124,13 @@ class _Counter:
         self.ew("add", L * c)
 
 
-def _field(cfg, name):
-    return cfg[name] if isinstance(cfg, dict) else getattr(cfg, name)
+def _field(cfg, name, default=None):
+    if isinstance(cfg, dict) or hasattr(cfg, "get"):  # dict or ConfigDict (optional keys of older configs)
+        value = cfg.get(name, default)
+        if value is None:
+            raise KeyError(name)
+        return value
+    return getattr(cfg, name) if default is None else getattr(cfg, name, default)
 
 
 def _count(model_cfg, latent_size: int, count_padding: bool) -> _Counter:
@@ -141,7 +151,9 @@ def _count(model_cfg, latent_size: int, count_padding: bool) -> _Counter:
         raise ValueError(f"latent_size {latent_size} (after pool_factor {pool}) is not divisible by "
                          f"the {len(mult) - 1} downsamplings of channel_mult {mult}")
 
-    k = _Counter(count_padding)
+    # reflect/replicate padding: the taps on the padding multiply real values, model FLOPs too
+    padded = _field(model_cfg, "padding_mode", "zeros") != "zeros"
+    k = _Counter(count_padding or padded, norm=_field(model_cfg, "norm", "group") != "none")
     emb = 4 * mc
     # Time embedding: sinusoids, Dense(mc -> 4mc), SiLU, Dense(4mc -> 4mc).
     k.ew("silu", mc)  # cos/sin of the sinusoidal embedding, about as costly

@@ -19,7 +19,7 @@ from cfm_jax import cli, upsample
 from cfm_jax.convert import __main__ as convert_cli
 from cfm_jax.convert.fmboost_checkpoint import write_run_dir
 from cfm_jax.convert.state_dict_io import load_state_dict
-from cfm_jax.data import prepare
+from cfm_jax.data import prepare, train_data
 from cfm_jax.upsampler import CFMUpsampler
 from tests.random_weights import random_params
 from tests.test_trainer import tiny_config
@@ -98,12 +98,12 @@ def test_eval_flag_errors_are_one_line(run_dir, capsys):
 def test_eval_report_names_the_records_folder(tmp_path, monkeypatch, capsys):
     """The quick start's records live at a path derived from the config (data.path empty): the
     report names that folder (it once said "from records , split validation")."""
-    monkeypatch.chdir(tmp_path)  # the derived path, runs/photo_records/16x8, is relative
+    monkeypatch.chdir(tmp_path)  # the derived path, runs/photo_records/v2-16x8, is relative
     c = tiny_config()
     c.data.update(name="records", path="", prepare_photos=True, num_val_images=2, batch_size=2)
     run = write_run_dir(str(tmp_path / "run"), c, *[random_weights(c)] * 2, source="random (test)")
     assert eval_cli.main(["eval.py", "--workdir", run, "--solvers", "euler:2", "--distributed", "off"]) == 0
-    records = os.path.join(str(tmp_path), "runs", "photo_records", "16x8")
+    records = os.path.join(str(tmp_path), "runs", "photo_records", f"{train_data.PHOTO_RECORDS_VERSION}-16x8")
     with open(os.path.join(run, "eval", "report.md")) as f:
         assert f"from records {records}, split validation" in f.read()
     with open(os.path.join(run, "eval", "metrics.json")) as f:
@@ -177,7 +177,10 @@ def files(tmp_path_factory):
 @pytest.mark.parametrize("args, needle", [
     (["vae", "--src", "{f}/missing.ckpt"], "does not exist"),
     (["vae", "--src", "{f}/other.ckpt"], "contains no autoencoder weights"),
-    (["fmboost", "--src", "{f}/other.ckpt", "--config", "configs/quickstart.py"], "not an fm-boosting CFM checkpoint"),
+    (["fmboost", "--src", "{f}/other.ckpt", "--config", "configs/quickstart.py", "--config.model.norm=group"],
+     "not an fm-boosting CFM checkpoint"),
+    (["fmboost", "--src", "{f}/other.ckpt", "--config", "configs/quickstart.py"],
+     "model.norm='none' is not the original's UNet, which an fm-boosting checkpoint was trained as: add "),
     (["inception", "--src", "{f}/other.ckpt"], "no FID Inception-v3 weights"),
     (["vae", "--src", "{f}/random.ckpt"], "is not a PyTorch checkpoint"),
     (["fmboost", "--src", "{f}/other.ckpt", "--config", "configs/missing.py"], "--config 'configs/missing.py' does not"),

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from cfm_jax.data import photos
 from cfm_jax.first_stage import IdentityFirstStage
 from cfm_jax.models.unet import count_params
 from cfm_jax.upsampler import CFMUpsampler, build_unet
@@ -119,7 +120,7 @@ def test_bench_data_prints_json(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert result["prepare"][0]["crops"] == 13 * 64 and result["prepare"][0]["crops_per_sec"] > 0
+    assert result["prepare"][0]["crops"] == len(photos.photo_names("train")) * 64 and result["prepare"][0]["crops_per_sec"] > 0
     assert result["paper_shaped_bytes_per_example"] > 3_000_000  # 1024² uint8 + 2 x 128²x4 float32
     for key in ("quickstart_64px", "paper_1024px", "paper_1024px_with_pixels"):
         assert result["loader"][key][0]["examples_per_sec"] > 0, key

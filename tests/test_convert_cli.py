@@ -30,7 +30,9 @@ def run_cli(*args):
 
 @pytest.fixture(scope="module")
 def quickstart_unet():
-    model = build_unet(get_config().model)
+    cfg = get_config().model
+    cfg.norm = "group"  # the original's UNet (the quick start leaves out its GroupNorm)
+    model = build_unet(cfg)
     target = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, 16, 16, model.in_channels), jnp.float32),
                             jax.ShapeDtypeStruct((1,), jnp.float32))["params"]
@@ -50,7 +52,8 @@ def test_fmboost_checkpoint_round_trip_and_outputs(quickstart_unet, tmp_path):
     ckpt = str(tmp_path / "last.ckpt")
     torch.save(lightning_checkpoint(online, ema), ckpt)
     out = str(tmp_path / "run")
-    proc = run_cli("fmboost", "--src", ckpt, "--out", out, "--config", "configs/quickstart.py")
+    proc = run_cli("fmboost", "--src", ckpt, "--out", out, "--config", "configs/quickstart.py",
+                   "--config.model.norm=group")  # the quick start's UNet, normalised as the original
     assert proc.returncode == 0, proc.stderr[-3000:]
     got_online, got_ema, ema_step = checkpointing.read_weights(out)
     assert ema_step == 1234  # the original's ema_model.step, kept for --load_weights
@@ -90,6 +93,7 @@ def test_load_weights_accepts_an_original_checkpoint_file(quickstart_unet, tmp_p
     ckpt = str(tmp_path / "orig.ckpt")
     torch.save(lightning_checkpoint(online, ema), ckpt)
     c = get_config()
+    c.model.norm = "group"  # the original's UNet
     c.data.update(image_size=16, lowres_size=8, batch_size=2, num_val_images=2)
     c.train.update(num_steps=1, eval_every=0, checkpoint_every=1, log_every=1)
     c.logging.update(progress_bar=False, tensorboard=False)

@@ -33,7 +33,7 @@ def test_photo_records_are_prepared_once(photo_records):
     assert meta["first_stage"]["kind"] == "identity"
     n_train = len(records.data_source(photo_records, "train"))
     n_val = len(records.data_source(photo_records, "validation"))
-    assert n_train == 13 * train_data.PHOTO_TRAIN_CROPS and n_val == 2 * train_data.PHOTO_VAL_CROPS
+    assert n_train == 11 * train_data.PHOTO_TRAIN_CROPS and n_val == 4 * train_data.PHOTO_VAL_CROPS
     info = os.path.join(photo_records, "dataset_info.json")
     before = os.stat(info).st_mtime_ns
     train_data.ensure_photo_records(photo_records, image_size=16, lowres_size=8, progress=False)

@@ -110,6 +110,13 @@ def _convert(command: str, fl: flags.FlagValues) -> None:
     from cfm_jax.upsampler import build_unet
 
     config = fl.config
+    # the original's UNet pads with zeros and normalises with GroupNorm: a checkpoint of it under
+    # other options would load (same shapes, for padding) and compute something else
+    not_original = [f"model.{k}={config.model.get(k, v)!r}" for k, v in (("padding_mode", "zeros"), ("norm", "group"))
+                    if config.model.get(k, v) != v]
+    if not_original:
+        raise ValueError(f"{', '.join(not_original)} is not the original's UNet, which an fm-boosting checkpoint "
+                         "was trained as: add --config.model.padding_mode=zeros --config.model.norm=group.")
     model = build_unet(config.model)
     target = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, 16, 16, config.model.in_channels), "float32"),

@@ -42,15 +42,13 @@ log = logging.getLogger(__name__)
 
 # The bundled photos as records (quick start). Training crops are native pixels, except that
 # the two very large photos (retina 1411 px, hubble_deep_field 872 px, mostly flat background at
-# native resolution) are reduced to a 512-px short side; 64 random crops per photo. Validation
-# crops are native pixels of the two held-out photos, 32 random crops each (records are in file
-# order: use data.num_val_images=64 to validate on both photos). Measured with the quick-start
-# config (eval.py, 96 other held-out crops, CFM minus bicubic PSNR): these records -0.08 dB,
-# with scale jitter (min_scale 0.5) -0.09 dB and -0.20 dB (64 / 160 crops per photo), photos
-# resized to a 300-px short side -0.32 dB, PhotoCrops' endless fresh crops +0.08 dB; CFM had the
-# lower MSE and higher SSIM in every case.
+# native resolution) are reduced to a 512-px short side; 512 random crops per photo (64 scored
+# lower on the held-out photos: docs/quickstart.md). Validation crops are native pixels of the
+# four held-out photos, 32 random crops each (records are in file order: use
+# data.num_val_images=128 to validate on all four).
+PHOTO_RECORDS_VERSION = "v2"  # of the split and crop counts: a change gets a new folder, never stale records
 PHOTO_TRAIN_MAX_SHORT_SIDE = 512
-PHOTO_TRAIN_CROPS = 64
+PHOTO_TRAIN_CROPS = 512
 PHOTO_VAL_CROPS = 32
 
 
@@ -128,7 +126,8 @@ def records_path(config) -> str:
     if d.prepare_photos:
         lowres_filter = lowres_filter_of(config)  # box keeps the folder name of older versions
         suffix = "" if lowres_filter == "box" else f"-{lowres_filter}"
-        return os.path.abspath(os.path.join("runs", "photo_records", f"{d.image_size}x{d.lowres_size}{suffix}"))
+        return os.path.abspath(os.path.join("runs", "photo_records",
+                                            f"{PHOTO_RECORDS_VERSION}-{d.image_size}x{d.lowres_size}{suffix}"))
     raise ValueError("data.name='records' needs --config.data.path=<folder written by python -m "
                      "cfm_jax.data.prepare>.")
 
