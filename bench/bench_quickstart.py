@@ -2,44 +2,31 @@
 ``configs/quickstart.py`` and score it on the held-out photos, full image and interior.
 
     .venv/bin/python bench/bench_quickstart.py --name base [--train_crops 64] \
-        [--solvers euler:2,euler:3,euler:6] [--border_pads 0,4] [key=value ...]
+        [--solvers euler:2,euler:3,euler:6] [--border_pads 0,4] [--config.KEY=VALUE ...]
 
-``key=value`` overrides the config (``train.num_steps=900``, ``model.padding_mode=reflect``,
-...; values are Python literals or strings). ``--train_crops`` is the number of random crops
+``--config.KEY=VALUE`` overrides ``configs/quickstart.py`` as in train.py
+(``--config.train.num_steps=900``, ``--config.model.padding_mode=reflect``; a typo is an error). ``--train_crops`` is the number of random crops
 prepared per training photo (the quick start's ``PHOTO_TRAIN_CROPS``); the records go to
 ``--records_root/<crops>`` and are reused. Validation is always the held-out split
 (``photos.VALIDATION_PHOTOS``, 32 native-pixel crops each, ``--num_val_images`` of them).
 
-After training, every ``--solvers`` entry is scored with every ``--border_pads`` value
+After training (or with ``--evaluate_only``, ``--online`` for the online weights), every ``--solvers`` entry is scored with every ``--border_pads`` value
 (``sample.border_pad``), with the bicubic and bilinear baselines; the interior leaves out a
 ``--rim``-pixel frame. Prints one JSON line (``RESULT {...}``) and appends it to ``--out``.
 """
 from __future__ import annotations
 
-import argparse
-import ast
 import json
 import os
 import shutil
 import sys
 import time
 
+from absl import app, flags
+from ml_collections import config_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-
-def _override(config, text: str) -> None:
-    key, _, value = text.partition("=")
-    if not _:
-        raise SystemExit(f"error: {text!r} is not key=value")
-    node, parts = config, key.split(".")
-    for p in parts[:-1]:
-        node = node[p]
-    try:
-        value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        pass  # a plain string
-    node[parts[-1]] = value
 
 
 def border_profile(ups, params, eval_set, solver, depth: int = 8) -> dict:
@@ -123,49 +110,50 @@ def linear_reference(records_path: str, *, taps: int = 6, num_train: int = 1500,
             "linear_fitted_on_validation (oracle)": score(apply(fit(val), val), val)}
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train_crops", type=int, default=None, help="crops per training photo (default: the "
-                    "quick start's)")
-    ap.add_argument("--solvers", default="euler:2,euler:3,euler:6")
-    ap.add_argument("--border_pads", default="0")
-    ap.add_argument("--rim", type=int, default=4)
-    ap.add_argument("--profile", action="store_true", help="also the error by distance from the edge (first "
-                    "solver)")
-    ap.add_argument("--linear_reference", metavar="RECORDS", help="only fit and score the least-squares linear "
-                    "up-sampler on these photo records (64x32) and exit")
-    ap.add_argument("--name", default="")  # (required unless --linear_reference)
-    ap.add_argument("--evaluate_only", action="store_true", help="score the run --name already trained")
-    ap.add_argument("--num_val_images", type=int, default=128)
-    ap.add_argument("--records_root", default=os.path.join(ROOT, "runs", "bench_quickstart", "records"))
-    ap.add_argument("--runs_root", default=os.path.join(ROOT, "runs", "bench_quickstart"))
-    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_quickstart", "results.jsonl"))
-    ap.add_argument("overrides", nargs="*", help="config key=value")
-    args = ap.parse_args(argv)
+_NAME = flags.DEFINE_string("name", "", "Run name (a folder under --runs_root); required unless --linear_reference.")
+_TRAIN_CROPS = flags.DEFINE_integer("train_crops", None, "Crops per training photo (default: the quick start's).")
+_SOLVERS = flags.DEFINE_string("solvers", "euler:2,euler:3,euler:6", "Solvers to score.")
+_BORDER_PADS = flags.DEFINE_string("border_pads", "0", "sample.border_pad values to score, comma-separated.")
+_RIM = flags.DEFINE_integer("rim", 4, "Interior: leave out this many pixels on every side.")
+_PROFILE = flags.DEFINE_bool("profile", False, "Also the error by distance from the edge (first solver).")
+_LINEAR = flags.DEFINE_string("linear_reference", None, "Only fit and score the least-squares linear up-sampler "
+                              "on these photo records (64x32) and exit.")
+_EVALUATE_ONLY = flags.DEFINE_bool("evaluate_only", False, "Score the run --name already trained.")
+_ONLINE = flags.DEFINE_bool("online", False, "Score the online weights instead of the EMA.")
+_NUM_VAL = flags.DEFINE_integer("num_val_images", 128, "Held-out crops to score.")
+_RECORDS_ROOT = flags.DEFINE_string("records_root", os.path.join(ROOT, "runs", "bench_quickstart", "records"),
+                                    "Records folder per crop count.")
+_RUNS_ROOT = flags.DEFINE_string("runs_root", os.path.join(ROOT, "runs", "bench_quickstart"), "Run folders.")
+_OUT = flags.DEFINE_string("out", os.path.join(ROOT, "runs", "bench_quickstart", "results.jsonl"),
+                           "JSON lines file the result is appended to.")
+# --config.KEY=VALUE overrides, checked against the config like train.py's (a typo is an error)
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs", "quickstart.py"), "Config file.",
+                                          lock_config=True)
+
+
+def main(argv) -> dict:
+    del argv
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    if args.linear_reference:
-        out = {"linear_reference": linear_reference(args.linear_reference, rim=args.rim)}
+    if _LINEAR.value:
+        out = {"linear_reference": linear_reference(_LINEAR.value, rim=_RIM.value)}
         print("RESULT", json.dumps(out), flush=True)
         return out
+    if not _NAME.value:
+        raise app.UsageError("--name is required")
 
     import ml_collections
 
     from cfm_jax.data import train_data
-    from configs import quickstart
 
-    if not args.name:
-        ap.error("--name is required")
-    crops = args.train_crops or train_data.PHOTO_TRAIN_CROPS
+    crops = _TRAIN_CROPS.value or train_data.PHOTO_TRAIN_CROPS
     train_data.PHOTO_TRAIN_CROPS = crops  # ensure_photo_records reads it when it prepares
-    c = quickstart.get_config()
+    c = _CONFIG.value
     c.logging.progress_bar = False
-    for o in args.overrides:
-        _override(c, o)
     c.train.eval_every = c.train.checkpoint_every = c.train.num_steps  # validate and save once, at the end
-    c.data.path = os.path.join(args.records_root, str(crops))
-    c.data.num_val_images = args.num_val_images
-    workdir = os.path.join(args.runs_root, args.name)
-    if not args.evaluate_only:
+    c.data.path = os.path.join(_RECORDS_ROOT.value, str(crops))
+    c.data.num_val_images = _NUM_VAL.value
+    workdir = os.path.join(_RUNS_ROOT.value, _NAME.value)
+    if not _EVALUATE_ONLY.value:
         shutil.rmtree(workdir, ignore_errors=True)
 
     from cfm_jax import checkpointing, evaluation, sharding
@@ -174,36 +162,36 @@ def main(argv=None) -> dict:
     from cfm_jax.trainer import train
     from cfm_jax.upsampler import CFMUpsampler
 
+    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
     t0 = time.time()
-    if not args.evaluate_only:
+    if not _EVALUATE_ONLY.value:
         train(c, workdir)
-    out = {"name": args.name, "train_crops": crops, "overrides": args.overrides,
-           "train_seconds": round(time.time() - t0, 1), "rim": args.rim, "scores": {}}
-    params = checkpointing.read_params(workdir, use_ema=True)
+    out = {"name": _NAME.value, "train_crops": crops, "overrides": overrides, "online": _ONLINE.value,
+           "train_seconds": round(time.time() - t0, 1), "rim": _RIM.value, "scores": {}}
+    params = checkpointing.read_params(workdir, use_ema=not _ONLINE.value)
     mesh = sharding.make_data_mesh()
-    solvers = SolverSpec.parse_list(args.solvers)
-    for i, pad in enumerate(int(p) for p in args.border_pads.split(",")):
+    solvers = SolverSpec.parse_list(_SOLVERS.value)
+    for i, pad in enumerate(int(p) for p in _BORDER_PADS.value.split(",")):
         c2 = ml_collections.ConfigDict(c.to_dict())
         c2.sample.border_pad = pad
         ups = CFMUpsampler(c2)
         _, val = make_data(c2, ups.first_stage, n_devices=mesh.devices.size, train=False)
-        ev = evaluation.Evaluator(ups, val, mesh, seed=c.seed, rim=args.rim)
+        ev = evaluation.Evaluator(ups, val, mesh, seed=c.seed, rim=_RIM.value)
         t1 = time.time()
         results, _ = ev.run(params, solvers, baselines=i == 0)
         for r in results:
             label = f"{r.label}@pad{pad}" if r.method == "cfm" else r.label
-            out["scores"][label] = {"psnr_mean_mse": round(r.psnr_mean_mse, 3), "ssim": round(r.ssim, 4),
-                                    "psnr_mean_mse_interior": round(r.psnr_mean_mse_interior, 3),
-                                    "ssim_interior": round(r.ssim_interior, 4)}
+            out["scores"][label] = {k: round(getattr(r, k), 4) for k in (
+                "psnr_mean_mse", "ssim", "psnr", "psnr_mean_mse_interior", "ssim_interior", "psnr_interior")}
         out[f"eval_seconds@pad{pad}"] = round(time.time() - t1, 1)
-        if args.profile:
+        if _PROFILE.value:
             out[f"border_profile@pad{pad}"] = border_profile(ups, params, val, solvers[0])
     print("RESULT", json.dumps(out), flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "a") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "a") as f:
         f.write(json.dumps(out) + "\n")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -377,11 +377,9 @@ class Evaluator:
                                  f"{self.mesh.devices.size} devices.")
             anchors = self._anchors(start, n) if with_fid else None
             have = sum(len(g) for g in grid_high)
-            low_up = None
+            low_up = bicubic = None
             if fresh_baselines or have < self.num_grid:
                 low_up = np.asarray(photos.upsample_bilinear(batch["image_lowres"], self.image_size), np.float32)
-            bicubic = None
-            if fresh_baselines or have < self.num_grid:
                 bicubic = np.asarray(photos.upsample_bicubic(batch["image_lowres"], self.image_size), np.float32)
             if have < self.num_grid:
                 grid_high.append(to_uint8(target[:self.num_grid - have]))
@@ -517,11 +515,10 @@ def labelled_grid(columns: dict[str, np.ndarray], *, min_tile: int = GRID_MIN_TI
     method made, not a viewer's smoothing."""
     from PIL import Image, ImageDraw, ImageFont
 
-    grid = image_grid(list(columns.values()))
-    h = grid.shape[0] // len(next(iter(columns.values())))
-    zoom = max(1, -(-min_tile // h))
-    grid = grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
-    tile = h * zoom
+    h, w = next(iter(columns.values())).shape[1:3]
+    zoom = max(1, -(-min_tile // min(h, w)))
+    grid = image_grid(list(columns.values())).repeat(zoom, axis=0).repeat(zoom, axis=1)
+    tile = w * zoom  # a column's width
     title_h = max(20, tile // 12)
     try:  # Pillow's bundled scalable font (Pillow >= 10.1 with FreeType), else its bitmap font
         font = ImageFont.load_default(size=int(title_h * 0.7))

@@ -124,13 +124,15 @@ class _Counter:
         self.ew("add", L * c)
 
 
-def _field(cfg, name, default=None):
-    if isinstance(cfg, dict) or hasattr(cfg, "get"):  # dict or ConfigDict (optional keys of older configs)
-        value = cfg.get(name, default)
-        if value is None:
-            raise KeyError(name)
-        return value
-    return getattr(cfg, name) if default is None else getattr(cfg, name, default)
+_REQUIRED = object()
+
+
+def _field(cfg, name, default=_REQUIRED):
+    """``cfg.name`` of a dict, ConfigDict or module; ``default`` for an optional key that an older
+    config.json lacks."""
+    if isinstance(cfg, dict) or hasattr(cfg, "get"):
+        return cfg[name] if default is _REQUIRED else cfg.get(name, default)
+    return getattr(cfg, name) if default is _REQUIRED else getattr(cfg, name, default)
 
 
 def _count(model_cfg, latent_size: int, count_padding: bool) -> _Counter:

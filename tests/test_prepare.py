@@ -148,7 +148,6 @@ def _within(seconds, fn, *args, release=None, **kw):
     return result["value"]
 
 
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this OS")
 def test_a_fifo_named_like_an_image_is_skipped_not_read(tmp_path):
     """A named pipe called ``*.png`` would block ``open`` forever: it is skipped as
     ``not_a_file`` by loading and by prepare, which names it in the summary."""
