@@ -315,12 +315,9 @@ class Reporter:
 
 def paper_config(small: bool, latent_size: int):
     """The paper's config (a tiny UNet with ``small``) for ``latent_size``² latents."""
-    import importlib.util
+    from configs import load_config
 
-    spec = importlib.util.spec_from_file_location("paper_config", PAPER_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config(PAPER_CONFIG)
     if small:
         # one level, one res block, attention at full resolution: every kind of block, compiled fast
         config.model.update(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(1,),

@@ -41,7 +41,6 @@ _SMALL = flags.DEFINE_bool("small", False, "Tiny UNet and autoencoder, 32² -> 6
 
 def build(small: bool, vae_dtype: str):
     """``(upsampler, unet params, lowres_factor)`` of the paper config with random weights."""
-    import importlib.util
 
     import jax
     import jax.numpy as jnp
@@ -51,11 +50,9 @@ def build(small: bool, vae_dtype: str):
     from cfm_jax.models.autoencoder import AutoencoderKL, abstract_params
     from cfm_jax.upsampler import CFMUpsampler
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("paper", os.path.join(root, "configs/flow400_64-128/unet_base_psu.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    from configs import load_config
+
+    config = load_config()
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[vae_dtype]
     vae = AutoencoderKL(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, dtype=dtype) if small else AutoencoderKL(
         dtype=dtype)

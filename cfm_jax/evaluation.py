@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cfm_jax import compile_options
 from cfm_jax import fid as fid_lib
 from cfm_jax import metrics as image_metrics
 from cfm_jax import sharding
@@ -313,7 +314,7 @@ class Evaluator:
             def predict(params, fs, batch, keys):
                 images, r = ups.predict(params, batch, keys, solver=solver, first_stage=fs)
                 return images, r.nfe, r.success
-            self._compiled[shape_key] = jax.jit(predict).lower(*args).compile()
+            self._compiled[shape_key] = jax.jit(predict, compiler_options=compile_options.inference()).lower(*args).compile()
             timing["compile"] += time.perf_counter() - t0
             t0 = time.perf_counter()
         pred, nfe, ok = self._compiled[shape_key](*args)

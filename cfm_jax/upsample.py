@@ -529,13 +529,15 @@ class CascadeRunner:
         """Jitted ``(params, first stage, x, keys) -> (x, nfe, success)`` of stage ``s``."""
         import jax
 
+        from cfm_jax import compile_options
+
         ups = self.stages[s].upsampler
         solver = self.solver
 
         def sample(params, fs, x, keys):
             r = ups.sample(params, x, keys, size=size, solver=solver, first_stage=fs)
             return r.x, r.nfe, r.success
-        return self._fn(f"stage{s}-{size}", lambda: jax.jit(sample))
+        return self._fn(f"stage{s}-{size}", lambda: jax.jit(sample, compiler_options=compile_options.inference()))
 
     def _decode_fn(self, size: int):
         """``(jitted (decoder, z) -> uint8 images, decoder)`` of ``size``² latents."""

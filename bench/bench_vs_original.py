@@ -1,0 +1,218 @@
+"""cfm-jax against the original CompVis/fm-boosting (PyTorch) on the same machine: train step
+(EMA included on both sides), 40-point Euler sampling and peak RSS, with the paper's UNet
+(305,806,340 parameters), random weights, fp32, 4-channel latents plus 4 context channels.
+
+    .venv/bin/python bench/bench_vs_original.py --original /path/to/fm-boosting
+    FMBOOST_ORIGINAL=/path/to/fm-boosting .venv/bin/python bench/bench_vs_original.py --batches 1,8
+
+The original is never vendored: point ``--original`` (or ``$FMBOOST_ORIGINAL``) at a checkout
+of https://github.com/CompVis/fm-boosting (measured at 8f38bd3). It runs in
+``--torch_python`` (default: this interpreter; the original's ``fmboost/flow.py`` needs
+einops, tqdm and torchdiffeq there: ``.venv/bin/pip install torchdiffeq==0.2.5``).
+
+Every measurement runs in a fresh process (peak RSS is that process's ``ru_maxrss``), the
+original first, then cfm-jax with the same batch, so the two sides of each ratio are
+measured back to back (``--rounds`` repeats the whole sequence and takes medians). Both use
+all ``--threads`` cores. Prints one JSON object (``RESULT {...}``) with both sides and the
+ratios cfm-jax / original, and appends it to ``--out`` if given.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+_ORIGINAL = flags.DEFINE_string("original", os.environ.get("FMBOOST_ORIGINAL"),
+                                "Checkout of CompVis/fm-boosting (default: $FMBOOST_ORIGINAL).")
+_TORCH_PYTHON = flags.DEFINE_string("torch_python", sys.executable, "Interpreter that runs the original.")
+_BATCHES = flags.DEFINE_string("batches", "1,8", "Batch sizes, comma-separated.")
+_TASKS = flags.DEFINE_string("tasks", "train,sample", "train and/or sample.")
+_LATENT = flags.DEFINE_integer("latent_size", 32, "High-res latent size (4 channels).")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed train steps (median) after --warmup.")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed train steps first.")
+_GRID = flags.DEFINE_integer("grid", 40, "Euler grid points (grid - 1 network evaluations).")
+_REPEATS = flags.DEFINE_integer("sample_repeats", 1, "Timed sampler calls (median).")
+_ROUNDS = flags.DEFINE_integer("rounds", 1, "Repeat the whole interleaved sequence; medians are reported.")
+_THREADS = flags.DEFINE_integer("threads", os.cpu_count(), "Threads for torch (XLA:CPU uses all cores).")
+_XLA_FLAGS = flags.DEFINE_string("xla_flags", None, "XLA_FLAGS for the cfm-jax side (default: inherited).")
+_PROFILE = flags.DEFINE_integer("profile_calls", 0, "Also profile this many calls per measurement (after the "
+                                "timed ones, which the profiler does not slow): time per op category on both sides.")
+_OUT = flags.DEFINE_string("out", None, "Append the result line to this file.")
+_SMALL = flags.DEFINE_bool("small", False, "A tiny UNet on both sides (checks the script; the numbers mean nothing).")
+_WORKER = flags.DEFINE_string("worker_spec", None, "Internal: run one cfm-jax measurement (JSON spec).")
+
+from configs import PAPER_CONFIG  # noqa: E402
+
+# --small: one level, one res block, attention at full resolution (the original's kwarg names)
+SMALL_UNET = dict(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(1,),
+                  num_heads=1, dim_head=16)
+
+
+def jax_measurement(spec: dict) -> dict:
+    """One cfm-jax measurement in this process: the paper config in fp32, the same shapes as the
+    original's worker, the train step of train.py (Adam, EMA, metrics) or the Euler sampler of
+    eval.py / upsample (``CFMUpsampler.sample`` with a ``SolverSpec``)."""
+    import jax
+    import numpy as np
+
+    from cfm_jax import compile_options, host_memory, sharding
+    from cfm_jax.ema import EMAConfig
+    from cfm_jax.first_stage import IdentityFirstStage
+    from cfm_jax.models.unet import count_params
+    from cfm_jax.optim import make_optimizer
+    from cfm_jax.solvers import SolverSpec
+    from cfm_jax.trainer import abstract_train_state, create_train_state, make_train_step
+    from cfm_jax.upsampler import CFMUpsampler
+    import xla_profile
+    from configs import load_config
+
+    config = load_config(PAPER_CONFIG)
+    config.model.dtype = "float32"  # the original's fp32 (it trains bf16-mixed on GPUs)
+    if spec.get("small"):
+        config.model.update(SMALL_UNET)
+    # Latents are given on the high-res grid, so the autoencoder is never called: a shape-only
+    # first stage keeps the benchmark free of the SD checkpoint.
+    first_stage = IdentityFirstStage(latent_channels=4, downsample_factor=8,
+                                     scale_factor=config.first_stage.scale_factor, name="shape-stand-in")
+    up = CFMUpsampler(config, first_stage=first_stage)
+    b, s = int(spec["batch"]), int(spec["latent_size"])
+    mesh = sharding.make_data_mesh()
+    rng = np.random.default_rng(0)
+    host = {"latent": rng.standard_normal((b, s, s, 4), np.float32),
+            "latent_lowres": rng.standard_normal((b, s, s, 4), np.float32)}
+    batch = sharding.shard_batch(host, mesh)
+    out = {"side": "cfm-jax", "task": spec["task"], "batch": b, "latent_size": s,
+           "params": count_params(up.model, (s, s)), "jax": jax.__version__,
+           "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    if spec["task"] == "train":
+        tx, schedule = make_optimizer(config.optim)
+        step = make_train_step(up, tx, schedule, EMAConfig.from_config(config.ema), mesh)
+        t0 = time.perf_counter()
+        compiled = step.lower(abstract_train_state(up, tx, s, mesh), batch).compile()
+        out["compile_s"] = round(time.perf_counter() - t0, 2)
+        host_memory.release_freed_memory()  # as the trainer does after compiling and after creating the state
+        state = create_train_state(up, tx, jax.random.PRNGKey(0), s, mesh)
+        host_memory.release_freed_memory()
+
+        def one():
+            nonlocal state
+            t = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics)
+            jax.block_until_ready(state)
+            return time.perf_counter() - t
+
+        for _ in range(int(spec["warmup"])):
+            one()
+        times = [one() for _ in range(int(spec["steps"]))]
+        out.update(step_s=statistics.median(times), step_times_s=[round(t, 4) for t in times])
+        if spec.get("profile_calls"):
+            out["profile"] = xla_profile.profile_categories(compiled, one, int(spec["profile_calls"]))
+    else:
+        params = up.init(jax.random.PRNGKey(0), s, batch_size=1)
+        solver = SolverSpec(method="euler", num_steps=int(spec["grid"]))
+        lowres = batch["latent_lowres"] * first_stage.scale_factor
+        keys = jax.random.split(jax.random.PRNGKey(1), b)
+        # compiled like eval.py's and upsample's sampling programs
+        fn = jax.jit(lambda p, lo, k: up.sample(p, lo, k, size=s, solver=solver).x,
+                     compiler_options=compile_options.inference())
+        t0 = time.perf_counter()
+        compiled = fn.lower(params, lowres, keys).compile()
+        out["compile_s"] = round(time.perf_counter() - t0, 2)
+        times = []
+        for _ in range(int(spec["repeats"])):
+            t = time.perf_counter()
+            jax.block_until_ready(compiled(params, lowres, keys))
+            times.append(time.perf_counter() - t)
+        out.update(sample_s=statistics.median(times), grid=int(spec["grid"]), nfe=int(spec["grid"]) - 1)
+        if spec.get("profile_calls"):
+            out["profile"] = xla_profile.profile_categories(
+                compiled, lambda: jax.block_until_ready(compiled(params, lowres, keys)), int(spec["profile_calls"]))
+    out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+def _run(cmd: list[str], env: dict) -> dict:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+        raise SystemExit(f"measurement failed (exit {proc.returncode}): {' '.join(cmd[:2])} ...\n" + "\n".join(tail))
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main(argv):
+    del argv
+    if _WORKER.value:
+        print("RESULT " + json.dumps(jax_measurement(json.loads(_WORKER.value))), flush=True)
+        return
+    original = _ORIGINAL.value
+    if not original or not os.path.isfile(os.path.join(original, "fmboost", "flow.py")):
+        raise SystemExit(f"--original={original!r} is not a checkout of CompVis/fm-boosting (no fmboost/flow.py); "
+                         "clone https://github.com/CompVis/fm-boosting and pass its path with --original "
+                         "or $FMBOOST_ORIGINAL.")
+    batches = [int(x) for x in _BATCHES.value.split(",") if x]
+    tasks = [x for x in _TASKS.value.split(",") if x]
+    for task in tasks:
+        if task not in ("train", "sample"):
+            raise SystemExit(f"--tasks: unknown task {task!r}; choose from train, sample.")
+    jax_env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if _XLA_FLAGS.value is not None:
+        jax_env["XLA_FLAGS"] = _XLA_FLAGS.value
+    runs: dict[str, list] = {}
+    for _ in range(_ROUNDS.value):
+        for task in tasks:
+            for b in batches:
+                spec = {"task": task, "batch": b, "latent_size": _LATENT.value, "steps": _STEPS.value,
+                        "warmup": _WARMUP.value, "grid": _GRID.value, "repeats": _REPEATS.value,
+                        "threads": _THREADS.value, "original": os.path.abspath(original),
+                        "profile_calls": _PROFILE.value,
+                        "small": SMALL_UNET if _SMALL.value else None}
+                orig = _run([_TORCH_PYTHON.value, os.path.join(ROOT, "bench", "original_worker.py"),
+                             json.dumps(spec)], dict(os.environ))
+                ours = _run([sys.executable, os.path.abspath(__file__), "--worker_spec", json.dumps(spec)], jax_env)
+                print(f"{task} batch {b}: original {json.dumps(orig)}\n{task} batch {b}: cfm-jax {json.dumps(ours)}",
+                      file=sys.stderr, flush=True)
+                runs.setdefault(f"{task}_b{b}", []).append((orig, ours))
+
+    def med(pairs, side, key):
+        return round(statistics.median(p[side][key] for p in pairs), 4)
+
+    result = {"benchmark": "cfm-jax_vs_original", "original": os.path.abspath(original),
+              "latent_size": _LATENT.value, "threads": _THREADS.value, "euler_grid": _GRID.value,
+              "rounds": _ROUNDS.value, "xla_flags": jax_env.get("XLA_FLAGS", ""), "measurements": {}}
+    for name, pairs in runs.items():
+        key = "step_s" if name.startswith("train") else "sample_s"
+        entry = {"original_s": med(pairs, 0, key), "cfm_jax_s": med(pairs, 1, key),
+                 "original_peak_rss_mib": med(pairs, 0, "peak_rss_mib"),
+                 "cfm_jax_peak_rss_mib": med(pairs, 1, "peak_rss_mib"),
+                 "cfm_jax_compile_s": med(pairs, 1, "compile_s")}
+        entry["ratio"] = round(entry["cfm_jax_s"] / entry["original_s"], 3)
+        entry["rss_ratio"] = round(entry["cfm_jax_peak_rss_mib"] / entry["original_peak_rss_mib"], 3)
+        if name.startswith("train"):
+            entry["original_ema_s"] = med(pairs, 0, "ema_s")
+            # Target: no more than the original's peak. Its worker keeps the original's EMA copy,
+            # so that peak already is "the original's training plus one EMA copy of the parameters".
+            entry["rss_target_mib"] = entry["original_peak_rss_mib"]
+        if _PROFILE.value:
+            entry["profile"] = {"original": pairs[-1][0]["profile"], "cfm_jax": pairs[-1][1]["profile"]}
+        result["measurements"][name] = entry
+    line = "RESULT " + json.dumps(result)
+    print(line)
+    if _OUT.value:
+        with open(_OUT.value, "a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
