@@ -61,8 +61,8 @@ def category(opcode: str, op_name: str, inner: set) -> str:
     for scope in ("ema", "optimizer", "metrics"):
         if f"/{scope}/" in op_name:
             return scope
-    if "convolution" in inner or "/conv_input_grad/" in op_name:  # cfm_jax/models/conv.py
-        return "convolution"
+    if "convolution" in inner or "/conv_input_grad/" in op_name or "/conv_kernel_grad/" in op_name:
+        return "convolution"  # the GEMM gradients of cfm_jax/models/conv.py included
     if _NORM_PATH.search(op_name):
         return "group_norm"
     if "/attention/" in op_name:

@@ -30,8 +30,11 @@ class PathCoefficients(NamedTuple):
     d_sigma: jax.Array  # d sigma / dt
 
 
-def check_schedule(schedule: str, sigma_min: float = 0.0) -> None:
+def check_schedule(schedule: str, sigma_min: float = 0.0, t_exponent: float = 1.0) -> None:
     """Raises a clear ValueError for an unknown schedule or an invalid combination."""
+    if not t_exponent > 0:
+        raise ValueError(f"flow.t_exponent must be > 0 (1.0: uniform training times, the original's), "
+                         f"got {t_exponent}.")
     if schedule not in SCHEDULES:
         raise ValueError(f"Unknown flow schedule {schedule!r}; choose one of {SCHEDULES}.")
     if sigma_min < 0:
@@ -84,9 +87,16 @@ def u_t(*, x0: jax.Array, x1: jax.Array, t: jax.Array, schedule: str = "linear")
     return c.d_alpha * x1 + c.d_sigma * x0
 
 
-def sample_t(rng: jax.Array, batch_size: int, dtype=jnp.float32) -> jax.Array:
-    """Training times ``t ~ U(0, 1)``, one per example."""
-    return jax.random.uniform(rng, (batch_size,), dtype=dtype)
+def sample_t(rng: jax.Array, batch_size: int, dtype=jnp.float32, t_exponent: float = 1.0) -> jax.Array:
+    """Training times, one per example: ``t = u ** t_exponent`` with ``u ~ U(0, 1)``.
+
+    ``t_exponent=1`` is the original's ``t ~ U(0, 1)``. A larger exponent puts more of the
+    training at small t, near the source; the sampler's first velocity evaluation is at t=0,
+    and for a noise-free source that first step does most of the work (an option, not the
+    original's training: docs/quickstart.md).
+    """
+    u = jax.random.uniform(rng, (batch_size,), dtype=dtype)
+    return u if t_exponent == 1.0 else u ** t_exponent
 
 
 def per_example_mse(pred: jax.Array, target: jax.Array) -> jax.Array:
@@ -97,13 +107,14 @@ def per_example_mse(pred: jax.Array, target: jax.Array) -> jax.Array:
 
 def velocity_loss(velocity_fn: Callable[[jax.Array, jax.Array], jax.Array], *, x0: jax.Array,
                   x1: jax.Array, rng: jax.Array, schedule: str = "linear",
-                  sigma_min: float = 0.0) -> jax.Array:
-    """The per-example flow matching loss ``|v(x_t, t) - u_t|^2`` with ``t ~ U(0,1)``.
+                  sigma_min: float = 0.0, t_exponent: float = 1.0) -> jax.Array:
+    """The per-example flow matching loss ``|v(x_t, t) - u_t|^2`` with ``t ~ U(0,1)``
+    (``t = u ** t_exponent``: ``sample_t``).
 
     ``velocity_fn(x_t, t)`` evaluates the network ([B,...], [B] -> [B,...]). Returns [B].
     """
     t_rng, noise_rng = jax.random.split(rng)
-    t = sample_t(t_rng, x1.shape[0], dtype=x1.dtype)
+    t = sample_t(t_rng, x1.shape[0], dtype=x1.dtype, t_exponent=t_exponent)
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype) if sigma_min > 0 else None
     xt = x_t(x0=x0, x1=x1, t=t, schedule=schedule, sigma_min=sigma_min, noise=noise)
     ut = u_t(x0=x0, x1=x1, t=t, schedule=schedule)

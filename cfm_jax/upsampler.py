@@ -55,7 +55,7 @@ class CFMUpsampler:
         self.model = build_unet(config.model)
         self.coupling = Coupling.from_config(config.coupling)
         self.first_stage = build_first_stage(config) if first_stage is None else first_stage
-        flow.check_schedule(config.flow.schedule, config.flow.sigma_min)
+        flow.check_schedule(config.flow.schedule, config.flow.sigma_min, config.flow.get("t_exponent", 1.0))
         c = self.first_stage.latent_channels
         expected_in = c * (2 if self.coupling.uses_context else 1)
         if config.model.in_channels != expected_in or config.model.out_channels != c:
@@ -103,7 +103,8 @@ class CFMUpsampler:
             return self.velocity(params, xt, t, context, train=train, dropout_rng=drop_rng)
 
         return flow.velocity_loss(velocity_fn, x0=x0, x1=x1, rng=flow_rng,
-                                  schedule=self.config.flow.schedule, sigma_min=self.config.flow.sigma_min)
+                                  schedule=self.config.flow.schedule, sigma_min=self.config.flow.sigma_min,
+                                  t_exponent=self.config.flow.get("t_exponent", 1.0))
 
     # --- sampling ---------------------------------------------------------------
     def _ode_velocity(self, t, x, args):

@@ -35,7 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
     ))
 
     # Probability path (cfm_jax/flow.py).
-    c.flow = ml_collections.ConfigDict(dict(schedule="linear", sigma_min=0.0))
+    # t_exponent: training times t = u**t_exponent, u ~ U(0,1); 1.0 is the original's uniform t.
+    c.flow = ml_collections.ConfigDict(dict(schedule="linear", sigma_min=0.0, t_exponent=1.0))
 
     # Source and context of the flow (cfm_jax/coupling.py).
     c.coupling = ml_collections.ConfigDict(dict(

@@ -69,3 +69,16 @@ def test_t_is_uniform_on_unit_interval():
     t = np.asarray(flow.sample_t(jax.random.PRNGKey(3), 20000))
     assert t.min() >= 0.0 and t.max() < 1.0
     assert abs(t.mean() - 0.5) < 0.01 and abs(t.var() - 1 / 12) < 0.003
+
+
+def test_t_exponent_skews_training_times_towards_the_source():
+    # t = u ** p with u ~ U(0, 1): P(t < x) = x ** (1 / p), E[t] = 1 / (p + 1)
+    t = np.asarray(flow.sample_t(jax.random.PRNGKey(3), 20000, t_exponent=3.0))
+    assert t.min() >= 0.0 and t.max() < 1.0
+    assert abs(t.mean() - 0.25) < 0.01
+    assert abs(np.mean(t < 0.1) - 0.1 ** (1 / 3)) < 0.01
+    # the same draws as the uniform default, raised to the power (reproducible per key)
+    u = np.asarray(flow.sample_t(jax.random.PRNGKey(3), 20000))
+    np.testing.assert_allclose(t, u ** 3, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="t_exponent must be > 0"):
+        flow.check_schedule("linear", 0.0, t_exponent=0.0)

@@ -22,6 +22,7 @@ attention, `param_dtype` the storage dtype of the parameters. The sinusoidal
 timestep embedding, GroupNorm statistics and attention softmaxes are computed in
 float32 whatever `dtype` is; with `dtype=float32` the math is the original's.
 """
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -133,13 +134,64 @@ def _check_norm(norm: str) -> None:
         raise ValueError(f"model.norm={norm!r}; choose one of {NORMS} ('group' is the original's).")
 
 
+def _group_sums(v, groups: int):
+    """[B, ..., C] -> [B, G]: summed over the spatial axes per channel first, then per group
+    (on XLA:CPU about 2x faster than one reduction over a [B, ..., G, C/G] view)."""
+    b, c = v.shape[0], v.shape[-1]
+    return jnp.sum(v, axis=tuple(range(1, v.ndim - 1))).reshape(b, groups, c // groups).sum(-1)
+
+
+def _per_channel(g, like):
+    """[B, G] -> [B, 1.., C] broadcastable against ``like`` [B, ..., C]."""
+    b, c = like.shape[0], like.shape[-1]
+    return jnp.repeat(g, c // g.shape[1], axis=-1).reshape((b,) + (1,) * (like.ndim - 2) + (c,))
+
+
+def _group_stats(xf, groups: int, eps: float):
+    count = math.prod(xf.shape[1:-1]) * (xf.shape[-1] // groups)
+    mean = _group_sums(xf, groups) / count
+    var = _group_sums(jnp.square(xf - _per_channel(mean, xf)), groups) / count  # two passes, as torch
+    return mean, jax.lax.rsqrt(var + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _group_norm(x, scale, bias, groups: int, eps: float):
+    xf = x.astype(jnp.float32)
+    mean, rstd = _group_stats(xf, groups, eps)
+    return (xf - _per_channel(mean, xf)) * (_per_channel(rstd, xf) * scale) + bias
+
+
+def _group_norm_fwd(x, scale, bias, groups, eps):
+    xf = x.astype(jnp.float32)
+    mean, rstd = _group_stats(xf, groups, eps)
+    y = (xf - _per_channel(mean, xf)) * (_per_channel(rstd, xf) * scale) + bias
+    return y, (x, scale, mean, rstd)  # no normalised copy of x is kept for the backward pass
+
+
+def _group_norm_bwd(groups, eps, res, dy):
+    x, scale, mean, rstd = res
+    xf = x.astype(jnp.float32)
+    xhat = (xf - _per_channel(mean, xf)) * _per_channel(rstd, xf)
+    axes = tuple(range(x.ndim - 1))
+    dscale, dbias = jnp.sum(dy * xhat, axis=axes), jnp.sum(dy, axis=axes)
+    g = dy * scale
+    count = math.prod(x.shape[1:-1]) * (x.shape[-1] // groups)
+    m1 = _per_channel(_group_sums(g, groups) / count, xf)
+    m2 = _per_channel(_group_sums(g * xhat, groups) / count, xf)
+    dx = _per_channel(rstd, xf) * (g - m1 - xhat * m2)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+_group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
 class GroupNorm(nn.Module):
     """PyTorch's ``GroupNorm(num_groups, C, eps)`` on channels-last input, with the parameters
     (``scale``, ``bias``) and numbers of flax's ``nn.GroupNorm(use_fast_variance=False)``:
     statistics in float32 by two passes (the exact variance, as PyTorch), normalised output in
-    ``dtype``. The sums run over the spatial axes per channel first and then over each group's
-    channels: on XLA:CPU that reduction is about 2x faster, forward and backward, than flax's
-    reduction over a [B, H, W, G, C/G] view (docs/benchmarks.md)."""
+    ``dtype``. Written for XLA:CPU (docs/benchmarks.md): sums per channel, then per group, and an
+    analytic backward pass that keeps only the input and the per-group statistics (autodiff kept
+    a float32 copy of every normalised activation)."""
 
     num_groups: int = _NUM_GROUPS
     epsilon: float = _NORM_EPS
@@ -148,27 +200,16 @@ class GroupNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        b, c, g = x.shape[0], x.shape[-1], self.num_groups
+        c, g = x.shape[-1], self.num_groups
         if c % g:
             raise ValueError(f"GroupNorm({g}) needs channels divisible by {g}, got {c}.")
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        spatial = tuple(range(1, x.ndim - 1))
-        count = math.prod(x.shape[1:-1]) * (c // g)
-        per_channel = (b,) + (1,) * len(spatial) + (c,)
-
-        def group_mean(v):  # [B, ..., C] -> the mean of each group, repeated per channel [B, ..., C]
-            sums = jnp.sum(v, axis=spatial).reshape(b, g, c // g).sum(-1) / count
-            return jnp.repeat(sums, c // g, axis=-1).reshape(per_channel)
-
-        xf = x.astype(jnp.float32)
-        centred = xf - group_mean(xf)
-        mul = jax.lax.rsqrt(group_mean(jnp.square(centred)) + self.epsilon) * scale.astype(jnp.float32)
-        y = centred * mul + bias.astype(jnp.float32)
+        y = _group_norm(x, scale.astype(jnp.float32), bias.astype(jnp.float32), g, self.epsilon)
         return y.astype(self.dtype or jnp.result_type(x, scale))
 
 
-def _group_norm(dtype, param_dtype, name, norm="group"):
+def _norm_layer(dtype, param_dtype, name, norm="group"):
     if norm == "none":
         return lambda x: x
     return GroupNorm(dtype=dtype, param_dtype=param_dtype, name=name)
@@ -248,14 +289,14 @@ class ResBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         conv_kw = dict(padding_mode=self.padding_mode, **kw)
         c_in, c_out, init = x.shape[-1], self.out_channels, self.param_init
-        h = _group_norm(self.dtype, self.param_dtype, "in_layers_0", self.norm)(x)
+        h = _norm_layer(self.dtype, self.param_dtype, "in_layers_0", self.norm)(x)
         h = _conv3x3(c_out, c_in, init, name="in_layers_2", **conv_kw)(nn.silu(h))  # [B, H, W, Cout]
 
         n_emb = 2 * c_out if self.use_scale_shift_norm else c_out
         emb_out = _dense(n_emb, emb.shape[-1], init, "emb_layers_1", **kw)(nn.silu(emb))
         emb_out = emb_out.astype(h.dtype)[:, None, None, :]  # [B, 1, 1, n_emb]
 
-        out_norm = _group_norm(self.dtype, self.param_dtype, "out_layers_0", self.norm)
+        out_norm = _norm_layer(self.dtype, self.param_dtype, "out_layers_0", self.norm)
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)  # scale first, as torch.chunk
             h = out_norm(h) * (1 + scale) + shift
@@ -299,7 +340,7 @@ class SpatialSelfAttention(nn.Module):
         inner = heads * dh
 
         with jax.named_scope("attention"):  # labels the HLO for profiles (bench/xla_profile.py)
-            h = _group_norm(self.dtype, self.param_dtype, "norm", self.norm)(x).reshape(b, L, c)  # l = y*W + x
+            h = _norm_layer(self.dtype, self.param_dtype, "norm", self.norm)(x).reshape(b, L, c)  # l = y*W + x
             # torch Conv1d(c, 3*inner, 1): fan_in c, as this Dense (c, 3*inner).
             qkv = _dense(3 * inner, c, self.param_init, "qkv", **kw)(h)  # [B, L, 3*inner]
             # The reshape quirk: go to the original's channels-first layout, reinterpret.
@@ -481,7 +522,7 @@ class EfficientUNet(nn.Module):
                 h = _constrain(h, axes)
                 block += 1
 
-        h = nn.silu(_group_norm(self.dtype, self.param_dtype, "out_0", self.norm)(h))
+        h = nn.silu(_norm_layer(self.dtype, self.param_dtype, "out_0", self.norm)(h))
         if self.pool_factor > 1:
             p = self.pool_factor
             h = _conv3x3(mc, h.shape[-1], init, name="out_2", padding_mode=pad, **kw)(h)  # no zero-init: as the original
