@@ -129,7 +129,14 @@ def test_forward_close_to_xla_cost_analysis(name):
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_train_is_three_forwards_and_close_to_xla_value_and_grad(name):
+def test_train_is_three_forwards_and_close_to_xla_value_and_grad(name, monkeypatch):
+    """The model's FLOPs: XLA's count of autodiff's gradient. cfm_jax/models/conv.py computes the
+    gradients of kernel-heavy layers as GEMMs that also multiply the zero padding (up to 13%
+    more executed FLOPs on these small maps, 4% on the paper's 64² latents), so its own
+    gradient is switched off here to count the math, not the kernels."""
+    from cfm_jax.models import conv
+
+    monkeypatch.setattr(conv, "use_gemm_gradients", lambda *a: False)
     cfg, size = _case(name)
     forward = unet_forward_flops(cfg, size)
     assert train_flops_per_example(cfg, size) == 3 * forward

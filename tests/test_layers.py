@@ -47,8 +47,8 @@ def test_values_and_gradients_match_lax(b, s, ci, co, k, stride, padding):
 
 
 def test_path_choice_and_no_kernel_copy_on_the_gemm_path():
-    assert conv.use_gemm_input_grad((1, 4, 4, 96), (3, 3, 96, 64), (1, 1), ((1, 1), (1, 1)))  # 64 >= 16
-    assert not conv.use_gemm_input_grad((2, 8, 8, 16), (3, 3, 16, 8), (1, 1), ((1, 1), (1, 1)))  # 8 < 128
+    assert conv.use_gemm_gradients((1, 4, 4, 96), (3, 3, 96, 64), (1, 1), ((1, 1), (1, 1)))  # 64 >= 16
+    assert not conv.use_gemm_gradients((2, 8, 8, 16), (3, 3, 16, 8), (1, 1), ((1, 1), (1, 1)))  # 8 < 128
     x, w = jnp.ones((1, 4, 4, 96)), jnp.ones((3, 3, 96, 64))
 
     def grad_hlo(fn):
