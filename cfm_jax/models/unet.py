@@ -156,9 +156,7 @@ def _group_stats(xf, groups: int, eps: float):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _group_norm(x, scale, bias, groups: int, eps: float):
-    xf = x.astype(jnp.float32)
-    mean, rstd = _group_stats(xf, groups, eps)
-    return (xf - _per_channel(mean, xf)) * (_per_channel(rstd, xf) * scale) + bias
+    return _group_norm_fwd(x, scale, bias, groups, eps)[0]
 
 
 def _group_norm_fwd(x, scale, bias, groups, eps):
