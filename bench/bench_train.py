@@ -43,7 +43,7 @@ def main(argv):
     import jax
     import numpy as np
 
-    from cfm_jax import sharding
+    from cfm_jax import compile_options, sharding
     from cfm_jax.ema import EMAConfig
     from cfm_jax.first_stage import IdentityFirstStage, build_first_stage
     from cfm_jax.models.unet import count_params
@@ -91,7 +91,8 @@ def main(argv):
 
     grid = _NFE_STEPS.value
     sample = jax.jit(lambda p, lowres, r: up.sample_latents(p, lowres, r, size=size, method="euler",
-                                                            num_steps=grid).x)
+                                                            num_steps=grid).x,
+                     compiler_options=compile_options.inference())  # as eval.py and upsample compile it
     lowres = batch["latent_lowres"] * first_stage.scale_factor
     t0 = time.perf_counter()
     sample_compiled = sample.lower(state.ema_params, lowres, jax.random.PRNGKey(1)).compile()
@@ -108,6 +109,7 @@ def main(argv):
         "config": flags.FLAGS["config"].config_filename,
         "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
         "platform": platform.machine(), "jax": jax.__version__,
+        "cpu_convolutions": {k: compile_options.convolution_kernels(k) for k in ("training", "inference")},
         "params": count_params(up.model, (size, size)),
         "compute_dtype": config.model.dtype, "param_dtype": config.model.param_dtype,
         "latent_size": size, "latent_channels": c, "global_batch": batch_size,

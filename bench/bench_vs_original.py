@@ -151,6 +151,13 @@ def _run(cmd: list[str], env: dict) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def _cpu_convolutions() -> dict:
+    """The XLA:CPU convolution kernels the cfm-jax side compiles with (compile_options)."""
+    from cfm_jax import compile_options
+
+    return {k: compile_options.convolution_kernels(k) for k in ("training", "inference")}
+
+
 def main(argv):
     del argv
     if _WORKER.value:
@@ -190,7 +197,8 @@ def main(argv):
 
     result = {"benchmark": "cfm-jax_vs_original", "original": os.path.abspath(original),
               "latent_size": _LATENT.value, "threads": _THREADS.value, "euler_grid": _GRID.value,
-              "rounds": _ROUNDS.value, "xla_flags": jax_env.get("XLA_FLAGS", ""), "measurements": {}}
+              "rounds": _ROUNDS.value, "xla_flags": jax_env.get("XLA_FLAGS", ""),
+              "cpu_convolutions": _cpu_convolutions(), "measurements": {}}
     for name, pairs in runs.items():
         key = "step_s" if name.startswith("train") else "sample_s"
         entry = {"original_s": med(pairs, 0, key), "cfm_jax_s": med(pairs, 1, key),

@@ -1,21 +1,85 @@
-"""XLA compiler options per program kind.
+"""XLA compiler options per program kind: which convolution kernels XLA:CPU uses.
 
-On XLA:CPU, jaxlib 0.10.2 hands convolutions to YNNPACK fusions by default. For the UNet's
-forward pass (sampling), XLA's own Eigen convolutions are faster on the CPUs we measured: the
-paper UNet's 40-point Euler sampler ran 1.8x faster at batch 8 and batch 1
-(docs/benchmarks.md, ``bench/bench_vs_original.py``). Training keeps the default: its backward
-pass was faster with YNNPACK at batch 1. The options go to single programs
-(``jax.jit(..., compiler_options=...)``), never to the process's XLA_FLAGS, and only on the CPU
-backend.
+On XLA:CPU, jaxlib 0.10.2 hands convolutions to YNNPACK fusions by default; the option
+``xla_cpu_experimental_ynn_fusion_type=""`` turns them off for one program, which then runs
+XLA's own Eigen convolutions. Which is faster depends on the program and the CPU
+(docs/benchmarks.md, "Convolution kernels on XLA:CPU"):
+
+* sampling and decoding (the UNet's forward pass): Eigen on every CPU we measured (the paper
+  UNet's Euler sampler 1.8x faster on an AVX-512 machine, 2.6x on an AVX2-only one);
+* training: YNNPACK on the AVX-512 machine (the paper UNet's batch-1 step 1.17 s against
+  1.67 s with Eigen), Eigen on the AVX2-only machine (the quick start's step 0.96 s with
+  YNNPACK against 0.54 s; the paper step equal). ``auto`` therefore keeps YNNPACK for training
+  only where the CPU has AVX-512.
+
+The environment variable ``CFM_CPU_CONVOLUTIONS`` (``auto``, ``eigen`` or ``ynnpack``)
+overrides the choice for both kinds. The options go to single programs
+(``jax.jit(..., compiler_options=...)``), never to the process's XLA_FLAGS, and only on the
+CPU backend. Both kernels compute the same convolution; results differ by float rounding.
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import jax
 
+ENV_VAR = "CFM_CPU_CONVOLUTIONS"
+CHOICES = ("auto", "eigen", "ynnpack")
+
 # An empty fusion-type list turns YNNPACK fusions off for the program (Eigen kernels instead).
-_CPU_INFERENCE = {"xla_cpu_experimental_ynn_fusion_type": ""}
+_EIGEN = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-def inference() -> dict | None:
-    """Compiler options for sampling and decoding programs (``None``: the defaults)."""
-    return dict(_CPU_INFERENCE) if jax.default_backend() == "cpu" else None
+@functools.lru_cache(maxsize=None)
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _choice() -> str:
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}; choose one of {CHOICES} "
+                         "(or unset it: 'auto').")
+    return value
+
+
+def convolution_kernels(kind: str, flags: frozenset[str] | None = None) -> str:
+    """``'eigen'`` or ``'ynnpack'``: the kernels a ``kind`` (``'training'`` or ``'inference'``)
+    program uses on XLA:CPU, from ``CFM_CPU_CONVOLUTIONS`` and, for ``auto``, the CPU's flags."""
+    if kind not in ("training", "inference"):
+        raise ValueError(f"kind={kind!r}; 'training' or 'inference'.")
+    choice = _choice()
+    if choice != "auto":
+        return choice
+    if kind == "inference":
+        return "eigen"
+    flags = cpu_flags() if flags is None else flags
+    return "ynnpack" if "avx512f" in flags else "eigen"
+
+
+def _options(kind: str, platform: str | None) -> dict | None:
+    if (platform or jax.default_backend()) != "cpu":
+        return None
+    return dict(_EIGEN) if convolution_kernels(kind) == "eigen" else None
+
+
+def inference(platform: str | None = None) -> dict | None:
+    """Compiler options for sampling and decoding programs (``None``: the defaults) on
+    ``platform`` (default: JAX's default backend)."""
+    return _options("inference", platform)
+
+
+def training(platform: str | None = None) -> dict | None:
+    """Compiler options for the train step (``None``: the defaults) on ``platform`` (default:
+    JAX's default backend; pass the mesh's when compiling for other devices, e.g. a TPU
+    topology on a CPU host)."""
+    return _options("training", platform)

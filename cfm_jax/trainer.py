@@ -35,7 +35,7 @@ import optax
 from etils import epath
 from PIL import Image
 
-from cfm_jax import checkpointing, distributed, flops as flops_lib, host_memory, sharding
+from cfm_jax import checkpointing, compile_options, distributed, flops as flops_lib, host_memory, sharding
 from cfm_jax.data.train_data import make_data
 from cfm_jax.ema import EMAConfig, ema_update
 from cfm_jax.evaluation import Evaluator, FIDConfig, resolve_rim
@@ -172,7 +172,8 @@ def make_train_step(upsampler: CFMUpsampler, tx: optax.GradientTransformation,
 
     rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     state_sh = rep if state_sharding is None else state_sharding
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, data), out_shardings=(state_sh, rep), donate_argnums=(0,))
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, data), out_shardings=(state_sh, rep), donate_argnums=(0,),
+                     compiler_options=compile_options.training(mesh.devices.flat[0].platform))
     jitted.num_traces = lambda: traces[0]
     return jitted
 

@@ -1,0 +1,70 @@
+"""compile_options: which XLA:CPU convolution kernels each program kind gets, and that both
+choices compile and compute the same convolution."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cfm_jax import compile_options
+
+AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
+AVX512 = AVX2 | {"avx512f", "avx512bw"}
+
+
+def test_auto_picks_by_program_kind_and_cpu(monkeypatch):
+    monkeypatch.delenv(compile_options.ENV_VAR, raising=False)
+    assert compile_options.convolution_kernels("training", AVX512) == "ynnpack"
+    assert compile_options.convolution_kernels("training", AVX2) == "eigen"
+    assert compile_options.convolution_kernels("inference", AVX512) == "eigen"
+    assert compile_options.convolution_kernels("inference", AVX2) == "eigen"
+
+
+@pytest.mark.parametrize("value", ["eigen", "ynnpack", " Eigen "])
+def test_environment_overrides_both_kinds(monkeypatch, value):
+    monkeypatch.setenv(compile_options.ENV_VAR, value)
+    want = value.strip().lower()
+    for kind in ("training", "inference"):
+        for flags in (AVX2, AVX512):
+            assert compile_options.convolution_kernels(kind, flags) == want
+    assert (compile_options.training("cpu") is None) == (want == "ynnpack")
+    assert (compile_options.inference("cpu") is None) == (want == "ynnpack")
+
+
+def test_bad_environment_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv(compile_options.ENV_VAR, "onednn")
+    with pytest.raises(ValueError, match="CFM_CPU_CONVOLUTIONS='onednn'.*auto"):
+        compile_options.training("cpu")
+    with pytest.raises(ValueError, match="kind="):
+        compile_options.convolution_kernels("decoding", AVX2)
+
+
+def test_no_cpu_options_for_other_platforms(monkeypatch):
+    monkeypatch.setenv(compile_options.ENV_VAR, "eigen")
+    assert compile_options.training("tpu") is None and compile_options.inference("gpu") is None
+    assert compile_options.training("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def test_cpu_flags_reads_cpuinfo(tmp_path):
+    p = tmp_path / "cpuinfo"
+    p.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n\nprocessor\t: 1\nflags\t: fpu\n")
+    assert compile_options.cpu_flags(str(p)) == frozenset({"fpu", "sse", "avx2", "avx512f"})
+    assert compile_options.cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_both_kernels_compute_the_same_convolution_and_gradients(monkeypatch):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 12, 8))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 8, 16)) * 0.1
+
+    def loss(x, w):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(jnp.sin(y)), y
+
+    outs = {}
+    for value in ("ynnpack", "eigen"):
+        monkeypatch.setenv(compile_options.ENV_VAR, value)
+        f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True),
+                    compiler_options=compile_options.training("cpu"))
+        outs[value] = jax.tree.map(np.asarray, f(x, w))
+    for a, b in zip(jax.tree.leaves(outs["ynnpack"]), jax.tree.leaves(outs["eigen"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
