@@ -135,10 +135,17 @@ def _check_norm(norm: str) -> None:
 
 
 def _group_sums(v, groups: int):
-    """[B, ..., C] -> [B, G]: summed over the spatial axes per channel first, then per group
-    (on XLA:CPU about 2x faster than one reduction over a [B, ..., G, C/G] view)."""
+    """[B, ..., C] -> [B, G]: summed over the spatial axes per channel first, then per group.
+    The per-channel sums are a product with a ones vector: XLA:CPU's dot kernels are
+    vectorised, its reductions over the non-minor (spatial) axes of a channels-last array are
+    not (2-4x slower at the paper UNet's shapes; docs/benchmarks.md). float32 products and sums
+    (``HIGHEST``: no reduced-precision passes on accelerators)."""
     b, c = v.shape[0], v.shape[-1]
-    return jnp.sum(v, axis=tuple(range(1, v.ndim - 1))).reshape(b, groups, c // groups).sum(-1)
+    flat = v.reshape(b, -1, c)
+    ones = jnp.ones((1, flat.shape[1]), v.dtype)
+    per_channel = jax.lax.dot_general(ones, flat, (((1,), (1,)), ((), ())),
+                                      precision=jax.lax.Precision.HIGHEST)  # [1, B, C]
+    return per_channel[0].reshape(b, groups, c // groups).sum(-1)
 
 
 def _per_channel(g, like):
