@@ -134,6 +134,9 @@ def _check_norm(norm: str) -> None:
         raise ValueError(f"model.norm={norm!r}; choose one of {NORMS} ('group' is the original's).")
 
 
+GROUP_SUMS_SCOPE = "group_norm_sums"
+
+
 def _group_sums(v, groups: int):
     """[B, ..., C] -> [B, G]: summed over the spatial axes per channel first, then per group.
     The per-channel sums are a product with a ones vector: XLA:CPU's dot kernels are
@@ -143,8 +146,9 @@ def _group_sums(v, groups: int):
     b, c = v.shape[0], v.shape[-1]
     flat = v.reshape(b, -1, c)
     ones = jnp.ones((1, flat.shape[1]), v.dtype)
-    per_channel = jax.lax.dot_general(ones, flat, (((1,), (1,)), ((), ())),
-                                      precision=jax.lax.Precision.HIGHEST)  # [1, B, C]
+    with jax.named_scope(GROUP_SUMS_SCOPE):  # not a model FLOP (flops.py counts convs and matmuls)
+        per_channel = jax.lax.dot_general(ones, flat, (((1,), (1,)), ((), ())),
+                                          precision=jax.lax.Precision.HIGHEST)  # [1, B, C]
     return per_channel[0].reshape(b, groups, c // groups).sum(-1)
 
 
