@@ -1,8 +1,8 @@
 """XLA compiler options per program kind: which convolution kernels XLA:CPU uses.
 
-On XLA:CPU, jaxlib 0.10.2 hands convolutions to YNNPACK fusions by default; the option
-``xla_cpu_experimental_ynn_fusion_type=""`` turns them off for one program, which then runs
-XLA's own Eigen convolutions. Which is faster depends on the program and the CPU
+On XLA:CPU, jaxlib 0.10.2 hands convolutions and reductions to YNNPACK fusions by default;
+the option ``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE`` keeps only the
+reductions there, so that one program runs XLA's own Eigen convolutions ("eigen" below). Which is faster depends on the program and the CPU
 (docs/benchmarks.md, "Convolution kernels on XLA:CPU"):
 
 * sampling and decoding (the UNet's forward pass): Eigen on every CPU we measured (the paper
@@ -27,8 +27,11 @@ import jax
 ENV_VAR = "CFM_CPU_CONVOLUTIONS"
 CHOICES = ("auto", "eigen", "ynnpack")
 
-# An empty fusion-type list turns YNNPACK fusions off for the program (Eigen kernels instead).
-_EIGEN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# The YNNPACK fusion types the program keeps: reductions only. Convolutions (and the other
+# fusion kinds) then run in XLA's own kernels (Eigen). An empty list would turn the reductions
+# over to XLA too, which on XLA:CPU are slow for large arrays: the paper train step's gradient
+# and parameter norms took 1.5 s more (docs/benchmarks.md).
+_EIGEN = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 @functools.lru_cache(maxsize=None)

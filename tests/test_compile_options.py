@@ -41,7 +41,7 @@ def test_bad_environment_value_names_the_variable(monkeypatch):
 def test_no_cpu_options_for_other_platforms(monkeypatch):
     monkeypatch.setenv(compile_options.ENV_VAR, "eigen")
     assert compile_options.training("tpu") is None and compile_options.inference("gpu") is None
-    assert compile_options.training("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert compile_options.training("cpu") == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def test_cpu_flags_reads_cpuinfo(tmp_path):
@@ -68,3 +68,22 @@ def test_both_kernels_compute_the_same_convolution_and_gradients(monkeypatch):
         outs[value] = jax.tree.map(np.asarray, f(x, w))
     for a, b in zip(jax.tree.leaves(outs["ynnpack"]), jax.tree.leaves(outs["eigen"])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_eigen_moves_convolutions_out_of_ynnpack_and_keeps_reductions(monkeypatch):
+    """The compiled program names its YNNPACK fusions: with 'eigen' a convolution has none and
+    a large reduction still has one (XLA's own reductions are slow on CPU)."""
+    x, w, big = jnp.ones((2, 32, 32, 64)), jnp.ones((3, 3, 64, 64)), jnp.ones((1 << 20,))
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def ynn_in(fn, *args, options):
+        return "__ynn_fusion" in jax.jit(fn, compiler_options=options).lower(*args).compile().as_text()
+
+    monkeypatch.setenv(compile_options.ENV_VAR, "eigen")
+    eigen = compile_options.training("cpu")
+    assert not ynn_in(conv, x, w, options=eigen)
+    assert ynn_in(lambda b: jnp.sum(b * b), big, options=eigen)
+    assert ynn_in(conv, x, w, options=None)  # the default: a YNNPACK convolution
