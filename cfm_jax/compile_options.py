@@ -2,15 +2,16 @@
 
 On XLA:CPU, jaxlib 0.10.2 hands convolutions and reductions to YNNPACK fusions by default;
 the option ``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE`` keeps only the
-reductions there, so that one program runs XLA's own Eigen convolutions ("eigen" below). Which is faster depends on the program and the CPU
-(docs/benchmarks.md, "Convolution kernels on XLA:CPU"):
+reductions there, so that one program runs XLA's own Eigen convolutions ("eigen" below).
+Which is faster depends on the program and the CPU (docs/benchmarks.md, "Convolution kernels
+on XLA:CPU, by machine"):
 
 * sampling and decoding (the UNet's forward pass): Eigen on every CPU we measured (the paper
   UNet's Euler sampler 1.8x faster on an AVX-512 machine, 2.6x on an AVX2-only one);
 * training: YNNPACK on the AVX-512 machine (the paper UNet's batch-1 step 1.17 s against
   1.67 s with Eigen), Eigen on the AVX2-only machine (the quick start's step 0.96 s with
-  YNNPACK against 0.54 s; the paper step equal). ``auto`` therefore keeps YNNPACK for training
-  only where the CPU has AVX-512.
+  YNNPACK against 0.48 s; the paper step 3.75 s against 3.14 s). ``auto`` therefore keeps
+  YNNPACK for training only where the CPU has AVX-512.
 
 The environment variable ``CFM_CPU_CONVOLUTIONS`` (``auto``, ``eigen`` or ``ynnpack``)
 overrides the choice for both kinds. The options go to single programs
