@@ -109,7 +109,7 @@ def main(argv):
         "config": flags.FLAGS["config"].config_filename,
         "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
         "platform": platform.machine(), "jax": jax.__version__,
-        "cpu_convolutions": {k: compile_options.convolution_kernels(k) for k in ("training", "inference")},
+        "cpu_convolutions": compile_options.describe(),
         "params": count_params(up.model, (size, size)),
         "compute_dtype": config.model.dtype, "param_dtype": config.model.param_dtype,
         "latent_size": size, "latent_channels": c, "global_batch": batch_size,

@@ -93,7 +93,7 @@ def jax_measurement(spec: dict) -> dict:
     batch = sharding.shard_batch(host, mesh)
     out = {"side": "cfm-jax", "task": spec["task"], "batch": b, "latent_size": s,
            "params": count_params(up.model, (s, s)), "jax": jax.__version__,
-           "xla_flags": os.environ.get("XLA_FLAGS", "")}
+           "xla_flags": os.environ.get("XLA_FLAGS", ""), "cpu_convolutions": compile_options.describe()}
     if spec["task"] == "train":
         tx, schedule = make_optimizer(config.optim)
         step = make_train_step(up, tx, schedule, EMAConfig.from_config(config.ema), mesh)
@@ -151,13 +151,6 @@ def _run(cmd: list[str], env: dict) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def _cpu_convolutions() -> dict:
-    """The XLA:CPU convolution kernels the cfm-jax side compiles with (compile_options)."""
-    from cfm_jax import compile_options
-
-    return {k: compile_options.convolution_kernels(k) for k in ("training", "inference")}
-
-
 def main(argv):
     del argv
     if _WORKER.value:
@@ -198,7 +191,8 @@ def main(argv):
     result = {"benchmark": "cfm-jax_vs_original", "original": os.path.abspath(original),
               "latent_size": _LATENT.value, "threads": _THREADS.value, "euler_grid": _GRID.value,
               "rounds": _ROUNDS.value, "xla_flags": jax_env.get("XLA_FLAGS", ""),
-              "cpu_convolutions": _cpu_convolutions(), "measurements": {}}
+              "cpu_convolutions": next((p[1]["cpu_convolutions"] for v in runs.values() for p in v), None),
+              "measurements": {}}
     for name, pairs in runs.items():
         key = "step_s" if name.startswith("train") else "sample_s"
         entry = {"original_s": med(pairs, 0, key), "cfm_jax_s": med(pairs, 1, key),

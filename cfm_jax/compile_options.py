@@ -10,7 +10,7 @@ on XLA:CPU, by machine"):
   UNet's Euler sampler 1.8x faster on an AVX-512 machine, 2.6x on an AVX2-only one);
 * training: YNNPACK on the AVX-512 machine (the paper UNet's batch-1 step 1.17 s against
   1.67 s with Eigen), Eigen on the AVX2-only machine (the quick start's step 0.96 s with
-  YNNPACK against 0.48 s; the paper step 3.75 s against 3.14 s). ``auto`` therefore keeps
+  YNNPACK against 0.52 s; the paper step 3.75 s against 3.14 s). ``auto`` therefore keeps
   YNNPACK for training only where the CPU has AVX-512.
 
 The environment variable ``CFM_CPU_CONVOLUTIONS`` (``auto``, ``eigen`` or ``ynnpack``)
@@ -68,6 +68,12 @@ def convolution_kernels(kind: str, flags: frozenset[str] | None = None) -> str:
         return "eigen"
     flags = cpu_flags() if flags is None else flags
     return "ynnpack" if "avx512f" in flags else "eigen"
+
+
+def describe() -> dict[str, str]:
+    """``{'training': ..., 'inference': ...}``: the kernels each program kind gets on this CPU
+    (for benchmark reports)."""
+    return {kind: convolution_kernels(kind) for kind in ("training", "inference")}
 
 
 def _options(kind: str, platform: str | None) -> dict | None:
