@@ -1,9 +1,10 @@
-"""Every command line in the README's code blocks parses with the real parser of its program:
+"""Every command line in the code blocks of the README and of ``docs/*.md`` parses with the real parser of its program:
 train.py, eval.py, ``python -m cfm_jax.{upsample,data.prepare,convert,plan}`` and launch_tpu.sh
 (with the train.py flags after its ``--``). Only the command lines are parsed (flags, values,
 ``--config.section.key`` overrides against the config file); nothing runs. A renamed or
-misspelt flag, in the README or in a program, fails here."""
+misspelt flag, in the documentation or in a program, fails here."""
 import contextlib
+import glob
 import importlib
 import importlib.util
 import io
@@ -16,6 +17,12 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
+DOCS = [README] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 PYTHONS = {".venv/bin/python", "python", "python3"}
 
 
@@ -243,10 +250,14 @@ def in_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # config files are named relative to the repository, as in the README
 
 
-def test_every_readme_command_line_parses(in_root):
-    with open(README) as f:
-        problems, counts = readme_problems(f.read())
-    assert not problems, "README command lines their programs reject:\n" + "\n".join(problems)
+def test_every_documented_command_line_parses(in_root):
+    problems, counts = [], {}
+    for path in DOCS:
+        p, c = readme_problems(_read(path))
+        problems += [f"{os.path.relpath(path, ROOT)}: {x}" for x in p]
+        counts = {k: counts.get(k, 0) + c.get(k, 0) for k in {*counts, *c}}
+    assert len(DOCS) >= 8, DOCS  # the README and the docs pages were found
+    assert not problems, "documented command lines their programs reject:\n" + "\n".join(problems)
     for program in ("train.py", "eval.py", "cfm_jax.upsample", "cfm_jax.data.prepare", "cfm_jax.convert",
                     "cfm_jax.plan", "launch_tpu.sh"):
         assert counts.get(program, 0) >= 1, (program, counts)  # the extraction found them
@@ -259,19 +270,19 @@ def test_every_readme_command_line_parses(in_root):
     ("--config.optim.lr=3e-4", "--config.optim.lrate=3e-4"),  # train.py: an override of no key
     ("--lowres_size 512 --first_stage_path checkpoints/sd_ae_flax \\",
      "--lowres 512 --first_stage_path checkpoints/sd_ae_flax \\"),  # prepare (an abbreviation)
-    ("--crops_per_image 1", "--crops_per_image 0"),  # prepare: a value check
+    ("--crops_per_image 1 --batch_size 8", "--crops_per_image 0 --batch_size 8"),  # prepare: a value check
     ("convert fmboost --src", "convert fmbost --src"),  # convert: the command
-    ("--topology v5e:4x4", "--topologies v5e:4x4"),  # plan
-    ("--config.data.image_size=2048", "--config.data.imagesize=2048"),  # plan: an override of no key
+    ("--topology v4-32 --search 4", "--topologies v4-32 --search 4"),  # plan
+    ("--config.data.image_size=2048 --config.data.lowres_size=1024   # the",
+     "--config.data.imagesize=2048 --config.data.lowres_size=1024   # the"),  # plan: an override of no key
     ("--bucket my-bucket/cfm --dry-run", "--bucket my-bucket/cfm --dryrun"),  # launch_tpu.sh
     ("--config.data.path=/data/cfm_latents_1024", "--config.data.pth=/data/cfm_latents_1024"),  # launch -> train
     ("--config.optim.lrr=1   # error", "--config.optim.lr=1   # error"),  # a documented failure that passes
 ])
 def test_the_check_fails_on_a_renamed_flag(old, new, in_root):
-    with open(README) as f:
-        text = f.read()
-    assert text.count(old) == 1, old
-    problems, _ = readme_problems(text.replace(old, new))
+    holders = [p for p in DOCS if old in _read(p)]
+    assert len(holders) == 1 and _read(holders[0]).count(old) == 1, (old, holders)  # one line, one page
+    problems, _ = readme_problems(_read(holders[0]).replace(old, new))
     changed = next(t for t in new.split() if t not in old.split())
     assert len(problems) == 1 and changed in problems[0], problems  # that line, and only that one
 
