@@ -35,11 +35,11 @@ if {evaluate}:  # offline evaluation over every device of every process, SDE noi
     from cfm_jax import checkpointing, evaluation, sharding
     from cfm_jax.data.train_data import make_data
     from cfm_jax.solvers import SolverSpec
-    from cfm_jax.upsampler import CFMUpsampler
+    from cfm_jax.model import CFMUpsampler
     ups, mesh = CFMUpsampler(c), sharding.make_data_mesh()
     _, val_set = make_data(c, ups.first_stage, n_devices=mesh.devices.size, train=False)
     ev = evaluation.Evaluator(ups, val_set, mesh, seed=3)
-    (r,), _ = ev.run(checkpointing.read_params({workdir!r}), [SolverSpec(method="sde_euler", num_steps=3)],
+    (r,), _ = ev.run(checkpointing.read_params({workdir!r}, step=3), [SolverSpec(method="sde_euler", num_steps=3)],
                      baselines=False)
     scores = [r.psnr, r.ssim, r.mse, r.nfe, ev.num_images]
 print("SUMMARY", json.dumps({{"final": s["final_step"], "start": s["start_step"], "pid": jax.process_index(),
@@ -83,24 +83,25 @@ def test_two_processes_match_one_process_and_checkpoints_move_between_them(tmp_p
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
     outs = _run(two, nproc=2, evaluate=True)
     assert sorted(o["pid"] for o in outs) == [0, 1] and all(o["final"] == 3 for o in outs)
-    ones = _run(one, nproc=1, evaluate=True)
+    # the reference: 1 process on 4 devices, 4 steps (checkpoints at 3 and 4); compared at step 3,
+    # and its step 4 with the 2-process checkpoint's step 4 taken in another layout (below)
+    ones = _run(one, nproc=1, steps=4, evaluate=True)
     # offline evaluation: both processes see the gathered scores of all 4 images, equal to 1 process's
     assert outs[0]["eval"][3:] == outs[1]["eval"][3:] == ones[0]["eval"][3:] == [3, 4]  # 2 SDE steps + the Mean last step
     np.testing.assert_allclose(outs[0]["eval"], outs[1]["eval"], rtol=1e-6)
     np.testing.assert_allclose(outs[0]["eval"], ones[0]["eval"], rtol=1e-5)
     # metrics.csv is written by process 0 only, once per step
-    np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
-    assert len(_losses(two)) == 3
-    p2, p1 = (checkpointing.read_params(d, use_ema=False) for d in (two, one))
+    assert len(_losses(two)) == 3 and len(_losses(one)) == 4
+    np.testing.assert_allclose(_losses(two), _losses(one)[:3], rtol=1e-5)
+    p2, p1 = (checkpointing.read_params(d, use_ema=False, step=3) for d in (two, one))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p2, p1)
 
     # the 2-process checkpoint resumes in a single process on another device count (4 -> 2
-    # devices: the FSDP shards are resharded by orbax) and takes the step a 1-process run on 4
-    # devices takes from its own checkpoint
+    # devices: the FSDP shards are resharded by orbax) and takes the step the 1-process run on 4
+    # devices took after its own step 3
     resumed = _run(two, nproc=1, steps=4, ndev=2)
     assert resumed[0]["start"] == 3 and resumed[0]["final"] == 4
-    _run(one, nproc=1, steps=4)
-    np.testing.assert_allclose(_losses(two)[-1], _losses(one)[-1], rtol=1e-5)
+    np.testing.assert_allclose(_losses(two)[-1], _losses(one)[3], rtol=1e-5)
 
 
 BARRIER = r"""
