@@ -44,11 +44,8 @@ def define_flags(fl: flags.FlagValues) -> None:
     string("workdir", "Run directory written by train.py (or `convert fmboost`). Required.")
     integer("step", "Checkpoint step (default: newest).")
     flags.DEFINE_bool("online", False, "Evaluate the online weights instead of the EMA.", flag_values=fl)
-    flags.DEFINE_bool("no_ema", False, "Same as --online (kept for older commands).", flag_values=fl)
     string("solvers", "Comma-separated solvers, e.g. euler:10,euler:40,rk4:10,dopri5:1e-3,sde_euler:40 (default: "
            "the run's sample.method:sample.num_steps).")
-    string("method", "Single solver method (shorthand; --solvers wins).")
-    integer("num_steps", "Grid points for --method (>= 2).")
     string("diffusion_form", "SDE solvers: diffusion form (default: the run's sample.diffusion_form, else sigma).")
     real("diffusion_norm", "SDE solvers: diffusion scale (default: the run's, else 1).")
     string("last_step", "SDE solvers: Mean | Euler | none (default: the run's, else Mean).")
@@ -81,7 +78,6 @@ def _check_counts(f: flags.FlagValues) -> None:
                                ("batch_size", 1, "the global batch size"),
                                ("num_crops", 1, "patch-FID crops per image"),
                                ("crop_size", 0, "the patch-FID crop side, 0 for image_size / 2"),
-                               ("num_steps", 2, "grid points of --method, 2 for one step"),
                                ("step", 0, "a checkpoint step"),
                                ("rim", -1, "the interior's margin in pixels, -1 for two latent cells")):
         value = f[name].value
@@ -117,7 +113,7 @@ def main(argv=None) -> int:
     from cfm_jax.data import eval_data
     from cfm_jax.solvers import SolverSpec
     from cfm_jax.upsample import check_params_fit_config
-    from cfm_jax.upsampler import CFMUpsampler
+    from cfm_jax.model import CFMUpsampler
 
     try:
         distributed.initialize(fl.distributed)
@@ -153,30 +149,28 @@ def main(argv=None) -> int:
             solvers = SolverSpec.parse_list(fl.solvers, **{k: getattr(run, k) for k in (
                 "atol", "max_steps", "diffusion_form", "diffusion_norm", "last_step", "last_step_size")})
         else:
-            overrides = {k: v for k, v in (("method", fl.method), ("num_steps", fl.num_steps)) if v}
-            solvers = [SolverSpec.from_config(sample, **sde_kwargs, **overrides)]
+            solvers = [SolverSpec.from_config(sample, **sde_kwargs)]
     except ValueError as e:
         cli.fail(str(e))
     if len({s.label for s in solvers}) != len(solvers):
         cli.fail(f"--solvers repeats a solver: {[s.label for s in solvers]}.")
-    run_eval = config.get("eval") or {}  # absent from the config.json of older runs
-    inception = fl.inception if fl.inception is not None else run_eval.get("inception", "")
-    num_crops = fl.num_crops if fl.num_crops is not None else run_eval.get("num_crops", 4)
-    crop_size = fl.crop_size if fl.crop_size is not None else run_eval.get("crop_size", 0)
-    rim = fl.rim if fl.rim is not None else run_eval.get("rim", -1)
-    seed = fl.seed if fl.seed is not None else int(config.get("seed", 0))
+    inception = fl.inception if fl.inception is not None else config.eval.inception
+    num_crops = fl.num_crops if fl.num_crops is not None else config.eval.num_crops
+    crop_size = fl.crop_size if fl.crop_size is not None else config.eval.crop_size
+    rim = fl.rim if fl.rim is not None else config.eval.rim
+    seed = fl.seed if fl.seed is not None else int(config.seed)
     if inception and not os.path.exists(inception):
         cli.fail(f"--inception {inception!r} does not exist (pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
                  "or a folder written by `python -m cfm_jax.convert inception`).")
     if fl.images and not os.path.isdir(fl.images):
         cli.fail(f"--images {fl.images!r} is not a folder.")
 
-    use_ema = not (fl.online or fl.no_ema)
+    use_ema = not fl.online
     try:
-        params = checkpointing.read_params(workdir, use_ema=use_ema, step=fl.step)
+        _, step = checkpointing.locate(workdir, fl.step)  # the newest complete checkpoint unless --step
+        params = checkpointing.read_params(workdir, use_ema=use_ema, step=step)
     except (FileNotFoundError, ValueError) as e:
         cli.fail(f"{e} Train first: python train.py --workdir {workdir}")
-    step = fl.step if fl.step is not None else _newest_step(workdir)
     mesh = sharding.make_data_mesh()
     try:
         upsampler = CFMUpsampler(config)
@@ -186,7 +180,7 @@ def main(argv=None) -> int:
             eval_set = eval_data.image_folder_set(
                 fl.images, image_size=d.image_size, lowres_size=d.lowres_size, num_images=d.num_val_images,
                 batch_size=d.batch_size, n_devices=mesh.devices.size,
-                lowres_filter=d.get("lowres_filter", "box"))  # absent from older runs' config.json
+                lowres_filter=d.lowres_filter)
         else:
             from cfm_jax.data.train_data import make_data
             _, eval_set = make_data(config, upsampler.first_stage, n_devices=mesh.devices.size, train=False)
@@ -236,12 +230,6 @@ def main(argv=None) -> int:
                  if best.psnr_interior is not None else "") + ".")
         print(f"Results in {os.path.abspath(out)}: {' '.join(files)}")
     return 0
-
-
-def _newest_step(workdir: str):
-    ckpt = os.path.join(workdir, "checkpoints")
-    steps = [int(s) for s in os.listdir(ckpt) if s.isdigit()] if os.path.isdir(ckpt) else []
-    return max(steps) if steps else None
 
 
 if __name__ == "__main__":

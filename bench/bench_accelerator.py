@@ -353,7 +353,7 @@ def train_section(config, size, candidates, limit, report, budget, steps, peak, 
     from cfm_jax.models.unet import count_params
     from cfm_jax.optim import make_optimizer
     from cfm_jax.trainer import abstract_train_state, create_train_state, make_train_step
-    from cfm_jax.upsampler import CFMUpsampler
+    from cfm_jax.model import CFMUpsampler
 
     # Latent records carry latent_lowres on the high-res grid: the loss never calls the first
     # stage, so a shape-only stand-in serves (as in bench_train.py).
@@ -476,7 +476,7 @@ def breakdown_section(config, size, pieces, peak, report, repeats):
 
     from cfm_jax import flops as flops_lib
     from cfm_jax.ema import ema_update
-    from cfm_jax.upsampler import CFMUpsampler
+    from cfm_jax.model import CFMUpsampler
 
     up, state, batch = pieces["up"], pieces["state"], pieces["batch"]
     b = pieces["per_device_batch"]

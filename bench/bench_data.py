@@ -109,7 +109,7 @@ def _train_rate(steps: int) -> dict:
     from cfm_jax.ema import EMAConfig
     from cfm_jax.optim import make_optimizer
     from cfm_jax.trainer import create_train_state, make_train_step
-    from cfm_jax.upsampler import CFMUpsampler
+    from cfm_jax.model import CFMUpsampler
     from configs.quickstart import get_config
 
     config = get_config()

@@ -46,11 +46,11 @@ def _crops(size: int) -> np.ndarray:
 def ssim_and_mse(size: int) -> dict:
     import dm_pix
     from cfm_jax import metrics
-    from cfm_jax.data import photos
+    from cfm_jax.data import image_ops
     hr = _crops(size)
     out = {"num_images": int(hr.shape[0]), "crop": size}
     for factor in (2, 4):
-        pred = photos.upsample_bicubic(photos.downsample(hr, factor), size, convention="torch")
+        pred = image_ops.upsample_bicubic(image_ops.downsample(hr, factor), size, convention="torch")
         overshoot = float(np.mean((pred < -1) | (pred > 1)))
         ours = np.asarray(metrics.ssim(jnp.asarray(pred), jnp.asarray(hr)))
         raw = np.asarray(dm_pix.ssim(jnp.asarray(hr / 2 + 0.5), jnp.asarray(pred / 2 + 0.5)))

@@ -74,7 +74,7 @@ def _make_run(workdir: str, config) -> None:
     from cfm_jax import checkpointing, sharding
     from cfm_jax.optim import make_optimizer
     from cfm_jax.trainer import create_train_state
-    from cfm_jax.upsampler import CFMUpsampler
+    from cfm_jax.model import CFMUpsampler
 
     up = CFMUpsampler(config)
     tx, _ = make_optimizer(config.optim)

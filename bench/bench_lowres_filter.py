@@ -7,7 +7,7 @@ On the photos bundled with scikit-image (all 15 of :mod:`cfm_jax.data.photos`, t
 validation): 240 x 240 tiles of native pixels, up to ``--tiles`` x ``--tiles`` of them from the
 centre of each photo (fewer where the photo is smaller; 48 tiles with the default 2; 240 is
 divisible by every default factor). For each factor the low-res image is made with each filter
-of :func:`cfm_jax.data.photos.make_lowres`:
+of :func:`cfm_jax.data.image_ops.make_lowres`:
 
 * ``box``: the exact area average (each low-res pixel averages the high-res pixels it covers,
   weighted by their overlap; the ``f x f`` block mean at integer factors), the default;
@@ -32,7 +32,7 @@ the tiles:
 * ``aliasing_psnr``: PSNR of the low-res image against the ``lanczos`` one (higher = closer to a
   band-limited down-sampling: less aliasing and less blur);
 * ``{bicubic,bilinear}_{psnr,ssim}``: the low-res image up-sampled back to the high-res size
-  with a plain up-sampler (bicubic: the evaluation's baseline ``photos.upsample_bicubic``;
+  with a plain up-sampler (bicubic: the evaluation's baseline ``image_ops.upsample_bicubic``;
   bilinear: PSU's ``F.interpolate`` bilinear) against the high-res crop: how much of the
   high-res image the low-res one keeps.
 
@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
     p.add_argument("--tiles", type=int, default=2, help="at most tiles x tiles 240-px tiles per photo")
     args = p.parse_args(argv)
 
-    from cfm_jax.data import photos
+    from cfm_jax.data import image_ops, photos
 
     start = time.time()
     factors = [float(f) for f in args.factors.split(",")]
@@ -120,9 +120,9 @@ def main(argv=None) -> dict:
         key = f"x{factor:g}"
         per_tile[key] = {}
         for f in filters:
-            low = reference if f == "lanczos" else photos.make_lowres(hr, low_side, f)
-            up_bicubic = photos.upsample_bicubic(low, TILE)
-            up_bilinear = photos.upsample_bilinear(low, TILE)
+            low = reference if f == "lanczos" else image_ops.make_lowres(hr, low_side, f)
+            up_bicubic = image_ops.upsample_bicubic(low, TILE)
+            up_bilinear = image_ops.upsample_bilinear(low, TILE)
             values = {"bicubic_psnr": psnr(up_bicubic, hr), "bicubic_ssim": ssim(up_bicubic, hr),
                       "bilinear_psnr": psnr(up_bilinear, hr), "bilinear_ssim": ssim(up_bilinear, hr)}
             if f != "lanczos":

@@ -35,10 +35,10 @@ def border_profile(ups, params, eval_set, solver, depth: int = 8) -> dict:
     [0, 1] units) at d = 0: how much of the error sits in a frame, and whether it is light or
     dark."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from cfm_jax.data import photos
+    from cfm_jax import sampling
+    from cfm_jax.data import image_ops
 
     predict = jax.jit(lambda p, b, k: ups.predict(p, b, k, solver=solver)[0])
     latents = ups.make_latents_fn()
@@ -46,10 +46,9 @@ def border_profile(ups, params, eval_set, solver, depth: int = 8) -> dict:
     signed = []
     for i, batch in enumerate(eval_set):
         target = np.asarray(batch["image"], np.float32)
-        keys = jax.vmap(lambda j: jax.random.fold_in(jax.random.PRNGKey(0), j))(
-            jnp.arange(i * len(target), (i + 1) * len(target)))
+        keys = sampling.example_keys(jax.random.PRNGKey(0), np.arange(i * len(target), (i + 1) * len(target)))
         pred = np.asarray(predict(params, latents(batch), keys))
-        bic = np.clip(np.asarray(photos.upsample_bicubic(batch["image_lowres"], target.shape[1])), -1, 1)
+        bic = np.clip(np.asarray(image_ops.upsample_bicubic(batch["image_lowres"], target.shape[1])), -1, 1)
         sq["cfm"].append(((pred - target) / 2) ** 2)
         sq["bicubic"].append(((bic - target) / 2) ** 2)
         signed.append((pred - target) / 2)
@@ -71,7 +70,7 @@ def linear_reference(records_path: str, *, taps: int = 6, num_train: int = 1500,
     interior), beside bicubic. Also the oracle fitted on the validation crops themselves."""
     import numpy as np
 
-    from cfm_jax.data import photos, records
+    from cfm_jax.data import image_ops, records
 
     def load(split, n):
         src = records.data_source(records_path, split)
@@ -80,7 +79,7 @@ def linear_reference(records_path: str, *, taps: int = 6, num_train: int = 1500,
         return images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else (images + 1) / 2  # [0, 1]
 
     def neighbourhoods(hi):
-        lo = photos.downsample(hi, 2)
+        lo = image_ops.downsample(hi, 2)
         p = taps // 2
         lp = np.pad(lo, ((0, 0), (p, p), (p, p), (0, 0)), mode="edge")
         h, w = lo.shape[1:3]
@@ -103,7 +102,7 @@ def linear_reference(records_path: str, *, taps: int = 6, num_train: int = 1500,
                 "psnr_mean_mse_interior": round(float(-10 * np.log10(np.mean((pred[inner] - hi[inner]) ** 2))), 3)}
 
     train, val = load("train", num_train), load("validation", 10 ** 9)
-    bicubic = np.clip(np.asarray(photos.upsample_bicubic(photos.downsample(val, 2) * 2 - 1, val.shape[1])) / 2 + 0.5,
+    bicubic = np.clip(np.asarray(image_ops.upsample_bicubic(image_ops.downsample(val, 2) * 2 - 1, val.shape[1])) / 2 + 0.5,
                       0, 1)
     return {"taps": taps, "train_crops": len(train), "val_crops": len(val), "bicubic": score(bicubic, val),
             "linear_fitted_on_train": score(apply(fit(train), val), val),
@@ -160,7 +159,7 @@ def main(argv) -> dict:
     from cfm_jax.data.train_data import make_data
     from cfm_jax.solvers import SolverSpec
     from cfm_jax.trainer import train
-    from cfm_jax.upsampler import CFMUpsampler
+    from cfm_jax.model import CFMUpsampler
 
     overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
     t0 = time.time()

@@ -88,7 +88,7 @@ def _worker(n: int, mode: str) -> dict:
     from cfm_jax.models.unet import count_params
     from cfm_jax.optim import make_optimizer
     from cfm_jax.trainer import abstract_train_state, create_train_state, make_train_step
-    from cfm_jax.upsampler import CFMUpsampler
+    from cfm_jax.model import CFMUpsampler
 
     if jax.device_count() != n:
         raise RuntimeError(f"Expected {n} devices, JAX sees {jax.device_count()} (XLA_FLAGS not honoured?).")

@@ -48,8 +48,9 @@ def main(argv):
     from cfm_jax.first_stage import IdentityFirstStage, build_first_stage
     from cfm_jax.models.unet import count_params
     from cfm_jax.optim import make_optimizer
+    from cfm_jax.solvers import SolverSpec
     from cfm_jax.trainer import abstract_train_state, create_train_state, make_train_step
-    from cfm_jax.upsampler import CFMUpsampler
+    from cfm_jax.model import CFMUpsampler
 
     config = _CONFIG.value
     try:
@@ -90,16 +91,17 @@ def main(argv):
     step_s = _median_time(one_step, _STEPS.value)
 
     grid = _NFE_STEPS.value
-    sample = jax.jit(lambda p, lowres, r: up.sample_latents(p, lowres, r, size=size, method="euler",
-                                                            num_steps=grid).x,
+    solver = SolverSpec(method="euler", num_steps=grid)
+    sample = jax.jit(lambda p, lowres, keys: up.sample(p, lowres, keys, size=size, solver=solver).x,
                      compiler_options=compile_options.inference())  # as eval.py and upsample compile it
     lowres = batch["latent_lowres"] * first_stage.scale_factor
+    keys = jax.random.split(jax.random.PRNGKey(1), lowres.shape[0])
     t0 = time.perf_counter()
-    sample_compiled = sample.lower(state.ema_params, lowres, jax.random.PRNGKey(1)).compile()
+    sample_compiled = sample.lower(state.ema_params, lowres, keys).compile()
     sample_compile_s = time.perf_counter() - t0
 
     def one_sample():
-        jax.block_until_ready(sample_compiled(state.ema_params, lowres, jax.random.PRNGKey(1)))
+        jax.block_until_ready(sample_compiled(state.ema_params, lowres, keys))
 
     one_sample()
     sample_s = _median_time(one_sample, max(2, _STEPS.value // 2))

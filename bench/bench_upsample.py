@@ -48,7 +48,7 @@ def build(small: bool, vae_dtype: str):
 
     from cfm_jax.first_stage import SD_SCALE_FACTOR, AutoencoderFirstStage
     from cfm_jax.models.autoencoder import AutoencoderKL, abstract_params
-    from cfm_jax.upsampler import CFMUpsampler
+    from cfm_jax.model import CFMUpsampler
 
     from configs import load_config
 
@@ -81,15 +81,11 @@ def measure(ups, params, config, batch: int, *, solver, repeats: int, lowres_sid
     out_latent = config.data.image_size // fs.downsample_factor
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
 
-    def psu(fs, lowres, keys):
-        source_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
-        return jax.vmap(lambda l, k: tuple(
-            a[0] for a in ups.coupling.source_and_context(l[None], size=out_latent, first_stage=fs, rng=k)))(
-            lowres, source_keys)
+    def psu(fs, lowres, keys):  # CFMUpsampler.sample is source, then integrate
+        return ups.source(lowres, keys, size=out_latent, first_stage=fs)
 
     def flow(params, x0, context, keys):
-        r = solver.solve(ups._ode_velocity, x0, {"params": params, "context": context}, keys,
-                         schedule=config.flow.schedule)
+        r = ups.integrate(params, x0, context, keys, solver=solver)
         return r.x, r.nfe
 
     def decode(fs, x):

@@ -72,7 +72,7 @@ def jax_measurement(spec: dict) -> dict:
     from cfm_jax.optim import make_optimizer
     from cfm_jax.solvers import SolverSpec
     from cfm_jax.trainer import abstract_train_state, create_train_state, make_train_step
-    from cfm_jax.upsampler import CFMUpsampler
+    from cfm_jax.model import CFMUpsampler
     import xla_profile
     from configs import load_config
 

@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfm_jax.data import photos
+from cfm_jax.data import image_ops
 
-# The modes that are a plain F.interpolate of the latent (photos.resize reproduces them).
+# The modes that are a plain F.interpolate of the latent (image_ops.resize reproduces them).
 INTERPOLATION_MODES = ("bilinear", "bicubic", "area", "nearest", "nearest-exact")
 UPSAMPLING_MODES = ("psu", *INTERPOLATION_MODES, "noise_upsampling", "identity")
 NUM_DIFFUSION_STEPS = 1000
@@ -76,7 +76,7 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     """Nearest resize of NHWC ``x`` with PyTorch's ``mode='nearest'`` index rule
     ``src = floor(dst * in / out)`` (differs from half-pixel rules for non-integer ratios)."""
-    return photos.resize(x, tuple(size), "nearest")
+    return image_ops.resize(x, tuple(size), "nearest")
 
 
 def resize(x: jax.Array, size: tuple[int, int], mode: str) -> jax.Array:
@@ -87,7 +87,7 @@ def resize(x: jax.Array, size: tuple[int, int], mode: str) -> jax.Array:
         return resize_bilinear(x, size)
     if mode not in INTERPOLATION_MODES:
         raise ValueError(f"Unknown interpolation mode {mode!r}; choose one of {INTERPOLATION_MODES}.")
-    return photos.resize(x, tuple(size), mode)
+    return image_ops.resize(x, tuple(size), mode)
 
 
 def noise_upsample(x: jax.Array, size: int, rng: jax.Array) -> jax.Array:
@@ -193,11 +193,6 @@ class Coupling:
         return x0, context
 
 
-def alpha_bar_at(step: int) -> float:
-    """alpha_bar of the shifted-cosine schedule at an integer step (0.653904 at 400)."""
-    return float(shifted_cosine_alpha_bar()[step])
-
-
-__all__ = ["Coupling", "INTERPOLATION_MODES", "UPSAMPLING_MODES", "alpha_bar_at", "forward_diffuse",
+__all__ = ["Coupling", "INTERPOLATION_MODES", "UPSAMPLING_MODES", "forward_diffuse",
            "noise_upsample", "resize", "resize_bilinear", "resize_nearest", "shifted_cosine_alpha_bar",
            "upsample_latent"]

@@ -56,14 +56,13 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cfm_jax import compile_options
 from cfm_jax import fid as fid_lib
 from cfm_jax import metrics as image_metrics
-from cfm_jax import sharding
-from cfm_jax.data import photos
+from cfm_jax import sampling, sharding
+from cfm_jax.data import image_ops
 from cfm_jax.data.eval_data import EvalSet
 
 log = logging.getLogger(__name__)
@@ -249,7 +248,7 @@ class Evaluator:
         return sharding.shard_batch({k: self._local(np.asarray(v)) for k, v in arrays.items()}, self.mesh)
 
     def _keys(self, start: int, n: int) -> np.ndarray:
-        return np.asarray(jax.vmap(lambda i: jax.random.fold_in(self.rng, i))(jnp.arange(start, start + n)))
+        return np.asarray(sampling.example_keys(self.rng, np.arange(start, start + n)))
 
     def _params(self, params):
         """Weights already placed on this mesh (the trainer's state) as they are, others replicated."""
@@ -283,8 +282,7 @@ class Evaluator:
 
     def _anchors(self, start: int, n: int) -> jax.Array:
         """Crop positions [n, num_crops, 2] of examples ``start .. start + n - 1``."""
-        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(self.rng, i), _CROP_STREAM))(
-            jnp.arange(start, start + n))
+        keys = sampling.example_keys(self.rng, np.arange(start, start + n), stream=_CROP_STREAM)
         return jax.vmap(lambda k: fid_lib.crop_anchors(k, 1, self.fid.num_crops, self.image_size,
                                                        self.crop_size)[0])(keys)
 
@@ -313,18 +311,18 @@ class Evaluator:
         if shape_key not in self._compiled:
             def predict(params, fs, batch, keys):
                 images, r = ups.predict(params, batch, keys, solver=solver, first_stage=fs)
-                return images, r.nfe, r.success
+                return images, r._replace(x=None, intermediates=None, intermediate_ts=None)
             self._compiled[shape_key] = jax.jit(predict, compiler_options=compile_options.inference()).lower(*args).compile()
             timing["compile"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-        pred, nfe, ok = self._compiled[shape_key](*args)
+        pred, result = self._compiled[shape_key](*args)
         pred.block_until_ready()
         timing["run"] += time.perf_counter() - t0
-        if not bool(np.all(np.asarray(self._gather(ok)))):
-            raise RuntimeError(f"The sampler {solver.label} failed (non-finite values, or an adaptive solver hit "
-                               "max_steps): raise sample.max_steps (--config.sample.max_steps when training, the "
-                               "run's config.json for eval.py) or loosen the tolerance (e.g. dopri5:1e-2).")
-        timing["nfe"] = max(timing["nfe"], int(np.max(np.asarray(self._gather(nfe)))))
+        result = self._gather(result)
+        sampling.raise_if_failed(result, what=f"The sampler {solver.label}", remedy=(
+            "For an adaptive solver raise sample.max_steps (--config.sample.max_steps when training, the run's "
+            "config.json for eval.py) or loosen the tolerance (e.g. dopri5:1e-2)."))
+        timing["nfe"] = max(timing["nfe"], int(np.max(np.asarray(result.nfe))))
         return np.asarray(self._gather(pred))
 
     # ---------------------------------------------------------------- FID reference
@@ -380,8 +378,8 @@ class Evaluator:
             have = sum(len(g) for g in grid_high)
             low_up = bicubic = None
             if fresh_baselines or have < self.num_grid:
-                low_up = np.asarray(photos.upsample_bilinear(batch["image_lowres"], self.image_size), np.float32)
-                bicubic = np.asarray(photos.upsample_bicubic(batch["image_lowres"], self.image_size), np.float32)
+                low_up = np.asarray(image_ops.upsample_bilinear(batch["image_lowres"], self.image_size), np.float32)
+                bicubic = np.asarray(image_ops.upsample_bicubic(batch["image_lowres"], self.image_size), np.float32)
             if have < self.num_grid:
                 grid_high.append(to_uint8(target[:self.num_grid - have]))
                 grid_low.append(to_uint8(low_up[:self.num_grid - have]))
@@ -545,65 +543,37 @@ def _family(r: MethodResult) -> str:
     return s["method"]
 
 
-def nfe_plot_svg(results: Sequence[MethodResult], metric: str, *, title: str, lower_is_better: bool = False) -> str:
-    """A self-contained SVG line chart of ``metric`` against NFE, one line per solver family,
-    baselines as dashed horizontal lines (no plotting library needed)."""
+def nfe_figure(results: Sequence[MethodResult], metric: str, *, title: str, lower_is_better: bool = False):
+    """A matplotlib figure of ``metric`` against NFE (log scale): one line per solver family, the
+    baselines as dashed horizontal lines; ``None`` when no CFM row has the metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
     cfm = [r for r in results if r.method == "cfm" and getattr(r, metric) is not None]
     base = [r for r in results if r.method != "cfm" and getattr(r, metric) is not None]
     if not cfm:
-        return ""
-    w, h, ml, mr, mt, mb = 640, 400, 70, 170, 40, 50
-    xs = [max(r.nfe, 1) for r in cfm]
-    ys = [getattr(r, metric) for r in cfm + base]
-    x_lo, x_hi = math.log10(min(xs)), math.log10(max(xs))
-    if x_hi - x_lo < 1e-9:
-        x_lo, x_hi = x_lo - 0.5, x_hi + 0.5
-    y_lo, y_hi = min(ys), max(ys)
-    pad = (y_hi - y_lo) * 0.08 or abs(y_hi) * 0.05 or 1.0
-    y_lo, y_hi = y_lo - pad, y_hi + pad
-
-    def px(nfe):
-        return ml + (math.log10(max(nfe, 1)) - x_lo) / (x_hi - x_lo) * (w - ml - mr)
-
-    def py(v):
-        return mt + (y_hi - v) / (y_hi - y_lo) * (h - mt - mb)
-
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-           'font-size="12">', f'<rect width="{w}" height="{h}" fill="white"/>',
-           f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
-           f'<line x1="{ml}" y1="{h - mb}" x2="{w - mr}" y2="{h - mb}" stroke="black"/>',
-           f'<line x1="{ml}" y1="{mt}" x2="{ml}" y2="{h - mb}" stroke="black"/>',
-           f'<text x="{(ml + w - mr) / 2}" y="{h - 12}" text-anchor="middle">NFE (log scale)</text>',
-           f'<text x="16" y="{(mt + h - mb) / 2}" text-anchor="middle" transform="rotate(-90 16 '
-           f'{(mt + h - mb) / 2})">{metric}{" (lower is better)" if lower_is_better else ""}</text>']
-    for nfe in sorted(set(xs)):
-        out.append(f'<line x1="{px(nfe):.1f}" y1="{h - mb}" x2="{px(nfe):.1f}" y2="{h - mb + 5}" stroke="black"/>')
-        out.append(f'<text x="{px(nfe):.1f}" y="{h - mb + 18}" text-anchor="middle">{nfe}</text>')
-    for k in range(5):
-        v = y_lo + (y_hi - y_lo) * k / 4
-        out.append(f'<text x="{ml - 6}" y="{py(v) + 4:.1f}" text-anchor="end">{v:.4g}</text>')
-        out.append(f'<line x1="{ml}" y1="{py(v):.1f}" x2="{w - mr}" y2="{py(v):.1f}" stroke="#ddd"/>')
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
     families: dict[str, list[MethodResult]] = {}
     for r in cfm:
         families.setdefault(_family(r), []).append(r)
-    legend_y = mt + 10
-    for i, (fam, rs) in enumerate(families.items()):
-        c = colours[i % len(colours)]
+    for fam, rs in families.items():
         rs = sorted(rs, key=lambda r: r.nfe)
-        pts = " ".join(f"{px(r.nfe):.1f},{py(getattr(r, metric)):.1f}" for r in rs)
-        out.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="2"/>')
-        out += [f'<circle cx="{px(r.nfe):.1f}" cy="{py(getattr(r, metric)):.1f}" r="3.5" fill="{c}"/>' for r in rs]
-        out.append(f'<text x="{w - mr + 10}" y="{legend_y}" fill="{c}">CFM {fam}</text>')
-        legend_y += 18
+        ax.plot([max(r.nfe, 1) for r in rs], [getattr(r, metric) for r in rs], marker="o", label=f"CFM {fam}")
     for j, r in enumerate(base):
-        c = "#555" if j == 0 else "#999"
-        y = py(getattr(r, metric))
-        out.append(f'<line x1="{ml}" y1="{y:.1f}" x2="{w - mr}" y2="{y:.1f}" stroke="{c}" stroke-dasharray="6,4"/>')
-        out.append(f'<text x="{w - mr + 10}" y="{legend_y}" fill="{c}">{r.method} (dashed)</text>')
-        legend_y += 18
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+        ax.axhline(getattr(r, metric), linestyle="--", color="0.35" if j == 0 else "0.6", label=r.method)
+    nfes = sorted({max(r.nfe, 1) for r in cfm})
+    ax.set_xscale("log")
+    ax.set_xticks(nfes, [str(n) for n in nfes])
+    ax.minorticks_off()
+    ax.set_xlabel("NFE (network evaluations)")
+    ax.set_ylabel(metric + (" (lower is better)" if lower_is_better else ""))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return fig
 
 
 def _fmt(v, spec: str) -> str:
@@ -691,11 +661,13 @@ def write_reports(out: str, record: dict, results: Sequence[MethodResult], grids
     plots = []
     if len(cfm) > 1:
         for metric, lower in (("psnr", False), ("ssim", False), ("fid", True), ("patch_fid", True)):
-            svg = nfe_plot_svg(results, metric, title=f"{metric} against NFE", lower_is_better=lower)
-            if svg:
+            fig = nfe_figure(results, metric, title=f"{metric} against NFE", lower_is_better=lower)
+            if fig is not None:
+                import matplotlib.pyplot as plt
+
                 name = f"{metric}_vs_nfe.svg"
-                with open(os.path.join(out, name), "w") as f:
-                    f.write(svg)
+                fig.savefig(os.path.join(out, name))
+                plt.close(fig)
                 plots.append(name)
         files += plots
     d = record

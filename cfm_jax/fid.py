@@ -14,7 +14,7 @@ The pieces, in the order an evaluation uses them:
 * :func:`save_stats` / :func:`load_stats` -- pytorch-fid's `.npz` statistics files
   (keys `mu`, `sigma`), so reference statistics computed by either tool are
   interchangeable.
-* :func:`random_crops` / :func:`paired_random_crops` -- patch-FID as the original
+* :func:`crop_anchors` / :func:`take_crops` -- patch-FID as the original
   fm-boosting computes it (`fmboost/metrics.py`, `ImageMetricTracker`): from every
   image `num_crops` random `crop_size` x `crop_size` crops (the paper: 4 crops of 512²
   from each 1024² image), the *same* crop positions for the real and the generated
@@ -24,9 +24,9 @@ The pieces, in the order an evaluation uses them:
     mu_r, sig_r = statistics(feats(real_images))          # [N, H, W, 3] in [-1, 1]
     mu_g, sig_g = statistics(feats(generated_images))
     fid = frechet_distance(mu_r, sig_r, mu_g, sig_g)
-    real_p, gen_p = paired_random_crops(real_images, generated_images, seed,
-                                        num_crops=4, crop_size=512)
-    patch_fid = fid_from_features(feats(real_p), feats(gen_p))
+    anchors = crop_anchors(seed, len(real_images), 4, real_images.shape[1:3], 512)
+    real_p, gen_p = take_crops(real_images, anchors, 512), take_crops(generated_images, anchors, 512)
+    patch_fid = frechet_distance(*statistics(feats(real_p)), *statistics(feats(gen_p)))
 
 Differences from the original's numbers: fm-boosting computes FID with torchmetrics'
 `FrechetInceptionDistance` on uint8 images, which runs torch-fidelity's port of the
@@ -56,8 +56,8 @@ SQRTM_EPS = 1e-6  # pytorch-fid's `eps` of calculate_frechet_distance
 IMAG_ATOL = 1e-3  # pytorch-fid's tolerance on the imaginary part of the diagonal
 QUANTIZE_MODES = (None, "round", "floor")
 
-__all__ = ["InceptionFeatures", "to_unit_range", "statistics", "frechet_distance", "fid_from_features", "save_stats",
-           "load_stats", "load_features", "low_rank_frechet_distance", "features_fid", "crop_anchors", "take_crops", "random_crops", "paired_random_crops",
+__all__ = ["InceptionFeatures", "to_unit_range", "statistics", "frechet_distance", "save_stats",
+           "load_stats", "load_features", "low_rank_frechet_distance", "features_fid", "crop_anchors", "take_crops",
            "SQRTM_EPS", "FEATURE_DIM"]
 
 
@@ -222,11 +222,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = SQRTM_EPS) -> flo
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
 
-def fid_from_features(features1, features2, **kwargs) -> float:
-    """FID between two feature sets [N1, D], [N2, D] (`statistics` then `frechet_distance`)."""
-    return frechet_distance(*statistics(features1), *statistics(features2), **kwargs)
-
-
 def low_rank_frechet_distance(features1, features2) -> float:
     """FID of two small feature sets (fewer samples than dimensions) without a D x D square root.
 
@@ -234,7 +229,7 @@ def low_rank_frechet_distance(features1, features2) -> float:
     the non-zero eigenvalues of ``sigma1 sigma2 = A (A^T B B^T)`` are those of
     ``(A^T B)(A^T B)^T``, so ``tr sqrtm(sigma1 sigma2)`` is the sum of the singular values of the
     small ``A^T B`` [N1, N2]; ``tr sigma1 = |A|_F^2``. Mathematically the same distance as
-    :func:`fid_from_features`, in float64 (tested to 1e-7 relative against an eigendecomposition,
+    ``frechet_distance`` of the two sets' ``statistics``, in float64 (tested to 1e-7 relative against an eigendecomposition,
     whose square roots of rounding noise in the null directions limit the comparison, and to
     1e-4 against ``sqrtm``), where ``sqrtm`` of a rank-deficient 2048² product is slow (40 s
     on 2 CPU cores) and ill-conditioned.
@@ -254,11 +249,11 @@ def low_rank_frechet_distance(features1, features2) -> float:
 
 def features_fid(features1, features2) -> float:
     """FID of two feature sets: :func:`low_rank_frechet_distance` when a set has fewer samples
-    than dimensions, else pytorch-fid's computation (:func:`fid_from_features`)."""
+    than dimensions, else pytorch-fid's computation (``frechet_distance`` of the two sets' ``statistics``)."""
     f1, f2 = np.asarray(features1), np.asarray(features2)
     if min(len(f1), len(f2)) <= f1.shape[1]:
         return low_rank_frechet_distance(f1, f2)
-    return fid_from_features(f1, f2)
+    return frechet_distance(*statistics(f1), *statistics(f2))
 
 
 def save_stats(path, mu, sigma, *, features=None) -> None:
@@ -331,23 +326,3 @@ def take_crops(images: jax.Array, anchors: jax.Array, crop_size: int) -> jax.Arr
 
     per_image = jax.vmap(jax.vmap(crop, in_axes=(None, 0)))(images, anchors)  # [N, K, c, c, C]
     return per_image.reshape((-1,) + per_image.shape[2:])
-
-
-def random_crops(images: jax.Array, key, *, num_crops: int, crop_size: int) -> jax.Array:
-    """`num_crops` random `crop_size`² crops of every image: [N, H, W, C] -> [N * num_crops, c, c, C].
-
-    Deterministic for a key / int seed; the same key on arrays of the same shape gives
-    the same positions (see `paired_random_crops`).
-    """
-    anchors = crop_anchors(key, images.shape[0], num_crops, images.shape[1:3], crop_size)
-    return take_crops(images, anchors, crop_size)
-
-
-def paired_random_crops(real: jax.Array, generated: jax.Array, key, *, num_crops: int,
-                        crop_size: int) -> Tuple[jax.Array, jax.Array]:
-    """Patch-FID crops as fm-boosting takes them: the same random positions in each real
-    image and its generated counterpart (both [N, H, W, C]) -> two [N * num_crops, c, c, C]."""
-    if real.shape != generated.shape:
-        raise ValueError(f"real and generated images differ in shape: {real.shape} vs {generated.shape}")
-    anchors = crop_anchors(key, real.shape[0], num_crops, real.shape[1:3], crop_size)
-    return take_crops(real, anchors, crop_size), take_crops(generated, anchors, crop_size)

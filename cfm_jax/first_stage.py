@@ -20,7 +20,6 @@ Interface (arrays NHWC, images in [-1, 1]): ``encode(images) -> scaled latents``
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable
 
@@ -152,16 +151,11 @@ class AutoencoderFirstStage:
 # --------------------------------------------------------------------------- loading
 def save_converted(out_dir: str, model: AutoencoderKL, params, *, scale_factor: float, source: str) -> None:
     """Writes a converted autoencoder: ``config.json`` plus an orbax ``params`` folder."""
-    import orbax.checkpoint as ocp
+    from cfm_jax.convert import converted_dir
 
-    os.makedirs(out_dir, exist_ok=True)
     fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model_fields(model).items()}
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump({"kind": CONVERTED_KIND, "model": fields, "scale_factor": scale_factor, "source": source},
-                  f, indent=2)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(os.path.abspath(out_dir), "params"), jax.tree.map(np.asarray, params),
-                   force=True)
+    converted_dir.save(out_dir, CONVERTED_KIND, "params", params, model=fields, scale_factor=scale_factor,
+                       source=source)
 
 
 def model_fields(model: AutoencoderKL) -> dict:
@@ -171,19 +165,16 @@ def model_fields(model: AutoencoderKL) -> dict:
 
 
 def is_converted_dir(path: str) -> bool:
-    cfg = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg):
-        return False
-    with open(cfg) as f:
-        try:
-            return json.load(f).get("kind") == CONVERTED_KIND
-        except (json.JSONDecodeError, AttributeError):
-            return False
+    """Whether ``path`` is a folder written by :func:`save_converted`."""
+    from cfm_jax.convert import converted_dir
+
+    return converted_dir.is_converted_dir(path, CONVERTED_KIND)
 
 
 def load_autoencoder(path: str, *, dtype=jnp.float32) -> tuple[AutoencoderKL, Any, float]:
     """``(model, params, scale_factor)`` from a converted folder, an LDM/SD checkpoint file
     (``sd_ae.ckpt``, ``.safetensors``) or a diffusers VAE folder."""
+    from cfm_jax.convert import converted_dir
     from cfm_jax.convert.vae import load_pretrained
     from cfm_jax.models.autoencoder import abstract_params
 
@@ -193,17 +184,12 @@ def load_autoencoder(path: str, *, dtype=jnp.float32) -> tuple[AutoencoderKL, An
             f"first_stage.path={path!r} does not exist. Point it at the SD autoencoder: the original's "
             "`sd_ae.ckpt`, a full SD checkpoint, a diffusers VAE folder (config.json + "
             "diffusion_pytorch_model.safetensors), or a folder written by `python -m cfm_jax.convert vae`.")
-    if os.path.isdir(path) and is_converted_dir(path):
-        import orbax.checkpoint as ocp
-
-        with open(os.path.join(path, "config.json")) as f:
-            meta = json.load(f)
+    meta = converted_dir.read_meta(path, CONVERTED_KIND) if os.path.isdir(path) else None
+    if meta is not None:
         model = AutoencoderKL(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["model"].items()},
                               dtype=dtype)
         target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(model))
-        with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(os.path.join(os.path.abspath(path), "params"), target)
-        return model, params, float(meta["scale_factor"])
+        return model, converted_dir.restore(path, "params", target), float(meta["scale_factor"])
     model, params, scale = load_pretrained(path, dtype=dtype)
     return model, params, scale
 

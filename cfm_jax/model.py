@@ -40,10 +40,7 @@ def build_unet(cfg) -> EfficientUNet:
         dim_head=cfg.dim_head, num_heads=cfg.num_heads, use_linear_attn=cfg.use_linear_attn,
         use_scale_shift_norm=cfg.use_scale_shift_norm, pool_factor=cfg.pool_factor,
         dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
-        remat=cfg.get("remat", "none"),  # absent from the config.json of older runs
-        param_init=cfg.get("init", "torch"),  # absent from the config.json of older runs
-        padding_mode=cfg.get("padding_mode", "zeros"),  # likewise
-        norm=cfg.get("norm", "group"),  # likewise
+        remat=cfg.remat, param_init=cfg.init, padding_mode=cfg.padding_mode, norm=cfg.norm,
         activation_axes=BATCH_AXES)
 
 
@@ -55,7 +52,7 @@ class CFMUpsampler:
         self.model = build_unet(config.model)
         self.coupling = Coupling.from_config(config.coupling)
         self.first_stage = build_first_stage(config) if first_stage is None else first_stage
-        flow.check_schedule(config.flow.schedule, config.flow.sigma_min, config.flow.get("t_exponent", 1.0))
+        flow.check_schedule(config.flow.schedule, config.flow.sigma_min, config.flow.t_exponent)
         c = self.first_stage.latent_channels
         expected_in = c * (2 if self.coupling.uses_context else 1)
         if config.model.in_channels != expected_in or config.model.out_channels != c:
@@ -104,33 +101,15 @@ class CFMUpsampler:
 
         return flow.velocity_loss(velocity_fn, x0=x0, x1=x1, rng=flow_rng,
                                   schedule=self.config.flow.schedule, sigma_min=self.config.flow.sigma_min,
-                                  t_exponent=self.config.flow.get("t_exponent", 1.0))
+                                  t_exponent=self.config.flow.t_exponent)
 
     # --- sampling ---------------------------------------------------------------
-    def _ode_velocity(self, t, x, args):
-        return self.velocity(args["params"], x, t, args["context"])
-
-    def sample_latents(self, params, lowres: jax.Array, rng: jax.Array, *, size: int,
-                       method: str = "rk4", num_steps: int = 40, atol: float = 1e-6,
-                       rtol: float = 1e-3, max_steps: int = 4096, num_intermediates: int = 0,
-                       first_stage=None) -> sampling.SampleResult:
-        """Integrates the flow from the coupling's source to a high-res latent (scaled)."""
-        first_stage = self.first_stage if first_stage is None else first_stage
-        x0, context = self.coupling.source_and_context(lowres, size=size, first_stage=first_stage, rng=rng)
-        return sampling.solve_flow(self._ode_velocity, x0, {"params": params, "context": context},
-                                   method=method, num_steps=num_steps, atol=atol, rtol=rtol,
-                                   max_steps=max_steps, num_intermediates=num_intermediates)
-
-    def sample(self, params, lowres: jax.Array, keys: jax.Array, *, size: int, solver,
-               first_stage=None) -> sampling.SampleResult:
-        """High-res latents (scaled) from low-res latents (scaled) [B, h, w, C] with one key per
-        example (``keys`` [B]): the coupling's noise and the SDE's noise of example ``i`` come from
-        ``keys[i]`` alone, so a result does not depend on the batch size, the batch's other
-        examples or the number of devices (fixed-step solvers; adaptive ones share their step
-        sizes over the batch). ``solver`` is a :class:`cfm_jax.solvers.SolverSpec`."""
+    def source(self, lowres: jax.Array, keys: jax.Array, *, size: int, first_stage=None):
+        """``(x0, context)`` of the flow for low-res latents (scaled) [B, h, w, C], one key per
+        example: the coupling (PSU, noising) of example ``i`` draws from ``fold_in(keys[i], 0)``
+        alone; with ``sample.border_pad`` both are reflect-padded (:meth:`integrate` crops back)."""
         first_stage = self.first_stage if first_stage is None else first_stage
         source_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
-        noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
 
         def one_source(latent, key):
             x0, context = self.coupling.source_and_context(latent[None], size=size, first_stage=first_stage,
@@ -139,25 +118,44 @@ class CFMUpsampler:
 
         x0, context = jax.vmap(one_source)(lowres, source_keys)
         pad = self.border_pad
-        if pad:  # reflect-pad source and context, integrate, crop back (sample.border_pad)
+        if pad:  # reflect-pad source and context (sample.border_pad)
             self.check_border_pad(x0.shape[1], x0.shape[2])
             widths = ((0, 0), (pad, pad), (pad, pad), (0, 0))
             x0 = jnp.pad(x0, widths, mode="reflect")
             context = None if context is None else jnp.pad(context, widths, mode="reflect")
-        result = solver.solve(self._ode_velocity, x0, {"params": params, "context": context}, noise_keys,
-                              schedule=self.config.flow.schedule)
+        return x0, context
+
+    def integrate(self, params, x0: jax.Array, context, keys: jax.Array, *, solver) -> sampling.SampleResult:
+        """The flow from :meth:`source`'s ``(x0, context)`` to high-res latents with ``solver`` (a
+        :class:`cfm_jax.solvers.SolverSpec`); an SDE solver's noise of example ``i`` comes from
+        ``fold_in(keys[i], 1)``. The ``sample.border_pad`` frame is cropped off."""
+        noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+        result = solver.solve(lambda t, x, a: self.velocity(a["params"], x, t, a["context"]), x0,
+                              {"params": params, "context": context}, noise_keys, schedule=self.config.flow.schedule)
+        pad = self.border_pad
         if pad:
             crop = lambda a: a[..., pad:-pad, pad:-pad, :]  # noqa: E731 -- [.., H, W, C] leaves
             result = result._replace(x=crop(result.x), intermediates=None if result.intermediates is None
                                      else jax.tree.map(crop, result.intermediates))
         return result
 
+    def sample(self, params, lowres: jax.Array, keys: jax.Array, *, size: int, solver,
+               first_stage=None) -> sampling.SampleResult:
+        """High-res latents (scaled) from low-res latents (scaled) [B, h, w, C] with one key per
+        example (``keys`` [B]): :meth:`source`, then :meth:`integrate`. The coupling's noise and
+        the SDE's noise of example ``i`` come from ``keys[i]`` alone, so a result does not depend
+        on the batch size, the batch's other examples or the number of devices (fixed-step
+        solvers; adaptive ones share their step sizes over the batch). ``solver`` is a
+        :class:`cfm_jax.solvers.SolverSpec`."""
+        x0, context = self.source(lowres, keys, size=size, first_stage=first_stage)
+        return self.integrate(params, x0, context, keys, solver=solver)
+
     @property
     def border_pad(self) -> int:
         """``sample.border_pad``: latent cells of reflect padding around the source and context
         while sampling, cropped off the result (0: none, the original's math). The network then
         never sees an output pixel next to its zero padding (issue: a frame at the borders)."""
-        return int(self.config.sample.get("border_pad", 0))  # absent from older runs' config.json
+        return int(self.config.sample.border_pad)
 
     def check_border_pad(self, height: int, width: int) -> None:
         pad = self.border_pad

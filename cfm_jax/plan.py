@@ -246,7 +246,7 @@ def lower_program(program: str, config, devices) -> tuple[Any, dict]:
     from cfm_jax.optim import make_optimizer
     from cfm_jax.solvers import SolverSpec
     from cfm_jax.trainer import abstract_train_state, make_train_step
-    from cfm_jax.upsampler import CFMUpsampler
+    from cfm_jax.model import CFMUpsampler
 
     mesh = sharding.make_mesh(config.mesh, devices)
     n = len(devices)
@@ -296,13 +296,11 @@ def lower_program(program: str, config, devices) -> tuple[Any, dict]:
                   else sampling.FIXED_STAGES[solver.method])  # velocity evaluations per loop trip
         loop = {"trips": solver.num_steps - 1, "per_trip_flops": stages * fwd_per_example * bs / n}
     if program == "eval":
-        from cfm_jax import metrics as image_metrics
+        from cfm_jax.evaluation import image_scores
 
-        def eval_step(params, fs, batch, keys):
+        def eval_step(params, fs, batch, keys):  # the scores of the evaluator's step
             images, result = ups.predict(params, batch, keys, solver=solver, first_stage=fs)
-            target = batch["image"]
-            return ({"psnr": image_metrics.psnr(images, target), "ssim": image_metrics.ssim(images, target),
-                     "mse": image_metrics.mse(images, target)}, result.nfe)
+            return image_scores(images, batch["image"]), result.nfe
 
         size = int(config.data.image_size)
         batch = {"latent": batched((bs, latent, latent, c)), "latent_lowres": batched((bs, latent, latent, c)),

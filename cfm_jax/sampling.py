@@ -301,58 +301,44 @@ def solve_flow(velocity_fn: VelocityFn, x0, args, *, method: str = "euler", num_
         num_rejected_steps=jnp.asarray(sol.stats["num_rejected_steps"], jnp.int32))
 
 
-_STATIC_OPTIONS = ("method", "num_steps", "atol", "rtol", "max_steps", "num_intermediates",
-                   "reverse")
+def example_keys(key: jax.Array, indices, stream: int | None = None) -> jax.Array:
+    """The key of each example: ``fold_in(key, i)`` for ``i`` in ``indices`` (then
+    ``fold_in(., stream)`` for a separate stream of the same example). How evaluation, the
+    upsampling CLI and validation give example ``i`` its noise whatever the batch it is in."""
+    def one(i):
+        k = jax.random.fold_in(key, i)
+        return k if stream is None else jax.random.fold_in(k, stream)
+    return jax.vmap(one)(jnp.asarray(indices))
 
 
-def make_sampler(velocity_fn: VelocityFn, **options) -> Callable[[Any, Any], SampleResult]:
-    """One ``jax.jit``-compiled ``(x0, args) -> SampleResult``, ``solve_flow``'s options baked in.
+def raise_if_failed(result: SampleResult, *, what: str = "ODE sampling", remedy: str = "") -> SampleResult:
+    """Raises a RuntimeError naming the cause (and the knob to turn) if any solve failed.
 
-    Compiles once per input shape/dtype; later calls with new ``x0``/``args`` values
-    reuse the executable. Options are validated here, eagerly.
-    """
-    unknown = sorted(set(options) - set(_STATIC_OPTIONS))
-    if unknown:
-        raise ValueError(f"Unknown sampler option(s) {unknown}; valid options: {_STATIC_OPTIONS}.")
-    full = dict(method="euler", num_steps=40, atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL,
-                max_steps=DEFAULT_MAX_STEPS, num_intermediates=0, reverse=False)
-    full.update(options)
-    _validate(full["method"], full["num_steps"], full["max_steps"], full["num_intermediates"],
-              full["atol"], full["rtol"])
-
-    @jax.jit
-    def sample(x0, args) -> SampleResult:
-        return solve_flow(velocity_fn, x0, args, **full)
-
-    return sample
-
-
-def raise_if_failed(result: SampleResult) -> SampleResult:
-    """Raises a RuntimeError naming the cause (and the knob to turn) if the solve failed.
-
-    Call it outside ``jit`` on a (possibly batched/vmapped) ``SampleResult``; returns the
-    result unchanged when every solve succeeded.
+    Call it outside ``jit`` on a (possibly batched, vmapped or gathered) ``SampleResult``, or
+    on any object with its ``status``, ``nfe`` and ``num_solver_steps``; returns it unchanged
+    when every solve succeeded. ``what`` names the sampling in the message (``"The sampler
+    euler:41"``, ``"Stage runs/cfm"``), ``remedy`` is appended: how the user changes the
+    solver where they run it (a flag, a config key).
     """
     status = np.asarray(jax.device_get(result.status))
     if np.all(status == STATUS_OK):
         return result
     nfe = int(np.max(np.asarray(result.nfe)))
     steps = int(np.max(np.asarray(result.num_solver_steps)))
+    # adaptive solvers share their steps over a batch: one status for all of it
+    where = f"{what} failed" + (f" for {int(np.sum(status != STATUS_OK))} of {status.size} inputs" if status.size > 1
+                                else "") + ": "
     if np.any(status == STATUS_MAX_STEPS):
-        raise RuntimeError(
-            f"ODE sampling failed: the adaptive solver used all max_steps={steps} steps "
-            f"({nfe} velocity evaluations) before reaching the end time. Raise `max_steps` "
-            f"(solve_flow/make_sampler option), loosen `rtol`/`atol`, or use a fixed-step "
-            f"method.")
-    if np.any(status == STATUS_SOLVER_FAILED):
-        raise RuntimeError(
-            f"ODE sampling failed: diffrax reported a solver failure after {steps} steps "
-            f"({nfe} velocity evaluations), e.g. the step size collapsed. Check the velocity "
-            f"function for non-smooth or non-finite outputs, or loosen `rtol`/`atol`.")
-    raise RuntimeError(
-        f"ODE sampling produced a non-finite (NaN/Inf) final state after {steps} steps "
-        f"({nfe} velocity evaluations). Check the velocity network and its inputs, or use "
-        f"more `num_steps` / a tighter tolerance.")
+        cause = (f"the adaptive solver used all its max_steps ({steps} steps, {nfe} velocity evaluations) "
+                 "before reaching the end time. Raise max_steps, loosen rtol/atol, or use a fixed-step method.")
+    elif np.any(status == STATUS_SOLVER_FAILED):
+        cause = (f"diffrax reported a solver failure after {steps} steps ({nfe} velocity evaluations), "
+                 "e.g. the step size collapsed. Check the velocity function for non-smooth or non-finite "
+                 "outputs, or loosen rtol/atol.")
+    else:
+        cause = (f"the final state holds non-finite values (NaN/Inf) after {steps} steps ({nfe} velocity "
+                 "evaluations). Check the network and its inputs, or use more steps / a tighter tolerance.")
+    raise RuntimeError(where + cause + (f" {remedy}" if remedy else ""))
 
 
 # ----------------------------------------------------------------------------- reference
@@ -384,6 +370,6 @@ __all__ = [
     "ADAPTIVE_METHODS", "DEFAULT_ATOL", "DEFAULT_MAX_STEPS", "DEFAULT_RTOL", "FIXED_METHODS",
     "FIXED_STAGES", "METHODS", "RK4_38_TABLEAU", "RK4ThreeEighths", "STATUS_MAX_STEPS",
     "STATUS_NONFINITE", "STATUS_OK", "STATUS_SOLVER_FAILED", "SampleResult",
-    "euler_scan_reference", "fixed_step_nfe", "make_sampler", "raise_if_failed", "solve_flow",
+    "euler_scan_reference", "example_keys", "fixed_step_nfe", "raise_if_failed", "solve_flow",
     "time_grid",
 ]

@@ -114,6 +114,11 @@ SDE_STAGES = {"euler": 1, "heun": 2}
 # The original's network calls per last step (its SDE drift calls the network twice).
 _ORIGINAL_LAST_STEP_NFE = {"Mean": 2, "Euler": 1, None: 0}
 
+# The defaults of the original's FlowModel.generate(use_sde=True), here and wherever a sampler is configured
+# (SolverSpec, configs/common.py, the upsampling CLI).
+DEFAULT_DIFFUSION_FORM = "sigma"
+DEFAULT_DIFFUSION_NORM = 1.0
+DEFAULT_LAST_STEP = "Mean"
 DEFAULT_LAST_STEP_SIZE = 0.04
 
 
@@ -207,7 +212,7 @@ def torch_linspace(start: float, end: float, steps: int, dtype=np.float32) -> np
     return np.asarray([_round_exact(v, dtype) for v in values], dtype)
 
 
-def sde_interval(diffusion_form: str = "sigma", *, last_step: str | None = "Mean",
+def sde_interval(diffusion_form: str = DEFAULT_DIFFUSION_FORM, *, last_step: str | None = DEFAULT_LAST_STEP,
                  last_step_size: float = DEFAULT_LAST_STEP_SIZE,
                  sample_eps: float = 0.0) -> tuple[float, float]:
     """``(t0, t1)`` of the stochastic steps, as the original's ``check_interval``.
@@ -227,7 +232,7 @@ def sde_interval(diffusion_form: str = "sigma", *, last_step: str | None = "Mean
     return float(t0), float(t1)
 
 
-def sde_time_grid(num_steps: int, diffusion_form: str = "sigma", *, last_step: str | None = "Mean",
+def sde_time_grid(num_steps: int, diffusion_form: str = DEFAULT_DIFFUSION_FORM, *, last_step: str | None = DEFAULT_LAST_STEP,
                   last_step_size: float = DEFAULT_LAST_STEP_SIZE, sample_eps: float = 0.0,
                   dtype=jnp.float32) -> jax.Array:
     """The original's ``torch.linspace(t0, t1, num_steps)`` (``num_steps`` grid points)."""
@@ -237,7 +242,7 @@ def sde_time_grid(num_steps: int, diffusion_form: str = "sigma", *, last_step: s
     return jnp.asarray(torch_linspace(t0, t1, num_steps, np.dtype(dtype)))
 
 
-def sde_nfe(method: str, num_steps: int, last_step: str | None = "Mean", *,
+def sde_nfe(method: str, num_steps: int, last_step: str | None = DEFAULT_LAST_STEP, *,
             original: bool = False) -> int:
     """Velocity evaluations of ``solve_sde`` (or, ``original=True``, the original's network calls).
 
@@ -335,7 +340,7 @@ def score_from_velocity(velocity: jax.Array, x: jax.Array, t: jax.Array, *,
 
 def solve_sde(velocity_fn: VelocityFn, x0: jax.Array, args: Any, key: jax.Array, *,
               schedule: str = "linear", method: str = "euler", num_steps: int = 40,
-              diffusion_form: str = "sigma", diffusion_norm=1.0, last_step: str | None = "Mean",
+              diffusion_form: str = DEFAULT_DIFFUSION_FORM, diffusion_norm=DEFAULT_DIFFUSION_NORM, last_step: str | None = DEFAULT_LAST_STEP,
               last_step_size: float = DEFAULT_LAST_STEP_SIZE,
               sample_eps: float = 0.0) -> SampleResult:
     """Samples the flow's SDE from ``x0`` at t0 to t1, then takes the last step (see module doc).
@@ -416,7 +421,8 @@ def solve_sde(velocity_fn: VelocityFn, x0: jax.Array, args: Any, key: jax.Array,
 
 
 __all__ = [
-    "DEFAULT_LAST_STEP_SIZE", "DIFFUSION_FORMS", "LAST_STEPS", "SDE_METHODS", "SDE_STAGES",
+    "DEFAULT_DIFFUSION_FORM", "DEFAULT_DIFFUSION_NORM", "DEFAULT_LAST_STEP", "DEFAULT_LAST_STEP_SIZE",
+    "DIFFUSION_FORMS", "LAST_STEPS", "SDE_METHODS", "SDE_STAGES",
     "d_alpha_alpha_ratio", "diffusion_coefficient", "score_from_velocity", "sde_interval",
     "sde_nfe", "sde_time_grid", "solve_sde", "step_noises", "torch_linspace",
 ]

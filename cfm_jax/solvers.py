@@ -35,10 +35,10 @@ class SolverSpec:
     atol: float = sampling.DEFAULT_ATOL
     rtol: float = sampling.DEFAULT_RTOL
     max_steps: int = sampling.DEFAULT_MAX_STEPS
-    diffusion_form: str = "sigma"
-    diffusion_norm: float = 1.0
-    last_step: str | None = "Mean"
-    last_step_size: float = 0.04
+    diffusion_form: str = sde.DEFAULT_DIFFUSION_FORM
+    diffusion_norm: float = sde.DEFAULT_DIFFUSION_NORM
+    last_step: str | None = sde.DEFAULT_LAST_STEP
+    last_step_size: float = sde.DEFAULT_LAST_STEP_SIZE
 
     def __post_init__(self):
         if self.method not in ALL_METHODS:
@@ -126,12 +126,10 @@ class SolverSpec:
 
     @classmethod
     def from_config(cls, sample_cfg, **overrides: Any) -> "SolverSpec":
-        """From a run's ``config.sample`` section (the SDE keys are optional there)."""
+        """From a run's ``config.sample`` section."""
         kwargs = dict(method=sample_cfg.method, num_steps=int(sample_cfg.num_steps), atol=float(sample_cfg.atol),
-                      rtol=float(sample_cfg.rtol), max_steps=int(sample_cfg.max_steps))
-        for k in ("diffusion_form", "diffusion_norm", "last_step", "last_step_size"):
-            if k in sample_cfg:  # absent from the config.json of older runs
-                kwargs[k] = sample_cfg[k]
+                      rtol=float(sample_cfg.rtol), max_steps=int(sample_cfg.max_steps),
+                      **{k: sample_cfg[k] for k in ("diffusion_form", "diffusion_norm", "last_step", "last_step_size")})
         if isinstance(kwargs.get("last_step"), str) and kwargs["last_step"].lower() == "none":
             kwargs["last_step"] = None
         kwargs.update(overrides)

@@ -42,7 +42,7 @@ from cfm_jax.evaluation import Evaluator, FIDConfig, resolve_rim
 from cfm_jax.metric_writers import MetricWriter
 from cfm_jax.optim import make_optimizer
 from cfm_jax.solvers import SolverSpec
-from cfm_jax.upsampler import CFMUpsampler
+from cfm_jax.model import CFMUpsampler
 
 log = logging.getLogger("cfm_jax")
 
@@ -188,7 +188,7 @@ def make_validator(config, upsampler: CFMUpsampler, val_set, mesh) -> Evaluator 
     e = config.eval
     fid = FIDConfig.from_path(e.inception, num_crops=e.num_crops, crop_size=e.crop_size)
     return Evaluator(upsampler, val_set, mesh, seed=config.seed, fid=fid, num_grid=config.train.num_grid_images,
-                     rim=resolve_rim(config.eval.get("rim", -1), upsampler, val_set.image_size))
+                     rim=resolve_rim(config.eval.rim, upsampler, val_set.image_size))
 
 
 def validation_metrics(results) -> dict:

@@ -43,13 +43,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
 import time
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from cfm_jax import checkpointing, cli, compile_options, sampling, sde
+from cfm_jax.coupling import resize_bilinear
+from cfm_jax.data.image_io import IMAGE_EXTENSIONS, list_images, load_image
+from cfm_jax.first_stage import build_first_stage
+from cfm_jax.model import CFMUpsampler
+from cfm_jax.solvers import ALL_METHODS, SolverSpec
 
 LATENT_EXTENSIONS = (".npy", ".npz")
 AUTO_TILE_ABOVE = 128  # latent cells: larger final latents are decoded in tiles by default
@@ -60,12 +73,10 @@ AUTO_TILE_OVERLAP = 16
 class UpsampleError(ValueError):
     """Bad input, checkpoint or option: raised before any compute, listing every problem."""
 
-
 # --------------------------------------------------------------------------- stages
 @dataclasses.dataclass
 class Stage:
     """One checkpoint of a cascade."""
-
     path: str
     config: Any
     upsampler: Any
@@ -95,8 +106,6 @@ class Stage:
 
 
 def _read_config(path: str):
-    import ml_collections
-
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise UpsampleError(f"--checkpoint {path!r}: no config.json there. Pass a run directory written by "
@@ -107,17 +116,13 @@ def _read_config(path: str):
 
 def _first_stage_key(config) -> tuple:
     fs = config.first_stage
-    return (fs.name, fs.get("path", ""), float(fs.get("scale_factor", -1.0)), float(fs.get("shift_factor", 0.0)),
-            fs.get("dtype", "float32"))
+    return fs.name, fs.path, float(fs.scale_factor), float(fs.shift_factor), fs.dtype
 
 
 def load_cascade(paths: Sequence[str], *, use_ema: bool = True, step: int | None = None,
                  first_stage_path: str | None = None, any_resolution: bool = False,
                  read_weights: bool = True) -> list[Stage]:
     """The stages of ``paths`` (configs checked first, then weights read), first stage shared."""
-    from cfm_jax.first_stage import build_first_stage
-    from cfm_jax.upsampler import CFMUpsampler
-
     if not paths:
         raise UpsampleError("No --checkpoint given.")
     configs, problems = [], []
@@ -162,8 +167,6 @@ def load_cascade(paths: Sequence[str], *, use_ema: bool = True, step: int | None
 
 def read_stage_weights(stages: Sequence[Stage], *, use_ema: bool = True, step: int | None = None) -> None:
     """Reads (and shape-checks) every stage's weights in place."""
-    from cfm_jax import checkpointing
-
     for st in stages:
         try:
             st.params = checkpointing.read_params(st.path, use_ema=use_ema, step=step)
@@ -174,8 +177,6 @@ def read_stage_weights(stages: Sequence[Stage], *, use_ema: bool = True, step: i
 
 def check_params_fit_config(path: str, ups, params, cfg) -> None:
     """The checkpoint's weights must have the shapes its config builds."""
-    import jax
-
     expected = jax.eval_shape(lambda: ups.init(jax.random.PRNGKey(0), max(cfg.data.image_size
                                                                           // ups.first_stage.downsample_factor, 8)))
     flat_e = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
@@ -236,9 +237,6 @@ def scan_inputs(paths: Sequence[str], *, channels: int, latent_layout: str = "au
     """The inputs named by ``paths`` (files or folders), their shapes read without decoding;
     with ``stages`` also checked against the cascade (:func:`check_inputs`). Every problem
     found is reported in one :class:`UpsampleError`."""
-    from PIL import Image
-
-    from cfm_jax.data.image_io import IMAGE_EXTENSIONS, list_images
 
     files, problems = [], []
     for p in paths:
@@ -337,8 +335,6 @@ def check_inputs(items: Sequence[InputItem], stages: Sequence[Stage], *, any_res
 
 def load_item(item: InputItem, *, latent_layout: str = "auto", channels: int = 4) -> np.ndarray:
     """Image float32 [h, w, 3] in [-1, 1], or latent float32 [h, w, C] as stored (NHWC)."""
-    from cfm_jax.data.image_io import load_image
-
     if item.kind == "image":
         loaded = load_image(item.path)
         if not loaded.ok:
@@ -356,7 +352,6 @@ class ProgramMemory:
     """Bytes of one compiled program: its temporaries, outputs and aliased buffers by XLA's
     ``memory_analysis()``, and its inputs other than the weights (which are in memory before it
     runs, like every stage's); ``kind``: encode, stage or decode."""
-
     kind: str
     stage: int | None  # index of the stage (kind "stage")
     what: str
@@ -378,8 +373,6 @@ def _size(n: int) -> str:
 
 def _tree_bytes(tree) -> int:
     """Bytes of the arrays (or ShapeDtypeStructs) of a pytree."""
-    import jax
-
     return sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)
                if hasattr(leaf, "shape") and hasattr(leaf, "dtype"))
 
@@ -424,8 +417,6 @@ def available_memory(device=None) -> tuple[int | None, str]:
 
     Accelerators: ``memory_stats()``'s ``bytes_limit`` minus ``bytes_in_use`` (weights already
     placed are in use). CPU: the host's available memory (:func:`_host_available_bytes`)."""
-    import jax
-
     device = device if device is not None else jax.devices()[0]
     try:
         stats = device.memory_stats()
@@ -442,11 +433,8 @@ def available_memory(device=None) -> tuple[int | None, str]:
 # --------------------------------------------------------------------------- the pipeline
 class CascadeRunner:
     """Jitted stages and decoder of a cascade (compiled once per input shape)."""
-
     def __init__(self, stages: Sequence[Stage], solver, *, decode_tile: int = -1, tile_overlap: int = AUTO_TILE_OVERLAP,
                  latents_scaled: bool = True):
-        import jax
-
         self.stages = list(stages)
         self.solver = solver
         self.first_stage = self.stages[0].upsampler.first_stage
@@ -486,7 +474,6 @@ class CascadeRunner:
         return sizes
 
     def decoder(self, size: int):
-        import dataclasses as dc
 
         fs = self.first_stage
         if fs.name == "identity":
@@ -496,8 +483,8 @@ class CascadeRunner:
             tile = AUTO_TILE if size > AUTO_TILE_ABOVE else 0
         if tile and tile < size:
             overlap = min(self.tile_overlap, tile // 2)
-            return dc.replace(fs, tile_size=int(tile), tile_overlap=int(overlap))
-        return dc.replace(fs, tile_size=0)
+            return dataclasses.replace(fs, tile_size=int(tile), tile_overlap=int(overlap))
+        return dataclasses.replace(fs, tile_size=0)
 
     # jitted pieces ----------------------------------------------------------------------
     def _fn(self, name: str, build):
@@ -508,9 +495,6 @@ class CascadeRunner:
     def _encode_fn(self, kind: str, entry: int):
         """Jitted ``(first stage, batch) -> scaled latents`` of the first stage's input, or
         ``None`` (latents already scaled: taken as they are)."""
-        import jax
-
-        from cfm_jax.coupling import resize_bilinear
 
         if kind == "latent":
             if self.latents_scaled:
@@ -526,24 +510,18 @@ class CascadeRunner:
         return self._fn(f"image{entry}", lambda: jax.jit(enc))
 
     def _stage_fn(self, s: int, size: int):
-        """Jitted ``(params, first stage, x, keys) -> (x, nfe, success)`` of stage ``s``."""
-        import jax
-
-        from cfm_jax import compile_options
+        """Jitted ``(params, first stage, x, keys) -> (x, SampleResult without x)`` of stage ``s``."""
 
         ups = self.stages[s].upsampler
         solver = self.solver
 
         def sample(params, fs, x, keys):
             r = ups.sample(params, x, keys, size=size, solver=solver, first_stage=fs)
-            return r.x, r.nfe, r.success
+            return r.x, r._replace(x=None, intermediates=None, intermediate_ts=None)
         return self._fn(f"stage{s}-{size}", lambda: jax.jit(sample, compiler_options=compile_options.inference()))
 
     def _decode_fn(self, size: int):
         """``(jitted (decoder, z) -> uint8 images, decoder)`` of ``size``² latents."""
-        import jax
-        import jax.numpy as jnp
-
         dec = self.decoder(size)
 
         def to_uint8(fs, z):
@@ -554,7 +532,6 @@ class CascadeRunner:
     def encode(self, kind: str, batch: np.ndarray, entry: int):
         fn = self._encode_fn(kind, entry)
         if fn is None:
-            import jax
             return jax.numpy.asarray(batch)
         return fn(self.first_stage, batch)
 
@@ -570,9 +547,6 @@ class CascadeRunner:
         """What each program of one batch of inputs like ``item`` needs, in run order: the
         programs are lowered and compiled with abstract inputs (the run reuses the compiled
         programs) and XLA's ``memory_analysis()`` is read. Nothing is computed."""
-        import jax
-        import jax.numpy as jnp
-
         fs = self.first_stage
         entry, sizes = self.entry_size(item), self.output_sizes(item)
         keys = jax.eval_shape(lambda: jax.random.split(jax.random.PRNGKey(0), batch_size))  # [B, 2] uint32
@@ -657,9 +631,6 @@ def run(stages: Sequence[Stage], items: Sequence[InputItem], out_dir: str, *, so
     ``check_memory``: first compile every program for every input shape and refuse (an
     :class:`UpsampleError` saying what could fit) if one needs more memory than the device has
     free (:meth:`CascadeRunner.check_memory`)."""
-    import jax
-    from PIL import Image
-    from tqdm import tqdm
 
     if batch_size < 1:
         raise UpsampleError(f"--batch_size must be >= 1, got {batch_size}.")
@@ -688,13 +659,11 @@ def run(stages: Sequence[Stage], items: Sequence[InputItem], out_dir: str, *, so
         sizes = runner.output_sizes(batch_items[0])
         for s in range(len(stages)):
             idx = [order[it] for it in batch_items] + [order[batch_items[-1]]] * (batch_size - n)
-            keys = jax.vmap(lambda i, s=s: jax.random.fold_in(jax.random.fold_in(root, i), s))(np.asarray(idx))
-            x, stage_nfe, ok = runner.run_stage(s, x, keys, sizes[s])
-            if not bool(np.all(np.asarray(ok))):
-                raise RuntimeError(f"Stage {stages[s].path}: the solver failed (non-finite values or an adaptive "
-                                   "solver hit max_steps) for inputs "
-                                   f"{[it.path for it in batch_items]}; try another --solver.")
-            nfe[s] = int(np.max(np.asarray(stage_nfe)))
+            keys = sampling.example_keys(root, np.asarray(idx), stream=s)
+            x, result = runner.run_stage(s, x, keys, sizes[s])
+            sampling.raise_if_failed(result, what=f"Stage {stages[s].path}",
+                                     remedy=f"Inputs {sorted({it.path for it in batch_items})}; try another --solver.")
+            nfe[s] = int(np.max(np.asarray(result.nfe)))
         x.block_until_ready()
         t1 = time.perf_counter()
         images = np.asarray(runner.decode(x))
@@ -715,9 +684,6 @@ def run(stages: Sequence[Stage], items: Sequence[InputItem], out_dir: str, *, so
 
 # --------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    from cfm_jax import cli, sde
-    from cfm_jax.solvers import ALL_METHODS
-
     p = cli.ArgumentParser(prog="python -m cfm_jax.upsample", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See the module docstring (python -c 'import cfm_jax.upsample as u; "
@@ -730,10 +696,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", default="euler:40",
                    help=f"method[:grid points | :rtol], methods {ALL_METHODS}; default euler:40 (39 NFE, the paper's "
                         "tables).")
-    p.add_argument("--diffusion_form", default="sigma", choices=sde.DIFFUSION_FORMS, help="SDE solvers only.")
-    p.add_argument("--diffusion_norm", type=float, default=1.0, help="SDE solvers only.")
-    p.add_argument("--last_step", default="Mean", choices=["Mean", "Euler", "none"], help="SDE solvers only.")
-    p.add_argument("--last_step_size", type=float, default=0.04, help="SDE solvers only.")
+    p.add_argument("--diffusion_form", default=sde.DEFAULT_DIFFUSION_FORM, choices=sde.DIFFUSION_FORMS,
+                   help="SDE solvers only.")
+    p.add_argument("--diffusion_norm", type=float, default=sde.DEFAULT_DIFFUSION_NORM, help="SDE solvers only.")
+    p.add_argument("--last_step", default=sde.DEFAULT_LAST_STEP, choices=["Mean", "Euler", "none"],
+                   help="SDE solvers only.")
+    p.add_argument("--last_step_size", type=float, default=sde.DEFAULT_LAST_STEP_SIZE, help="SDE solvers only.")
     p.add_argument("--atol", type=float, default=1e-6, help="Adaptive solvers only.")
     p.add_argument("--batch_size", type=cli.positive_int, default=1, help="Inputs per network call.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise (see the module docstring).")
@@ -766,14 +734,10 @@ def _check_options(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cfm_jax import cli
-
     cli.skip_tpu_probe_without_accelerator()  # before JAX makes a backend
     args = _parser().parse_args(argv)
-    import logging
 
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax metadata chatter
-    from cfm_jax.solvers import SolverSpec
 
     checkpoints = [c for arg in args.checkpoint for c in arg.split(",") if c]
     try:

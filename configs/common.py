@@ -7,6 +7,8 @@ error, not a silently ignored setting.
 """
 import ml_collections
 
+from cfm_jax import sampling, sde
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -93,8 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
     # cfm_jax/sampling.py (euler heun midpoint ralston rk4 | tsit5 dopri5) or the original's SDE
     # sampler (sde_euler, sde_heun; cfm_jax/sde.py) with its diffusion form and last step.
     c.sample = ml_collections.ConfigDict(dict(
-        method="rk4", num_steps=40, atol=1e-6, rtol=1e-3, max_steps=4096, use_ema=True,
-        diffusion_form="sigma", diffusion_norm=1.0, last_step="Mean", last_step_size=0.04,
+        method="rk4", num_steps=40, atol=sampling.DEFAULT_ATOL, rtol=sampling.DEFAULT_RTOL,
+        max_steps=sampling.DEFAULT_MAX_STEPS, use_ema=True,
+        diffusion_form=sde.DEFAULT_DIFFUSION_FORM, diffusion_norm=sde.DEFAULT_DIFFUSION_NORM,
+        last_step=sde.DEFAULT_LAST_STEP, last_step_size=sde.DEFAULT_LAST_STEP_SIZE,
         border_pad=0,  # latent cells of reflect padding while sampling, cropped off (0: the original's math)
     ))
 

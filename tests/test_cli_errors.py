@@ -20,7 +20,7 @@ from cfm_jax.convert import __main__ as convert_cli
 from cfm_jax.convert.fmboost_checkpoint import write_run_dir
 from cfm_jax.convert.state_dict_io import load_state_dict
 from cfm_jax.data import prepare, train_data
-from cfm_jax.upsampler import CFMUpsampler
+from cfm_jax.model import CFMUpsampler
 from tests.random_weights import random_params
 from tests.test_trainer import tiny_config
 

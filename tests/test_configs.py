@@ -12,7 +12,7 @@ import pytest
 from cfm_jax.data import photos
 from cfm_jax.first_stage import IdentityFirstStage
 from cfm_jax.models.unet import count_params
-from cfm_jax.upsampler import CFMUpsampler, build_unet
+from cfm_jax.model import CFMUpsampler, build_unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

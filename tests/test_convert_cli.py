@@ -16,7 +16,7 @@ from cfm_jax.convert.vae import vae_params_to_ldm
 from cfm_jax.ema import EMAConfig, ema_decay
 from cfm_jax.first_stage import load_autoencoder
 from cfm_jax.models.autoencoder import AutoencoderKL, abstract_params
-from cfm_jax.upsampler import build_unet
+from cfm_jax.model import build_unet
 from configs.quickstart import get_config
 from tests.random_weights import random_params
 

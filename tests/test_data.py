@@ -1,4 +1,5 @@
-"""Tests of cfm_jax.data.photos: the skimage-photo crop source and resampling helpers."""
+"""Tests of cfm_jax.data.photos (the skimage-photo crop source) and of the resampling of
+cfm_jax.data.image_ops against PyTorch."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,14 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cfm_jax.data.photos import (
-    PhotoCrops,
-    downsample,
-    load_photos,
-    photo_names,
-    upsample_bicubic,
-    upsample_bilinear,
-)
+from cfm_jax.data.image_ops import downsample, upsample_bicubic, upsample_bilinear
+from cfm_jax.data.photos import PhotoCrops, load_photos, photo_names
 
 KEYS = {"image", "latent", "latent_lowres", "image_lowres"}
 

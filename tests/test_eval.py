@@ -184,12 +184,12 @@ def test_eval_on_a_folder_of_images(trained, tmp_path):
     assert rows["euler-2"]["fid"] is None and "not computed" in open(os.path.join(out, "report.md")).read()
     # the baselines scored here equal the metrics of the same crops computed directly
     from cfm_jax import metrics
-    from cfm_jax.data import photos, prepare
+    from cfm_jax.data import image_ops
 
-    crops = [prepare.make_crops(prepare.resize_short_side(getattr(skimage.data, n)(), 16), image_size=16,
+    crops = [image_ops.make_crops(image_ops.resize_short_side(getattr(skimage.data, n)(), 16), image_size=16,
                                 crop="center", crops_per_image=1)[0][0] for n in ("astronaut", "chelsea", "coffee")]
-    hr = prepare.to_unit_range(np.stack(crops))
-    bic = photos.upsample_bicubic(prepare.downsample_antialiased(hr, 8), 16)
+    hr = image_ops.to_unit_range(np.stack(crops))
+    bic = image_ops.upsample_bicubic(image_ops.downsample_antialiased(hr, 8), 16)
     assert rows["bicubic"]["psnr"] == pytest.approx(float(np.mean(metrics.psnr(bic, hr))), rel=1e-5)
 
 
@@ -268,17 +268,17 @@ def test_nfe_plot_places_points_by_value():
     R = evaluation.MethodResult
     results = [R("cfm", "euler-3", {"method": "euler", "num_steps": 3}, 2, 30.0, 0.9, 0.001),
                R("cfm", "euler-9", {"method": "euler", "num_steps": 9}, 8, 32.0, 0.95, 0.0006),
+               R("cfm", "rk4-3", {"method": "rk4", "num_steps": 3}, 8, 31.5, 0.94, 0.0007),
                R("bicubic", "bicubic", None, 0, 31.0, 0.92, 0.0008)]
-    svg = evaluation.nfe_plot_svg(results, "psnr", title="t")
-    root = ET.fromstring(svg)
-    ns = "{http://www.w3.org/2000/svg}"
-    circles = root.findall(f"{ns}circle")
-    assert len(circles) == 2
-    (x1, y1), (x2, y2) = [(float(c.get("cx")), float(c.get("cy"))) for c in circles]
-    assert x2 > x1 and y2 < y1  # more NFE to the right, higher PSNR higher up
-    dashed = [ln for ln in root.findall(f"{ns}line") if ln.get("stroke-dasharray")]
-    assert len(dashed) == 1 and y2 < float(dashed[0].get("y1")) < y1  # bicubic between the two
-    assert evaluation.nfe_plot_svg(results, "fid", title="t") == ""  # no FID: no plot
+    fig = evaluation.nfe_figure(results, "psnr", title="t")
+    ax = fig.axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert sorted(lines) == ["CFM euler", "CFM rk4", "bicubic"]  # one line per solver family, the baseline
+    np.testing.assert_array_equal(lines["CFM euler"].get_xdata(), [2, 8])
+    np.testing.assert_array_equal(lines["CFM euler"].get_ydata(), [30.0, 32.0])
+    assert lines["bicubic"].get_linestyle() == "--" and list(lines["bicubic"].get_ydata()) == [31.0, 31.0]
+    assert ax.get_xscale() == "log"
+    assert evaluation.nfe_figure(results, "fid", title="t") is None  # no FID: no plot
 
 
 def _strict_json(path):
@@ -297,20 +297,20 @@ def test_flat_images_keep_means_finite_and_metrics_json_strict(tmp_path):
     import dataclasses
 
     from cfm_jax import metrics, sharding
-    from cfm_jax.data import eval_data, photos
-    from cfm_jax.upsampler import CFMUpsampler
+    from cfm_jax.data import eval_data, image_ops
+    from cfm_jax.model import CFMUpsampler
 
     rng = np.random.default_rng(0)
     image = np.stack([np.ones((16, 16, 3), np.float32),  # flat white
                       rng.uniform(-1, 1, (16, 16, 3)).astype(np.float32)])
-    lowres = np.asarray(photos.downsample(image, 2), np.float32)
+    lowres = np.asarray(image_ops.downsample(image, 2), np.float32)
     eval_set = eval_data.EvalSet(num_images=2, batch_size=2, image_size=16, description="a flat and a noisy image",
                                  read=lambda: iter([{"image": image, "image_lowres": lowres}]))
     mesh = sharding.make_data_mesh(jax.devices()[:1])
     ev = evaluation.Evaluator(CFMUpsampler(tiny_config()), eval_set, mesh, num_grid=1)
     results, grids = ev.run(None, [])
     bilinear = next(r for r in results if r.method == "bilinear")
-    up = np.asarray(photos.upsample_bilinear(lowres, 16), np.float32)
+    up = np.asarray(image_ops.upsample_bilinear(lowres, 16), np.float32)
     per_image = np.asarray(metrics.psnr(up, image))
     assert np.isposinf(per_image[0]) and np.isfinite(per_image[1])  # uncapped: the mean would be +inf
     assert bilinear.psnr == pytest.approx((metrics.PSNR_MAX_DB + per_image[1]) / 2, rel=1e-6)

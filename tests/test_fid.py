@@ -489,7 +489,7 @@ def test_low_rank_fid_equals_pytorch_fid_formula(n1, n2, d):
     # pytorch-fid's sqrtm of the singular product agrees to its own (ill-conditioned) accuracy
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        assert fid.fid_from_features(f1, f2) == pytest.approx(fast, rel=1e-4)
+        assert fid.frechet_distance(*fid.statistics(f1), *fid.statistics(f2)) == pytest.approx(fast, rel=1e-4)
     assert fid.features_fid(f1, f2) == fast  # small sets take the low-rank path
     assert fid.low_rank_frechet_distance(f1, f1) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="at least 2 samples"):
@@ -512,33 +512,33 @@ def test_stats_file_can_carry_the_features(tmp_path):
 
 
 def test_patch_crops_count_shape_and_determinism():
+    """The evaluator's patch-FID crops: ``crop_anchors`` then ``take_crops`` of the real and the
+    generated image at the same anchors."""
     rng = np.random.default_rng(8)
     real = jnp.asarray(rng.uniform(-1, 1, (3, 40, 56, 3)).astype(np.float32))
     gen = jnp.asarray(rng.uniform(-1, 1, (3, 40, 56, 3)).astype(np.float32))
-    crops = fid.random_crops(real, 0, num_crops=4, crop_size=16)
-    assert crops.shape == (12, 16, 16, 3)
-    np.testing.assert_array_equal(crops, fid.random_crops(real, 0, num_crops=4, crop_size=16))
-    np.testing.assert_array_equal(crops, fid.random_crops(real, jax.random.PRNGKey(0), num_crops=4, crop_size=16))
-    assert not np.array_equal(crops, fid.random_crops(real, 1, num_crops=4, crop_size=16))
-
     anchors = np.asarray(fid.crop_anchors(0, 3, 4, (40, 56), 16))
     assert anchors.shape == (3, 4, 2)
+    np.testing.assert_array_equal(anchors, fid.crop_anchors(jax.random.PRNGKey(0), 3, 4, (40, 56), 16))
+    assert not np.array_equal(anchors, fid.crop_anchors(1, 3, 4, (40, 56), 16))
+    crops = fid.take_crops(real, anchors, 16)
+    assert crops.shape == (12, 16, 16, 3)
     for i in range(3):
         for k in range(4):
             r, c = anchors[i, k]
             np.testing.assert_array_equal(crops[i * 4 + k], real[i, r:r + 16, c:c + 16])  # image-major order
+    # the same anchors in the real and the generated image: crops of the difference are the difference
+    np.testing.assert_allclose(fid.take_crops(real, anchors, 16) - fid.take_crops(gen, anchors, 16),
+                               fid.take_crops(real - gen, anchors, 16))
 
     many = np.asarray(fid.crop_anchors(3, 100, 50, (40, 56), 16))  # every valid corner, none outside
     assert many[..., 0].min() == 0 and many[..., 0].max() == 40 - 16
     assert many[..., 1].min() == 0 and many[..., 1].max() == 56 - 16
 
-    real_p, gen_p = fid.paired_random_crops(real, gen, 5, num_crops=2, crop_size=24)
-    assert real_p.shape == gen_p.shape == (6, 24, 24, 3)
-    np.testing.assert_allclose(real_p - gen_p, fid.random_crops(real - gen, 5, num_crops=2, crop_size=24))
-
-    np.testing.assert_array_equal(fid.random_crops(real[:, :, :40], 0, num_crops=1, crop_size=40), real[:, :, :40])
+    whole = fid.crop_anchors(0, 3, 1, (40, 40), 40)
+    np.testing.assert_array_equal(fid.take_crops(real[:, :, :40], whole, 40), real[:, :, :40])
     with pytest.raises(ValueError, match="does not fit"):
-        fid.random_crops(real, 0, num_crops=1, crop_size=41)
+        fid.crop_anchors(0, 3, 1, (40, 56), 41)
 
 
 def test_convert_cli_writes_a_loadable_folder(torch_inception, converted, tmp_path):

@@ -18,7 +18,8 @@ import pytest
 
 from cfm_jax.flops import model_tflops_per_device, train_flops_per_example, unet_forward_flops
 from cfm_jax.models import unet
-from cfm_jax.upsampler import build_unet
+from cfm_jax.model import build_unet
+from configs.common import base_config
 from configs.quickstart import get_config as quickstart_config
 
 B = 2  # fixed batch: the count must scale with it as XLA's does
@@ -35,7 +36,11 @@ SMALL = dict(in_channels=6, model_channels=32, out_channels=4, num_res_blocks=1,
 
 
 def _small(**changes):
-    return lambda: ml_collections.ConfigDict({**SMALL, **changes})
+    def make():
+        c = base_config().model
+        c.update({**SMALL, **changes})
+        return c
+    return make
 
 
 # name -> (model config factory, latent size). Together they cover every branch of the

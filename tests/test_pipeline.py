@@ -8,7 +8,7 @@ import skimage.data
 from PIL import Image
 
 from cfm_jax.data import pipeline, prepare, records
-from cfm_jax.data.photos import downsample
+from cfm_jax.data.image_ops import downsample
 
 SIZE, LOWRES = 16, 8
 KEYS = {"image", "image_lowres", "latent", "latent_lowres"}
@@ -97,18 +97,24 @@ def _loader(out, **kw):
     return pipeline.make_record_loader(out, batch_size=3, seed=7, flip=True, process_index=0, process_count=1, **kw)
 
 
+def _restored(loader, state: bytes):
+    """A fresh iterator of ``loader`` at ``state`` (grain's ``get_state()``: what the checkpoint's
+    ``data`` item holds)."""
+    it = iter(loader)
+    it.set_state(state)
+    return it
+
+
 def test_resume_from_state_matches_uninterrupted(out):
     it = iter(_loader(out))
     reference = [next(it) for _ in range(8)]  # crosses epoch boundaries (10 records, batch 3)
     it = iter(_loader(out))
     for _ in range(3):
         next(it)
-    state = pipeline.iterator_state(it)
-    resumed = pipeline.restore_iterator(_loader(out), state)
+    state = it.get_state()
+    resumed = _restored(_loader(out), state)
     for want in reference[3:]:
         _assert_same(next(resumed), want)
-    resumed = pipeline.restore_iterator(_loader(out), state.decode() if isinstance(state, bytes) else state)
-    _assert_same(next(resumed), reference[3])
 
 
 def test_resume_from_orbax_checkpoint_manager(out, tmp_path):
@@ -151,20 +157,22 @@ def test_worker_processes_give_the_same_examples(out):
     assert sorted(order) == list(range(n * b))
     _assert_same(got, {k: v[order] for k, v in ref.items()})
     # resuming a worker iterator from its state continues it exactly
-    state = pipeline.iterator_state(it2)
+    state = it2.get_state()
     want = [next(it2) for _ in range(2)]
-    resumed = pipeline.restore_iterator(_loader(out, worker_count=w, keep_metadata=True), state)
+    resumed = _restored(_loader(out, worker_count=w, keep_metadata=True), state)
     for batch in want:
         _assert_same(next(resumed), batch)
 
 
-def test_to_global_batch(out):
+def test_loader_batches_become_data_sharded_global_arrays(out):
+    """As the trainer does it: the loader's numeric arrays through ``sharding.shard_batch``."""
+    from cfm_jax.sharding import shard_batch
+
     batch = next(iter(pipeline.make_record_loader(out, batch_size=2 * jax.device_count(), process_index=0,
-                                                  process_count=1, keep_metadata=True)))
+                                                  process_count=1)))
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    glob = pipeline.to_global_batch(batch, mesh)
+    glob = shard_batch(batch, mesh)
     for k in KEYS:
         assert isinstance(glob[k], jax.Array) and glob[k].shape == batch[k].shape
         assert glob[k].sharding.spec == jax.sharding.PartitionSpec("data")
         np.testing.assert_array_equal(np.asarray(glob[k]), batch[k])
-    assert isinstance(glob["file_name"], np.ndarray)  # strings stay on the host

@@ -109,7 +109,7 @@ def test_small_config_plan_equals_the_compilers_memory_analysis(tmp_path):
     assert 0 < train["predicted_mfu"] < 1
     # data parallelism (data=4): the gradients (bf16, the compute dtype) are all-reduced: twice their bytes
     import jax
-    from cfm_jax.upsampler import CFMUpsampler
+    from cfm_jax.model import CFMUpsampler
     params = jax.eval_shape(lambda r: CFMUpsampler(config).init(r, 16), jax.random.PRNGKey(0))
     grad_bytes = sum(x.size * 2 for x in jax.tree.leaves(params))
     assert 2 * grad_bytes <= train["collective_bytes"] <= 2.5 * grad_bytes  # + loss, norms

@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from cfm_jax.coupling import resize_bilinear
-from cfm_jax.data import image_io, photos, prepare, records
+from cfm_jax.data import image_io, image_ops, prepare, records
 from cfm_jax.first_stage import AutoencoderFirstStage
 from cfm_jax.models.autoencoder import AutoencoderKL, abstract_params
 from tests.random_weights import random_params
@@ -187,7 +187,7 @@ def test_pixel_space_records_contents_and_summary(pixel_run, src):
     image_f = images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
     np.testing.assert_array_equal(np.stack([source[i]["latent"] for i in range(9)]), image_f)
     np.testing.assert_allclose(np.stack([source[i]["latent_lowres"] for i in range(9)]),
-                               photos.upsample_bilinear(photos.downsample(image_f, SIZE // LOWRES), SIZE),
+                               image_ops.upsample_bilinear(image_ops.downsample(image_f, SIZE // LOWRES), SIZE),
                                atol=2e-6)
 
     by_file = _by_file(source)
@@ -248,7 +248,7 @@ def test_autoencoder_records_equal_encode_of_the_same_crops(src, tmp_path):
                        ("moments_lowres", (16, 16, 8))):
         assert ex[0][key].dtype == np.float32 and ex[0][key].shape == shape, key
     image = jnp.asarray(np.stack([e["image"] for e in ex]), jnp.float32) / 127.5 - 1.0
-    lowres = photos.downsample(image, SIZE // LOWRES)
+    lowres = image_ops.downsample(image, SIZE // LOWRES)
     np.testing.assert_allclose(np.stack([e["latent"] for e in ex]), fs.encode_unscaled(image),
                                rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.stack([e["latent_lowres"] for e in ex]),
@@ -359,10 +359,10 @@ def test_native_size_cap_and_zoomed_out_crops():
     larger region resampled by PIL (checked against PIL directly) and stays inside the image."""
     image = skimage.data.astronaut()  # 512 x 512
     rng = np.random.default_rng(0)
-    native = prepare.make_crops(image, image_size=64, crop="random", crops_per_image=3, rng=rng)
+    native = image_ops.make_crops(image, image_size=64, crop="random", crops_per_image=3, rng=rng)
     for crop, (top, left) in native:
         np.testing.assert_array_equal(crop, image[top:top + 64, left:left + 64])
-    zoomed = prepare.make_crops(image, image_size=64, crop="random", crops_per_image=20,
+    zoomed = image_ops.make_crops(image, image_size=64, crop="random", crops_per_image=20,
                                 rng=np.random.default_rng(1), min_scale=0.25)
     u = np.random.default_rng(1).random((20, 3))
     for (crop, (top, left)), (us, uy, ux) in zip(zoomed, u):
@@ -392,5 +392,5 @@ def test_photos_at_native_size_with_a_cap(tmp_path):
     retina = rows["skimage.data.retina"]  # 1411 x 1411, reduced to 512
     top, left = retina["crop_offset"]
     assert top + 64 <= 512 and left + 64 <= 512
-    reduced = prepare.resize_short_side(skimage.data.retina(), 512)
+    reduced = image_ops.resize_short_side(skimage.data.retina(), 512)
     np.testing.assert_array_equal(retina["image"], reduced[top:top + 64, left:left + 64])

@@ -6,7 +6,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -14,7 +13,7 @@ from torch import nn as tnn
 
 from cfm_jax.convert import unet_params_to_torch
 from cfm_jax.models import EfficientUNet
-from cfm_jax.upsampler import build_unet
+from cfm_jax.model import build_unet
 from configs.common import base_config
 
 # Covers every layer type: Linear (time_embed, emb_layers), Conv2d 3x3 (incl. the stride-2
@@ -190,5 +189,3 @@ def test_build_unet_passes_config_init():
     assert cfg.init == "torch" and build_unet(cfg).param_init == "torch"
     cfg.init = "flax"
     assert build_unet(cfg).param_init == "flax"
-    old = ml_collections.ConfigDict({k: v for k, v in cfg.items() if k != "init"})  # older config.json
-    assert build_unet(old).param_init == "torch"

@@ -11,7 +11,7 @@ from PIL import Image
 from cfm_jax import upsample
 from cfm_jax.convert.fmboost_checkpoint import write_run_dir
 from cfm_jax.solvers import SolverSpec
-from cfm_jax.upsampler import CFMUpsampler
+from cfm_jax.model import CFMUpsampler
 from tests.test_trainer import run_cli, tiny_config
 
 
@@ -96,6 +96,18 @@ def test_sde_results_do_not_depend_on_the_batch(pixel_cascade, inputs, tmp_path)
         assert np.abs(a - b).max() <= 1
     other = upsample.run(stages, items, str(tmp_path / "seed6"), solver=solver, batch_size=2, seed=6, progress=False)
     assert np.abs(np.asarray(Image.open(other["outputs"][0])).astype(int) - runs[0][0]).mean() > 0.5
+
+
+def test_a_failed_solve_is_an_error_naming_the_stage_and_the_cause(pixel_cascade, inputs, tmp_path):
+    _, npy, _ = inputs
+    stages = upsample.load_cascade(pixel_cascade[:1])
+    items = upsample.scan_inputs([npy], channels=3, stages=stages)
+    solver = SolverSpec(method="dopri5", rtol=1e-12, atol=1e-12, max_steps=2)  # cannot reach t=1 in 2 steps
+    with pytest.raises(RuntimeError, match=r"Stage .* failed: the adaptive solver used all its "
+                                           r"max_steps \(2 steps.*lat\.npy.*try another --solver"):
+        upsample.run(stages, items, str(tmp_path / "out"), solver=solver, batch_size=2, progress=False,
+                     check_memory=False)
+    assert not os.path.exists(tmp_path / "out" / "lat_0.png")
 
 
 def test_cascade_order_and_resolution_checks(pixel_cascade, inputs, tmp_path):

@@ -107,7 +107,7 @@ def _convert(command: str, fl: flags.FlagValues) -> None:
 
     from cfm_jax.convert.fmboost_checkpoint import load_fmboost, write_run_dir
     from cfm_jax.models.unet import count_params
-    from cfm_jax.upsampler import build_unet
+    from cfm_jax.model import build_unet
 
     config = fl.config
     # the original's UNet pads with zeros and normalises with GroupNorm: a checkpoint of it under

@@ -18,9 +18,9 @@ import re
 from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
+from flax.traverse_util import flatten_dict as _flatten, unflatten_dict as _unflatten
 
-from cfm_jax.convert.state_dict_io import flatten as _flatten, strip_collection as _strip_collection
-from cfm_jax.convert.state_dict_io import mismatch_lines, unflatten as _unflatten
+from cfm_jax.convert.state_dict_io import mismatch_lines, strip_collection as _strip_collection
 
 # Top-level Flax module names whose PyTorch module holds the layer one level deeper.
 _ALIASES = {"pool": "pool.down_conv", "un_pool": "un_pool.up_conv"}

@@ -29,15 +29,15 @@ Converted folders (`save_converted`): `config.json` (`kind`, source) and an orba
 checkpoint `variables/` of the float32 `{"params", "batch_stats"}` tree. Reading one
 needs neither PyTorch nor the `.pth` file. `load_fid_inception` reads either.
 """
-import json
 import os
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
+from flax.traverse_util import flatten_dict as _flatten, unflatten_dict as _unflatten
 
-from cfm_jax.convert.state_dict_io import flatten as _flatten, load_state_dict, mismatch_lines
-from cfm_jax.convert.state_dict_io import unflatten as _unflatten
+from cfm_jax.convert import converted_dir
+from cfm_jax.convert.state_dict_io import load_state_dict, mismatch_lines
 
 CONVERTED_KIND = "cfm_jax.fid_inception"
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -151,30 +151,16 @@ def inception_variables_to_torch(variables: Mapping) -> Dict[str, np.ndarray]:
 
 def is_converted_dir(path) -> bool:
     """Whether `path` is a folder written by `save_converted`."""
-    config = os.path.join(os.fspath(path), "config.json")
-    if not os.path.isfile(config):
-        return False
-    with open(config) as f:
-        try:
-            return json.load(f).get("kind") == CONVERTED_KIND
-        except (json.JSONDecodeError, AttributeError):
-            return False
+    return converted_dir.is_converted_dir(path, CONVERTED_KIND)
 
 
 def save_converted(out_dir, variables: Mapping, *, source: Optional[str] = None) -> None:
     """Writes `config.json` and the orbax checkpoint `variables/` (float32) to `out_dir`."""
     import jax
-    import orbax.checkpoint as ocp
 
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    os.makedirs(out_dir, exist_ok=True)
-    tree = {c: jax.tree.map(lambda a: np.asarray(a, np.float32), dict(variables[c]))
-            for c in ("params", "batch_stats")}
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump({"kind": CONVERTED_KIND, "model": "FIDInceptionV3 (pytorch-fid, TF 2015-12-05 graph)",
-                   "source": source}, f, indent=2)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(out_dir, "variables"), tree, force=True)
+    tree = {c: jax.tree.map(lambda a: np.asarray(a, np.float32), dict(variables[c])) for c in ("params", "batch_stats")}
+    converted_dir.save(out_dir, CONVERTED_KIND, "variables", tree,
+                       model="FIDInceptionV3 (pytorch-fid, TF 2015-12-05 graph)", source=source)
 
 
 def load_fid_inception(path, *, dtype=None, param_dtype=None):
@@ -203,11 +189,7 @@ def load_fid_inception(path, *, dtype=None, param_dtype=None):
         if not is_converted_dir(path):
             raise ValueError(f"{path} is a folder but not a converted FID Inception (its config.json "
                              f"lacks kind={CONVERTED_KIND!r}); pass the {WEIGHTS_FILE} file or convert it")
-        import orbax.checkpoint as ocp
-
-        abstract = {c: target[c] for c in ("params", "batch_stats")}
-        with ocp.StandardCheckpointer() as ckptr:
-            variables = ckptr.restore(os.path.join(os.path.abspath(path), "variables"), abstract)
+        variables = converted_dir.restore(path, "variables", {c: target[c] for c in ("params", "batch_stats")})
     else:
         variables = inception_variables_from_torch(load_state_dict(path), target)
     # BatchNorm statistics stay float32 (flax creates them so); params take `param_dtype`.

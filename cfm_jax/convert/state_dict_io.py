@@ -16,26 +16,6 @@ _TORCH_PIN = "torch==2.13.0"
 
 
 
-def flatten(tree: Mapping, prefix: Tuple[str, ...] = ()) -> Dict[Tuple[str, ...], Any]:
-    flat = {}
-    for name, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, prefix + (name,)))
-        else:
-            flat[prefix + (name,)] = value
-    return flat
-
-
-def unflatten(flat: Mapping[Tuple[str, ...], Any]) -> Dict[str, Any]:
-    tree: Dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = value
-    return tree
-
-
 def strip_collection(path: Tuple[str, ...]) -> Tuple[str, ...]:
     # Accept both the params tree and the {'params': ...} variables tree.
     return path[1:] if path and path[0] == "params" else path

@@ -30,10 +30,10 @@ import re
 from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import numpy as np
+from flax.traverse_util import flatten_dict as _flatten, unflatten_dict as _unflatten
 
-from cfm_jax.convert.state_dict_io import (flatten as _flatten, load_state_dict, mismatch_lines,
-                                           strip_collection as _strip_collection,
-                                           unflatten as _unflatten, unwrap_lightning as _unwrap)
+from cfm_jax.convert.state_dict_io import (load_state_dict, mismatch_lines, strip_collection as _strip_collection,
+                                           unwrap_lightning as _unwrap)
 
 LDM_PREFIXES = ("first_stage_model.", "first_stage.", "vae.")
 _VAE_ROOTS = ("encoder", "decoder", "quant_conv", "post_quant_conv")

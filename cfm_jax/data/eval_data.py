@@ -117,9 +117,9 @@ def image_folder_set(folder: str, *, image_size: int, lowres_size: int, num_imag
     truth). Which images are usable is known only after decoding them, so this function
     decodes them once, one at a time and keeping nothing; each pass of the evaluator decodes
     its batches again."""
-    from cfm_jax.data import image_io, photos
+    from cfm_jax.data import image_io, image_ops
 
-    photos.check_lowres_filter(lowres_filter)
+    image_ops.check_lowres_filter(lowres_filter)
     names, _ = image_io.list_images(folder)
     if not names:
         raise FileNotFoundError(f"No images ({image_io.IMAGE_EXTENSIONS}) in {folder}.")
@@ -149,21 +149,21 @@ def image_folder_set(folder: str, *, image_size: int, lowres_size: int, num_imag
 
 def _centre_crop(path: str, image_size: int) -> np.ndarray:
     """float32 [S, S, 3] in [-1, 1]: the short side resized to S, the centre S² crop."""
-    from cfm_jax.data import image_io, prepare
+    from cfm_jax.data import image_io, image_ops
 
     loaded = image_io.load_image(path, min_size=image_size)
     if not loaded.ok:
         raise RuntimeError(f"{path} was readable when the evaluation started and is not any more "
                            f"({loaded.skip_reason}: {loaded.detail}).")
-    image = prepare.resize_short_side(loaded.image, image_size)
-    crop = prepare.make_crops(image, image_size=image_size, crop="center", crops_per_image=1)[0][0]
-    return prepare.to_unit_range(crop)
+    image = image_ops.resize_short_side(loaded.image, image_size)
+    crop = image_ops.make_crops(image, image_size=image_size, crop="center", crops_per_image=1)[0][0]
+    return image_ops.to_unit_range(crop)
 
 
 def _downsample(images: np.ndarray, lowres_size: int, lowres_filter: str) -> np.ndarray:
-    from cfm_jax.data import prepare
+    from cfm_jax.data import image_ops
 
-    return prepare.downsample_antialiased(images, lowres_size, lowres_filter)
+    return image_ops.downsample_antialiased(images, lowres_size, lowres_filter)
 
 
 # --------------------------------------------------------------------------- bundled photos

@@ -6,7 +6,7 @@ and turned into batches with the training convention of
 :meth:`cfm_jax.data.photos.PhotoCrops.batch_at` -- a dict of float32 NHWC arrays::
 
     image           [B, H, H, 3]   uint8 record / 127.5 - 1, in [-1, 1]
-    image_lowres    [B, h, h, 3]   photos.make_lowres(image, h, filter of the records)
+    image_lowres    [B, h, h, 3]   image_ops.make_lowres(image, h, filter of the records)
     latent          [B, l, l, C]   stored (unscaled) first-stage latent
     latent_lowres   [B, l, l, C]   stored (unscaled) PSU latent of the low-res image
     moments, moments_lowres        only when the records have them (``--with_moments``)
@@ -17,23 +17,23 @@ the stored ``latent_lowres``; asking for another filter (``lowres_filter=``) is 
 
 Non-array metadata (``file_name``, ``original_size``, ``crop_index``, ``crop_offset``)
 is dropped unless ``keep_metadata=True`` (debugging; those keys are then kept as
-numpy arrays, ``file_name`` as a unicode string array, and :func:`to_global_batch`
-leaves non-numeric keys on the host).
+numpy arrays, ``file_name`` as a unicode string array: keep them out of
+:func:`cfm_jax.sharding.shard_batch`).
 
 Usage (one loader per process; each process reads its own disjoint shard of records)::
 
     loader = make_record_loader(path, batch_size=per_process_batch, seed=0, flip=True)
     it = iter(loader)
-    batch = to_global_batch(next(it), mesh)     # global jax.Arrays sharded on 'data'
+    batch = shard_batch(next(it), mesh)     # cfm_jax.sharding: global jax.Arrays sharded on 'data'
 
 Sharding: the ``IndexSampler`` gets ``ShardOptions(process_index, process_count,
 drop_remainder=True)`` (defaults ``jax.process_index()`` / ``jax.process_count()``), so
 process ``i`` reads records ``i, i + n, i + 2n, ...`` of the (per-epoch shuffled) order,
 the same number on every process; the global batch is ``process_count * batch_size``.
 
-Resuming: the iterator's position is ``iterator_state(it)`` (grain's ``get_state()``,
-JSON bytes) and :func:`restore_iterator` (``set_state``). With an orbax
-``CheckpointManager`` the iterator is stored as its own item, one file per process::
+Resuming: the iterator's position is grain's ``it.get_state()`` (JSON bytes; ``set_state``
+on a fresh iterator restores it). With an orbax ``CheckpointManager`` (as the trainer does)
+the iterator is stored as its own item, one file per process::
 
     import orbax.checkpoint as ocp
     mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"))
@@ -70,7 +70,7 @@ import grain
 import numpy as np
 
 from cfm_jax.data import records
-from cfm_jax.data.photos import check_lowres_filter, lowres_filters_agree, make_lowres
+from cfm_jax.data.image_ops import check_lowres_filter, lowres_filters_agree, make_lowres
 
 SPATIAL_FLOAT_KEYS = ("latent", "latent_lowres", "moments", "moments_lowres")
 METADATA_KEYS = ("file_name", "original_size", "crop_index", "crop_offset")
@@ -236,26 +236,3 @@ def _ensure_absl_flags_parsed() -> None:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-
-
-def to_global_batch(batch: Mapping[str, np.ndarray], mesh) -> dict:
-    """Per-process numpy batch -> global ``jax.Array``s sharded over the mesh's ``data`` axis
-    (:func:`cfm_jax.sharding.shard_batch`); non-numeric arrays (string metadata) stay local."""
-    from cfm_jax.sharding import shard_batch
-
-    numeric = {k: v for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
-    return {**batch, **shard_batch(numeric, mesh)}
-
-
-def iterator_state(it) -> bytes:
-    """The position of a grain ``DataLoader`` iterator (``it.get_state()``, JSON bytes)."""
-    return it.get_state()
-
-
-def restore_iterator(loader: grain.DataLoader, state: bytes | str):
-    """A fresh iterator of ``loader`` positioned at ``state`` (from :func:`iterator_state`)."""
-    if isinstance(state, str):
-        state = state.encode("utf-8")
-    it = iter(loader)
-    it.set_state(state)
-    return it

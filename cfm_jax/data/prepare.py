@@ -25,9 +25,9 @@ What happens to one source image
    ``SeedSequence([seed, sha256(file name)])``: they do not depend on the other files,
    the shard or the process).
 3. ``image_lowres``: antialiased down-sampling to ``lowres_size`` (``--lowres_filter box``, the
-   default): the exact area average, ``photos.downsample`` when ``image_size / lowres_size`` is
+   default): the exact area average, ``image_ops.downsample`` when ``image_size / lowres_size`` is
    an integer (bit-exact with the original's bilinear /2), area-weighted otherwise
-   (``photos.make_lowres``).
+   (``image_ops.make_lowres``).
 4. One jitted function per batch encodes ``latent = encode_unscaled(image)`` and
    ``latent_lowres = encode_unscaled(bilinear_up(image_lowres, image_size))`` (PSU, the same
    as ``CFMUpsampler.make_latents_fn``), plus the posterior moments with ``--with_moments``.
@@ -86,9 +86,8 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
 
-from cfm_jax.data import image_io, photos, records, webdataset_source
+from cfm_jax.data import image_io, image_ops, photos, records, webdataset_source
 
 PHOTOS_SOURCE = "photos"
 FORMAT_VERSION = 1
@@ -201,7 +200,7 @@ def encode_batch(fs, image, image_lowres, *, with_moments: bool) -> dict:
     """Record latents of a batch (jittable): ``image`` [B, H, H, 3] and ``image_lowres``
     [B, h, h, 3] in [-1, 1] -> ``latent``, ``latent_lowres`` (PSU), optionally ``moments``,
     ``moments_lowres``."""
-    up = photos.upsample_bilinear(image_lowres, image.shape[1])  # [B, H, H, 3], jnp path
+    up = image_ops.upsample_bilinear(image_lowres, image.shape[1])  # [B, H, H, 3], jnp path
     if not with_moments:
         return {"latent": fs.encode_unscaled(image), "latent_lowres": fs.encode_unscaled(up)}
     m, m_low = posterior_moments(fs, image), posterior_moments(fs, up)
@@ -209,76 +208,10 @@ def encode_batch(fs, image, image_lowres, *, with_moments: bool) -> dict:
     return {"latent": m[..., :c], "latent_lowres": m_low[..., :c], "moments": m, "moments_lowres": m_low}
 
 
-# --------------------------------------------------------------------------- pixels
-def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
-    """uint8 [H, W, 3] -> short side == ``short_side`` (PIL antialiased bicubic)."""
-    h, w = image.shape[:2]
-    if min(h, w) == short_side:
-        return image
-    if h <= w:
-        size = (max(short_side, round(w * short_side / h)), short_side)
-    else:
-        size = (short_side, max(short_side, round(h * short_side / w)))
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
-
-
+# --------------------------------------------------------------------------- crops
 def crop_rng(seed: int, name: str) -> np.random.Generator:
     key = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
     return np.random.default_rng(np.random.SeedSequence([int(seed), key]))
-
-
-def make_crops(image: np.ndarray, *, image_size: int, crop: str, crops_per_image: int,
-               rng: np.random.Generator | None = None, min_scale: float = 1.0
-               ) -> list[tuple[np.ndarray, tuple[int, int]]]:
-    """``[(crop uint8 [S, S, 3], (top, left)), ...]`` of an image already resized.
-
-    ``min_scale < 1`` (random crops only): each crop shows a square region of ``S / s``
-    pixels, ``s`` log-uniform in ``[min_scale, 1]`` (at least ``S / short side``), resampled
-    to ``S`` with PIL's antialiased bicubic filter: zoomed-out views, for scale diversity.
-    """
-    h, w = image.shape[:2]
-    out = []
-    pil = Image.fromarray(image) if min_scale < 1.0 else None
-    for _ in range(crops_per_image):
-        if crop == "center":
-            y0, x0 = (h - image_size) // 2, (w - image_size) // 2
-        elif pil is None:
-            y0, x0 = int(rng.integers(0, h - image_size + 1)), int(rng.integers(0, w - image_size + 1))
-        else:
-            u_scale, u_y, u_x = rng.random(3)
-            scale = max(math.exp(math.log(min_scale) * (1.0 - u_scale)), image_size / min(h, w))
-            side = min(image_size / scale, h, w)
-            top, left = u_y * (h - side), u_x * (w - side)
-            region = pil.resize((image_size, image_size), Image.Resampling.BICUBIC,
-                                box=(left, top, left + side, top + side))
-            out.append((np.asarray(region), (int(round(top)), int(round(left)))))
-            continue
-        out.append((np.ascontiguousarray(image[y0:y0 + image_size, x0:x0 + image_size]), (y0, x0)))
-    return out
-
-
-def downsample_antialiased(images: np.ndarray, lowres_size: int, lowres_filter: str = "box") -> np.ndarray:
-    """float32 [B, H, H, 3] -> [B, l, l, 3], the records' low-res images (``photos.make_lowres``):
-    ``lowres_filter='box'`` (default): the exact area average (``photos.downsample`` for an integer
-    factor, area-weighted otherwise); ``'bilinear'``: the original's ``F.interpolate(mode='bilinear')``
-    without antialiasing (``--lowres_filter bilinear``)."""
-    return np.asarray(photos.make_lowres(images, lowres_size, lowres_filter), np.float32)
-
-
-def lowres_method(lowres_filter: str, image_size: int, lowres_size: int) -> str:
-    """The records' ``lowres_method`` metadata for ``lowres_filter``: ``box`` (integer factor) /
-    ``box_area`` (non-integer factor, the area-weighted average) for the box filter, ``bilinear``
-    for the original's filter. (Records of older versions may say ``pil_box``: PIL's ``BOX`` at a
-    non-integer factor, another filter, which the record loader refuses.)"""
-    if photos.check_lowres_filter(lowres_filter) == "bilinear":
-        return "bilinear"
-    return "box" if image_size % lowres_size == 0 else "box_area"
-
-
-def to_unit_range(images_uint8: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 in [-1, 1], the formula of ``photos.PhotoCrops`` (computed on the host
-    so that pixel-space records equal it bit for bit)."""
-    return images_uint8.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
 # --------------------------------------------------------------------------- plan and markers
@@ -478,7 +411,7 @@ def prepare(src: str | Sequence[str], out: str, *, image_size: int, lowres_size:
     factor = image_size / lowres_size
     dataset = {"name": name, "image_size": image_size, "lowres_size": lowres_size,
                "downsample_factor": int(factor) if factor.is_integer() else factor,
-               "lowres_method": lowres_method(lowres_filter, image_size, lowres_size),
+               "lowres_method": image_ops.lowres_method(lowres_filter, image_size, lowres_size),
                "latent_size": image_size // f, "latent_channels": int(fs.latent_channels),
                "scale_factor": float(fs.scale_factor), "shift_factor": float(getattr(fs, "shift_factor", 0.0)),
                "with_moments": bool(with_moments), "first_stage": first_stage_info(fs)}
@@ -529,11 +462,11 @@ def prepare(src: str | Sequence[str], out: str, *, image_size: int, lowres_size:
     def crop_loaded(item_name: str, loaded: image_io.LoadedImage) -> _Loaded:
         if not loaded.ok:
             return _Loaded(item_name, [], None, loaded.skip_reason, loaded.detail)
-        resized = resize_short_side(loaded.image, short_side) if short_side else loaded.image
+        resized = image_ops.resize_short_side(loaded.image, short_side) if short_side else loaded.image
         if max_short_side and min(resized.shape[:2]) > max_short_side:
-            resized = resize_short_side(resized, max_short_side)
+            resized = image_ops.resize_short_side(resized, max_short_side)
         rng = crop_rng(seed, item_name) if crop == "random" else None
-        return _Loaded(item_name, make_crops(resized, image_size=image_size, crop=crop,
+        return _Loaded(item_name, image_ops.make_crops(resized, image_size=image_size, crop=crop,
                                              crops_per_image=crops_per_image, rng=rng, min_scale=min_scale),
                         loaded.original_size)
 
@@ -552,8 +485,8 @@ def prepare(src: str | Sequence[str], out: str, *, image_size: int, lowres_size:
             chunk = entries[b0:b0 + batch_size]
             crops = np.zeros((batch_size, image_size, image_size, 3), np.uint8)  # padded: one compilation
             crops[:len(chunk)] = np.stack([e[2][0] for e in chunk])
-            image = to_unit_range(crops)
-            lowres = downsample_antialiased(image, lowres_size, lowres_filter)
+            image = image_ops.to_unit_range(crops)
+            lowres = image_ops.downsample_antialiased(image, lowres_size, lowres_filter)
             result = encode(fs_device, jax.device_put(image, rows), jax.device_put(lowres, rows))  # async
             if pending is not None:
                 collect(pending)
@@ -692,7 +625,7 @@ def _parser() -> argparse.ArgumentParser:
                         "divisible by the first stage's factor (8 for the SD VAE)")
     p.add_argument("--lowres_size", type=count, required=True,
                    help="side of the low-res images in pixels, at most --image_size (512 for the paper)")
-    p.add_argument("--lowres_filter", default="box", choices=photos.LOWRES_FILTERS,
+    p.add_argument("--lowres_filter", default="box", choices=image_ops.LOWRES_FILTERS,
                    help="how the low-res image is made: box (area average) or bilinear (the original's "
                         "F.interpolate without antialiasing; the same as box at x2)")
     p.add_argument("--short_side", type=size, default=None,

@@ -32,8 +32,8 @@ stage's downsampling factor, ``C`` its latent channels)::
     crop_offset     int32   [2]         (top, left) of the crop in the resized image
 
 The low-res image itself is not stored: it is a pure function of ``image``
-(``photos.make_lowres(image / 127.5 - 1, lowres_size, filter)`` with the filter of
-``lowres_method``; ``photos.downsample(image / 127.5 - 1, H // lowres_size)`` for ``box``).
+(``image_ops.make_lowres(image / 127.5 - 1, lowres_size, filter)`` with the filter of
+``lowres_method``; ``image_ops.downsample(image / 127.5 - 1, H // lowres_size)`` for ``box``).
 Latents are stored unscaled, like the original's records: multiply by the
 ``scale_factor`` of the metadata (what ``CFMUpsampler.scaled_latents`` does).
 

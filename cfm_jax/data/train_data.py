@@ -19,7 +19,7 @@
   nothing needs saving. With an autoencoder first stage their
   latents are encoded each step (slow; records avoid that).
 
-``data.lowres_filter`` (``'box'`` | ``'bilinear'``, see :func:`cfm_jax.data.photos.make_lowres`)
+``data.lowres_filter`` (``'box'`` | ``'bilinear'``, see :func:`cfm_jax.data.image_ops.make_lowres`)
 says how the low-res images are made: by the photo crops directly; for records at preparation
 (``python -m cfm_jax.data.prepare --lowres_filter``), which they record in their metadata and
 :func:`check_records` compares with the config.
@@ -36,7 +36,7 @@ import os
 import jax
 import numpy as np
 
-from cfm_jax.data import eval_data, photos
+from cfm_jax.data import eval_data, image_ops, photos
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class RecordTrainData(TrainData):
 # --------------------------------------------------------------------------- records
 def lowres_filter_of(config) -> str:
     """``config.data.lowres_filter``, checked; 'box' for the config.json of a run older than the key."""
-    return photos.check_lowres_filter(config.data.get("lowres_filter", "box"))
+    return image_ops.check_lowres_filter(config.data.get("lowres_filter", "box"))
 
 
 def records_path(config) -> str:
@@ -209,7 +209,7 @@ def check_records(path: str, config, first_stage) -> dict:
     from cfm_jax.data import pipeline
 
     made_with, want = pipeline.records_lowres_filter(meta, path), lowres_filter_of(config)
-    if made_with != want and not photos.lowres_filters_agree(meta["image_size"], meta["lowres_size"]):
+    if made_with != want and not image_ops.lowres_filters_agree(meta["image_size"], meta["lowres_size"]):
         problems.append(f"lowres_filter: records made with {made_with!r} (lowres_method "
                         f"{meta.get('lowres_method', 'box')!r}), config data.lowres_filter={want!r}")
     if problems:
