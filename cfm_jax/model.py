@@ -89,12 +89,23 @@ class CFMUpsampler:
         return out.astype(jnp.float32)
 
     def loss(self, params, batch: dict, rng: jax.Array, *, train: bool = True, first_stage=None) -> jax.Array:
-        """Per-example flow matching loss [B] on a batch (coupling drawn with ``rng``)."""
+        """Per-example flow matching loss [B] on a batch (coupling drawn with ``rng``).
+
+        ``train.border_pad`` > 0 (not the original's math): source, target and context are
+        reflect-padded by that many latent cells and the loss covers the padded latents, so the
+        network learns the mirrored borders that ``sample.border_pad`` gives it when sampling,
+        and its own zero-padded edge lies outside the image (docs/quickstart.md)."""
         first_stage = self.first_stage if first_stage is None else first_stage
         x1, lowres = self.scaled_latents(batch)
         couple_rng, flow_rng, drop_rng = jax.random.split(rng, 3)
         x0, context = self.coupling.source_and_context(lowres, size=x1.shape[1],
                                                        first_stage=first_stage, rng=couple_rng)
+        pad = int(self.config.train.border_pad)
+        if pad:  # train on reflect-padded source, target and context, as sample.border_pad samples
+            self.check_border_pad(x1.shape[1], x1.shape[2], "train.border_pad")
+            widths = ((0, 0), (pad, pad), (pad, pad), (0, 0))
+            x0, x1 = jnp.pad(x0, widths, mode="reflect"), jnp.pad(x1, widths, mode="reflect")
+            context = None if context is None else jnp.pad(context, widths, mode="reflect")
 
         def velocity_fn(xt, t):
             return self.velocity(params, xt, t, context, train=train, dropout_rng=drop_rng)
@@ -157,14 +168,17 @@ class CFMUpsampler:
         never sees an output pixel next to its zero padding (issue: a frame at the borders)."""
         return int(self.config.sample.border_pad)
 
-    def check_border_pad(self, height: int, width: int) -> None:
-        pad = self.border_pad
+    def check_border_pad(self, height: int, width: int, key: str = "sample.border_pad") -> None:
+        """Rejects a reflect padding (``sample.border_pad`` or ``train.border_pad``) that does not fit
+        ``height`` x ``width`` latents or the UNet's down-sampling."""
+        section, name = key.split(".")
+        pad = int(self.config[section][name])
         levels = 2 ** (len(self.config.model.channel_mult) - 1)
         if pad < 0 or pad >= min(height, width):
-            raise ValueError(f"sample.border_pad={pad} must be in [0, {min(height, width)}) for {height}x{width} "
+            raise ValueError(f"{key}={pad} must be in [0, {min(height, width)}) for {height}x{width} "
                              "latents (reflect padding).")
         if (height + 2 * pad) % levels or (width + 2 * pad) % levels:
-            raise ValueError(f"sample.border_pad={pad}: the padded latents {height + 2 * pad}x{width + 2 * pad} must "
+            raise ValueError(f"{key}={pad}: the padded latents {height + 2 * pad}x{width + 2 * pad} must "
                              f"stay divisible by the UNet's {levels}x down-sampling; use a multiple of {levels // 2 or 1}.")
 
     def predict(self, params, batch: dict, keys: jax.Array, *, solver, first_stage=None):

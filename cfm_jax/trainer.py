@@ -452,6 +452,8 @@ def train(config, workdir: str, *, load_weights: str | None = None, resume: str 
                                   "data.batch_size / optim.grad_accum_steps")
     upsampler = CFMUpsampler(config)
     latent_size = upsampler.latent_size(config.data.image_size)
+    for key in ("train.border_pad", "sample.border_pad"):  # before anything is compiled or written
+        upsampler.check_border_pad(latent_size, latent_size, key)
     tx, schedule = make_optimizer(config.optim)
     ema_cfg = EMAConfig.from_config(config.ema)
     solver = SolverSpec.from_config(config.sample)  # the validation sampler (ODE or SDE) exists

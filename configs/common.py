@@ -105,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
     # The training loop (cfm_jax/trainer.py).
     c.train = ml_collections.ConfigDict(dict(
         num_steps=100_000,
+        # latent cells of reflect padding of source, target and context in the loss (0: the original's
+        # math); train with the sample.border_pad you sample with (cfm_jax/model.py, docs/quickstart.md)
+        border_pad=0,
         log_every=50,
         eval_every=5000,
         checkpoint_every=10_000,

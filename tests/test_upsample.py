@@ -278,3 +278,34 @@ def test_border_pad_samples_a_reflect_padded_source_and_crops_back():
     c.sample.border_pad = 16
     with pytest.raises(ValueError, match=r"sample.border_pad=16 must be in \[0, 16\)"):
         CFMUpsampler(c).sample(params, lowres, keys, size=16, solver=solver)
+
+
+def test_train_border_pad_is_the_loss_of_the_reflect_padded_latents():
+    """train.border_pad: the flow matching loss of source, target (and context) reflect-padded with
+    numpy, the same flow draw; a pad that does not fit is an error naming the key."""
+    from cfm_jax import flow
+    from cfm_jax.data.photos import PhotoCrops
+    from tests.random_weights import random_params
+
+    c = tiny_config()
+    up = CFMUpsampler(c)
+    params = random_params(jax.eval_shape(lambda: up.init(jax.random.PRNGKey(0), 16)), seed=3)
+    batch = PhotoCrops("train", 16, 8, 2, seed=0).batch_at(0)
+    rng = jax.random.PRNGKey(5)
+    c.train.border_pad = 4
+    got = np.asarray(CFMUpsampler(c).loss(params, batch, rng, train=False))
+
+    x1, lowres = up.scaled_latents(batch)
+    couple_rng, flow_rng, _ = jax.random.split(rng, 3)
+    x0, context = up.coupling.source_and_context(lowres, size=16, first_stage=up.first_stage, rng=couple_rng)
+    pad = lambda a: np.pad(np.asarray(a), ((0, 0), (4, 4), (4, 4), (0, 0)), mode="reflect")  # noqa: E731
+    want = flow.velocity_loss(lambda xt, t: up.velocity(params, xt, t, None if context is None else pad(context)),
+                              x0=pad(x0), x1=pad(x1), rng=flow_rng, schedule=c.flow.schedule,
+                              sigma_min=c.flow.sigma_min, t_exponent=c.flow.t_exponent)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    c.train.border_pad = 0  # (up shares this config)
+    assert not np.allclose(got, up.loss(params, batch, rng, train=False))  # the padding changes the loss
+    c.train.border_pad = 16
+    with pytest.raises(ValueError, match=r"train.border_pad=16 must be in \[0, 16\)"):
+        CFMUpsampler(c).loss(params, batch, rng)
+
