@@ -2,7 +2,7 @@
 ``configs/quickstart.py`` and score it on the held-out photos, full image and interior.
 
     .venv/bin/python bench/bench_quickstart.py --name base [--train_crops 64] \
-        [--solvers euler:2,euler:3,euler:6] [--border_pads 0,4] [--config.KEY=VALUE ...]
+        [--solvers euler:2,euler:3,euler:6] [--border_pads 0,4 (default: the config's)] [--config.KEY=VALUE ...]
 
 ``--config.KEY=VALUE`` overrides ``configs/quickstart.py`` as in train.py
 (``--config.train.num_steps=900``, ``--config.model.padding_mode=reflect``; a typo is an error). ``--train_crops`` is the number of random crops
@@ -112,7 +112,8 @@ def linear_reference(records_path: str, *, taps: int = 6, num_train: int = 1500,
 _NAME = flags.DEFINE_string("name", "", "Run name (a folder under --runs_root); required unless --linear_reference.")
 _TRAIN_CROPS = flags.DEFINE_integer("train_crops", None, "Crops per training photo (default: the quick start's).")
 _SOLVERS = flags.DEFINE_string("solvers", "euler:2,euler:3,euler:6", "Solvers to score.")
-_BORDER_PADS = flags.DEFINE_string("border_pads", "0", "sample.border_pad values to score, comma-separated.")
+_BORDER_PADS = flags.DEFINE_string("border_pads", None, "sample.border_pad values to score, comma-separated "
+                                   "(default: the config's).")
 _RIM = flags.DEFINE_integer("rim", 4, "Interior: leave out this many pixels on every side.")
 _PROFILE = flags.DEFINE_bool("profile", False, "Also the error by distance from the edge (first solver).")
 _LINEAR = flags.DEFINE_string("linear_reference", None, "Only fit and score the least-squares linear up-sampler "
@@ -170,7 +171,8 @@ def main(argv) -> dict:
     params = checkpointing.read_params(workdir, use_ema=not _ONLINE.value)
     mesh = sharding.make_data_mesh()
     solvers = SolverSpec.parse_list(_SOLVERS.value)
-    for i, pad in enumerate(int(p) for p in _BORDER_PADS.value.split(",")):
+    pads = [int(p) for p in _BORDER_PADS.value.split(",")] if _BORDER_PADS.value else [int(c.sample.border_pad)]
+    for i, pad in enumerate(pads):
         c2 = ml_collections.ConfigDict(c.to_dict())
         c2.sample.border_pad = pad
         ups = CFMUpsampler(c2)
