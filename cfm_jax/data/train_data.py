@@ -41,9 +41,9 @@ from cfm_jax.data import eval_data, image_ops, photos
 log = logging.getLogger(__name__)
 
 # The bundled photos as records (quick start). Training crops are native pixels, except that
-# the two very large photos (retina 1411 px, hubble_deep_field 872 px, mostly flat background at
-# native resolution) are reduced to a 512-px short side; 512 random crops per photo (64 scored
-# lower on the held-out photos: docs/quickstart.md). Validation crops are native pixels of the
+# the two very large photos (retina, hubble_deep_field: mostly flat background at native
+# resolution) are reduced to a 512-px short side; 512 random crops per photo, so that a quick-start
+# run never sees a crop twice (docs/quickstart.md). Validation crops are native pixels of the
 # four held-out photos, 32 random crops each (records are in file order: use
 # data.num_val_images=128 to validate on all four).
 PHOTO_RECORDS_VERSION = "v2"  # of the split and crop counts: a change gets a new folder, never stale records
