@@ -31,6 +31,12 @@ def _dtype(name: str):
     return DTYPES[name]
 
 
+def _reflect_pad(pad: int, *arrays):
+    """``arrays`` [B, H, W, C] reflect-padded by ``pad`` cells on every side (``None`` stays ``None``)."""
+    widths = ((0, 0), (pad, pad), (pad, pad), (0, 0))
+    return tuple(None if a is None else jnp.pad(a, widths, mode="reflect") for a in arrays)
+
+
 def build_unet(cfg) -> EfficientUNet:
     """The EfficientUNet of config section ``model``."""
     return EfficientUNet(
@@ -103,9 +109,7 @@ class CFMUpsampler:
         pad = int(self.config.train.border_pad)
         if pad:  # train on reflect-padded source, target and context, as sample.border_pad samples
             self.check_border_pad(x1.shape[1], x1.shape[2], "train.border_pad")
-            widths = ((0, 0), (pad, pad), (pad, pad), (0, 0))
-            x0, x1 = jnp.pad(x0, widths, mode="reflect"), jnp.pad(x1, widths, mode="reflect")
-            context = None if context is None else jnp.pad(context, widths, mode="reflect")
+            x0, x1, context = _reflect_pad(pad, x0, x1, context)
 
         def velocity_fn(xt, t):
             return self.velocity(params, xt, t, context, train=train, dropout_rng=drop_rng)
@@ -131,9 +135,7 @@ class CFMUpsampler:
         pad = self.border_pad
         if pad:  # reflect-pad source and context (sample.border_pad)
             self.check_border_pad(x0.shape[1], x0.shape[2])
-            widths = ((0, 0), (pad, pad), (pad, pad), (0, 0))
-            x0 = jnp.pad(x0, widths, mode="reflect")
-            context = None if context is None else jnp.pad(context, widths, mode="reflect")
+            x0, context = _reflect_pad(pad, x0, context)
         return x0, context
 
     def integrate(self, params, x0: jax.Array, context, keys: jax.Array, *, solver) -> sampling.SampleResult:
