@@ -16,17 +16,26 @@ evaluator training validates with (``cfm_jax/evaluation.py``). Runs over every d
 every host: start it on each, like train.py).
 
 Writes ``<out>/metrics.json``, ``metrics.csv``, ``report.md``, ``grid_<solver>.png`` and, for a
-sweep over more than one solver, ``psnr_vs_nfe.svg`` (and ssim, fid, patch-fid).
+sweep over more than one solver, ``psnr_vs_nfe.svg`` (and ssim, fid, patch-fid; matplotlib).
 Deterministic for ``--seed`` (default: the run's ``config.seed``, the seed of its validation:
 with the defaults, eval.py reproduces the numbers training logged for the same checkpoint).
 """
+import json
 import logging
 import os
 import sys
 
+import jax
+import ml_collections
 from absl import flags
+from tqdm import tqdm
 
-from cfm_jax import cli
+from cfm_jax import checkpointing, cli, distributed, evaluation, sharding
+from cfm_jax.data import eval_data
+from cfm_jax.data.train_data import make_data
+from cfm_jax.model import CFMUpsampler
+from cfm_jax.solvers import SolverSpec
+from cfm_jax.upsample import check_params_fit_config
 
 
 def define_flags(fl: flags.FlagValues) -> None:
@@ -106,24 +115,55 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax metadata chatter
     logging.getLogger("jax").setLevel(logging.WARNING)  # backend probes, compilation cache notes
-    import jax
-    import ml_collections
-
-    from cfm_jax import checkpointing, distributed, evaluation, sharding
-    from cfm_jax.data import eval_data
-    from cfm_jax.solvers import SolverSpec
-    from cfm_jax.upsample import check_params_fit_config
-    from cfm_jax.model import CFMUpsampler
-
     try:
         distributed.initialize(fl.distributed)
     except (RuntimeError, ValueError) as e:  # as train.py: a coordinator that is not there, bad settings
         cli.fail(str(e))
-    workdir = fl.workdir
-    cfg_path = os.path.join(workdir, "config.json")
+    config = run_config(fl)
+    solvers = choose_solvers(fl, config.sample)  # a typo fails before anything is loaded
+    s = settings(fl, config)
+    try:
+        _, step = checkpointing.locate(fl.workdir, fl.step)  # the newest complete checkpoint unless --step
+        params = checkpointing.read_params(fl.workdir, use_ema=not fl.online, step=step)
+    except (FileNotFoundError, ValueError) as e:
+        cli.fail(f"{e} Train first: python train.py --workdir {fl.workdir}")
+    mesh = sharding.make_data_mesh()
+    try:
+        ev, eval_set = make_evaluator(fl, config, params, mesh, s)
+    except (FileNotFoundError, ValueError, ImportError) as e:  # UpsampleError is a ValueError
+        cli.fail(str(e))
+    print(f"Evaluating {ev.num_images} images ({eval_set.description}) on {mesh.devices.size} device(s), "
+          f"{jax.process_count()} process(es); solvers {[s.label for s in solvers]}"
+          f"{'; FID + patch-FID' if ev.fid else '; no FID (pass --inception)'}", flush=True)
+    # one pass over the set: every batch is read once and scored by every solver and the baselines
+    with tqdm(total=eval_set.num_batches, desc="eval", unit="batch", leave=False,
+              disable=jax.process_index() != 0 or eval_set.num_batches < 2) as bar:
+        results, grids = ev.run(params, solvers, progress=lambda done, total: bar.update(1))
+    print_solver_lines(results[:len(solvers)])
+    if jax.process_index() == 0:
+        record = {"checkpoint": os.path.abspath(fl.workdir), "step": step, "weights": "online" if fl.online else "ema",
+                  "data": eval_set.description, "num_images": ev.num_images, "image_size": config.data.image_size,
+                  "lowres_size": config.data.lowres_size, "seed": s["seed"], "devices": mesh.devices.size,
+                  "processes": jax.process_count(),
+                  "fid": ({"inception": os.path.abspath(s["inception"]), "num_crops": s["num_crops"],
+                           "crop_size": ev.crop_size} if ev.fid else None)}
+        notes = [] if ev.fid else ["FID and patch-FID not computed: pass --inception with pytorch-fid's "
+                                   "pt_inception-2015-12-05-6726825d.pth."]
+        out = fl.out or os.path.join(fl.workdir, "eval")
+        files = evaluation.write_reports(out, record, results, {s.label: grids[s.label] for s in solvers},
+                                         notes=notes)
+        print(evaluation.markdown_table(results))
+        print(summary_line(results))
+        print(f"Results in {os.path.abspath(out)}: {' '.join(files)}")
+    return 0
+
+
+def run_config(fl: flags.FlagValues) -> ml_collections.ConfigDict:
+    """The run's ``config.json`` with the data flags applied (``--num_images``, ``--batch_size``,
+    ``--records``, ``--split``)."""
+    cfg_path = os.path.join(fl.workdir, "config.json")
     if not os.path.exists(cfg_path):
         cli.fail(f"{cfg_path} not found: --workdir must be a directory written by train.py.")
-    import json
     with open(cfg_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
     d = config.data
@@ -135,101 +175,86 @@ def main(argv=None) -> int:
         d.name, d.path, d.prepare_photos = "records", fl.records, False
     if fl.split:
         d.val_split = fl.split
+    return config
 
-    # solvers and options first: a typo fails before anything is loaded
-    sample = config.sample
+
+def choose_solvers(fl: flags.FlagValues, sample) -> list[SolverSpec]:
+    """``--solvers`` (default: the run's sampler), each with the run's atol, max_steps and SDE
+    settings unless an SDE flag says otherwise."""
     sde_kwargs = {k: v for k, v in (("diffusion_form", fl.diffusion_form), ("diffusion_norm", fl.diffusion_norm),
                                     ("last_step", fl.last_step), ("last_step_size", fl.last_step_size))
                   if v is not None}
     if isinstance(sde_kwargs.get("last_step"), str) and sde_kwargs["last_step"].lower() == "none":
         sde_kwargs["last_step"] = None
     try:
-        if fl.solvers:  # the run's atol, max_steps and SDE settings unless a flag says otherwise
-            run = SolverSpec.from_config(sample, **sde_kwargs)
-            solvers = SolverSpec.parse_list(fl.solvers, **{k: getattr(run, k) for k in (
-                "atol", "max_steps", "diffusion_form", "diffusion_norm", "last_step", "last_step_size")})
-        else:
-            solvers = [SolverSpec.from_config(sample, **sde_kwargs)]
+        run = SolverSpec.from_config(sample, **sde_kwargs)
+        if not fl.solvers:
+            return [run]
+        solvers = SolverSpec.parse_list(fl.solvers, **{k: getattr(run, k) for k in (
+            "atol", "max_steps", "diffusion_form", "diffusion_norm", "last_step", "last_step_size")})
     except ValueError as e:
         cli.fail(str(e))
     if len({s.label for s in solvers}) != len(solvers):
         cli.fail(f"--solvers repeats a solver: {[s.label for s in solvers]}.")
-    inception = fl.inception if fl.inception is not None else config.eval.inception
-    num_crops = fl.num_crops if fl.num_crops is not None else config.eval.num_crops
-    crop_size = fl.crop_size if fl.crop_size is not None else config.eval.crop_size
-    rim = fl.rim if fl.rim is not None else config.eval.rim
-    seed = fl.seed if fl.seed is not None else int(config.seed)
-    if inception and not os.path.exists(inception):
-        cli.fail(f"--inception {inception!r} does not exist (pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
-                 "or a folder written by `python -m cfm_jax.convert inception`).")
+    return solvers
+
+
+def settings(fl: flags.FlagValues, config) -> dict:
+    """FID, interior and seed settings: each flag, else the run's ``eval`` section and seed;
+    the Inception weights and ``--images`` folder must exist."""
+    pick = {k: getattr(fl, k) if getattr(fl, k) is not None else config.eval[k]
+            for k in ("inception", "num_crops", "crop_size", "rim")}
+    pick["seed"] = fl.seed if fl.seed is not None else int(config.seed)
+    if pick["inception"] and not os.path.exists(pick["inception"]):
+        cli.fail(f"--inception {pick['inception']!r} does not exist (pytorch-fid's "
+                 "pt_inception-2015-12-05-6726825d.pth or a folder written by `python -m cfm_jax.convert inception`).")
     if fl.images and not os.path.isdir(fl.images):
         cli.fail(f"--images {fl.images!r} is not a folder.")
+    return pick
 
-    use_ema = not fl.online
-    try:
-        _, step = checkpointing.locate(workdir, fl.step)  # the newest complete checkpoint unless --step
-        params = checkpointing.read_params(workdir, use_ema=use_ema, step=step)
-    except (FileNotFoundError, ValueError) as e:
-        cli.fail(f"{e} Train first: python train.py --workdir {workdir}")
-    mesh = sharding.make_data_mesh()
-    try:
-        upsampler = CFMUpsampler(config)
-        # the weights must have the shapes config.json builds (the same check as the upsampling CLI's)
-        check_params_fit_config(workdir, upsampler, params, config)
-        if fl.images:
-            eval_set = eval_data.image_folder_set(
-                fl.images, image_size=d.image_size, lowres_size=d.lowres_size, num_images=d.num_val_images,
-                batch_size=d.batch_size, n_devices=mesh.devices.size,
-                lowres_filter=d.lowres_filter)
-        else:
-            from cfm_jax.data.train_data import make_data
-            _, eval_set = make_data(config, upsampler.first_stage, n_devices=mesh.devices.size, train=False)
-        fid_cfg = evaluation.FIDConfig.from_path(inception, num_crops=num_crops, crop_size=crop_size,
-                                                 reference_stats=fl.fid_stats)
-        ev = evaluation.Evaluator(upsampler, eval_set, mesh, seed=seed, fid=fid_cfg,
-                                  num_grid=config.train.num_grid_images,
-                                  rim=evaluation.resolve_rim(rim, upsampler, eval_set.image_size))
-    except (FileNotFoundError, ValueError, ImportError) as e:  # UpsampleError is a ValueError
-        cli.fail(str(e))
-    print(f"Evaluating {ev.num_images} images ({eval_set.description}) on {mesh.devices.size} device(s), "
-          f"{jax.process_count()} process(es); solvers {[s.label for s in solvers]}"
-          f"{'; FID + patch-FID' if fid_cfg else '; no FID (pass --inception)'}", flush=True)
-    from tqdm import tqdm
-    # one pass over the set: every batch is read once and scored by every solver and the baselines
-    with tqdm(total=eval_set.num_batches, desc="eval", unit="batch", leave=False,
-              disable=jax.process_index() != 0 or eval_set.num_batches < 2) as bar:
-        results, grids = ev.run(params, solvers, progress=lambda done, total: bar.update(1))
-    for r in results[:len(solvers)]:
+
+def make_evaluator(fl: flags.FlagValues, config, params, mesh, s: dict):
+    """The model (its weights checked against ``config.json``), the evaluation set (``--images``
+    or the records' split) and the :class:`~cfm_jax.evaluation.Evaluator` over them."""
+    upsampler = CFMUpsampler(config)
+    # the weights must have the shapes config.json builds (the same check as the upsampling CLI's)
+    check_params_fit_config(fl.workdir, upsampler, params, config)
+    d = config.data
+    if fl.images:
+        eval_set = eval_data.image_folder_set(
+            fl.images, image_size=d.image_size, lowres_size=d.lowres_size, num_images=d.num_val_images,
+            batch_size=d.batch_size, n_devices=mesh.devices.size, lowres_filter=d.lowres_filter)
+    else:
+        _, eval_set = make_data(config, upsampler.first_stage, n_devices=mesh.devices.size, train=False)
+    fid_cfg = evaluation.FIDConfig.from_path(s["inception"], num_crops=s["num_crops"], crop_size=s["crop_size"],
+                                             reference_stats=fl.fid_stats)
+    ev = evaluation.Evaluator(upsampler, eval_set, mesh, seed=s["seed"], fid=fid_cfg,
+                              num_grid=config.train.num_grid_images,
+                              rim=evaluation.resolve_rim(s["rim"], upsampler, eval_set.image_size))
+    return ev, eval_set
+
+
+def print_solver_lines(results) -> None:
+    """One line per solver: NFE, PSNR (mean and of the mean MSE), SSIM, interior, FID, time."""
+    for r in results:
         print(f"  {r.label}: NFE {r.nfe}, PSNR {r.psnr:.3f} dB (of the mean MSE {r.psnr_mean_mse:.3f} dB), "
               f"SSIM {r.ssim:.4f}"
               + (f"; interior (rim {r.rim} px) PSNR {r.psnr_interior:.3f} dB, SSIM {r.ssim_interior:.4f}"
                  if r.psnr_interior is not None else "")
               + (f", FID {r.fid:.4g}, patch-FID {r.patch_fid:.4g}" if r.fid is not None else "")
               + f", {r.seconds_per_image:.3f} s/image", flush=True)
-    grid_images = {s.label: grids[s.label] for s in solvers}
 
-    out = fl.out or os.path.join(workdir, "eval")
-    record = {"checkpoint": os.path.abspath(workdir), "step": step, "weights": "ema" if use_ema else "online",
-              "data": eval_set.description, "num_images": ev.num_images, "image_size": d.image_size,
-              "lowres_size": d.lowres_size, "seed": seed, "devices": mesh.devices.size,
-              "processes": jax.process_count(),
-              "fid": ({"inception": os.path.abspath(inception), "num_crops": num_crops,
-                       "crop_size": ev.crop_size} if fid_cfg else None)}
-    notes = [] if fid_cfg else ["FID and patch-FID not computed: pass --inception with pytorch-fid's "
-                                "pt_inception-2015-12-05-6726825d.pth."]
-    if jax.process_index() == 0:
-        files = evaluation.write_reports(out, record, results, grid_images, notes=notes)
-        print(evaluation.markdown_table(results))
-        best = max((r for r in results if r.method == "cfm"), key=lambda r: r.psnr)
-        bicubic = next(r for r in results if r.method == "bicubic")
-        print(f"\nCFM ({best.label}, best PSNR) minus bicubic: {best.psnr - bicubic.psnr:+.3f} dB PSNR, "
-              f"{best.psnr_mean_mse - bicubic.psnr_mean_mse:+.3f} dB PSNR of the mean MSE, "
-              f"{best.ssim - bicubic.ssim:+.4f} SSIM"
-              + (f"; interior (rim {best.rim} px) {best.psnr_mean_mse_interior - bicubic.psnr_mean_mse_interior:+.3f}"
-                 f" dB PSNR of the mean MSE, {best.ssim_interior - bicubic.ssim_interior:+.4f} SSIM"
-                 if best.psnr_interior is not None else "") + ".")
-        print(f"Results in {os.path.abspath(out)}: {' '.join(files)}")
-    return 0
+
+def summary_line(results) -> str:
+    """The best-PSNR solver minus bicubic, full image and interior."""
+    best = max((r for r in results if r.method == "cfm"), key=lambda r: r.psnr)
+    bicubic = next(r for r in results if r.method == "bicubic")
+    return (f"\nCFM ({best.label}, best PSNR) minus bicubic: {best.psnr - bicubic.psnr:+.3f} dB PSNR, "
+            f"{best.psnr_mean_mse - bicubic.psnr_mean_mse:+.3f} dB PSNR of the mean MSE, "
+            f"{best.ssim - bicubic.ssim:+.4f} SSIM"
+            + (f"; interior (rim {best.rim} px) {best.psnr_mean_mse_interior - bicubic.psnr_mean_mse_interior:+.3f}"
+               f" dB PSNR of the mean MSE, {best.ssim_interior - bicubic.ssim_interior:+.4f} SSIM"
+               if best.psnr_interior is not None else "") + ".")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@
 3. Validation: the evaluator of ``eval.py`` (:class:`cfm_jax.evaluation.Evaluator`) on the
    held-out set with the EMA weights: PSNR/SSIM/MSE (and FID, patch-FID) of the prediction
    and of bicubic/bilinear up-sampling, an image grid (``make_validator``).
-4. The loop: check the config and restore the newest checkpoint before anything is written,
+4. The run (``train``): build and check everything (``_build``) and restore the newest
+   checkpoint (``_starting_state``) before anything is written; then the run's files
+   (``_RunFiles``: config, metrics, checkpoints, grids, summary) and the loop (``_train_loop``):
    log, validate, checkpoint; stop on a NaN/inf loss, a full disk (one message naming the
-   newest complete checkpoint) or a SIGTERM/SIGINT/SIGUSR1 (``train``).
+   newest complete checkpoint) or a SIGTERM/SIGINT/SIGUSR1.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from PIL import Image
 from cfm_jax import checkpointing, compile_options, distributed, flops as flops_lib, host_memory, sharding
 from cfm_jax.data.train_data import make_data
 from cfm_jax.ema import EMAConfig, ema_update
-from cfm_jax.evaluation import Evaluator, FIDConfig, resolve_rim
+from cfm_jax.evaluation import Evaluator, FIDConfig, finite_json, resolve_rim
 from cfm_jax.metric_writers import MetricWriter
 from cfm_jax.optim import make_optimizer
 from cfm_jax.solvers import SolverSpec
@@ -441,10 +443,45 @@ def train(config, workdir: str, *, load_weights: str | None = None, resume: str 
     if resume is not None and load_weights:
         raise ValueError("--resume_checkpoint and --load_weights exclude each other: resume continues a run "
                          "(optimizer, EMA, data position); --load_weights starts a new one from weights.")
+    _quiet_failed_write_reports()
+    run = _build(config, workdir)  # everything that can reject the config; nothing written yet
+    state, resumed_from = _starting_state(run, config, workdir, resume=resume, load_weights=load_weights)
+    files = _RunFiles(config, workdir, start_step=int(state.step),
+                      supersede_after=resumed_from if resume is not None else None)
+    summary = {"workdir": files.workdir_name, "start_step": int(state.step), "num_steps": config.train.num_steps}
+    try:
+        step = _train_loop(config, run, state, files, summary)
+    except BaseException:
+        files.close_quietly()
+        raise
+    files.close()
+    summary["final_step"] = step
+    summary["num_traces"] = run.train_step.num_traces()
+    distributed.barrier("cfm_jax.train.end")
+    return files.write_summary(summary)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What a run is made of, built (and checked) before anything is written."""
+
+    mesh: Any
+    upsampler: CFMUpsampler
+    latent_size: int
+    solver: SolverSpec  # the validation sampler
+    train_data: Any
+    validator: Evaluator | None
+    abstract: TrainState  # shapes, dtypes and shardings of the state
+    tx: optax.GradientTransformation
+    train_step: Callable
+    flops_per_example: float
+
+
+def _build(config, workdir: str) -> _Run:
+    """Checks the settings and builds the model, optimizer, data, validation and the (not yet
+    compiled) train step. Raises on any setting that cannot work; writes nothing."""
     check_train_settings(config.train)
     _check_workdir(workdir)
-    _quiet_failed_write_reports()
-    # Everything that can reject the config runs before anything is written to workdir.
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.data.batch_size, mesh)
     if config.optim.grad_accum_steps > 1:
@@ -459,175 +496,204 @@ def train(config, workdir: str, *, load_weights: str | None = None, resume: str 
     solver = SolverSpec.from_config(config.sample)  # the validation sampler (ODE or SDE) exists
     train_data, val_set = make_data(config, upsampler.first_stage, n_devices=mesh.devices.size)
     validator = make_validator(config, upsampler, val_set, mesh)
-    own_checkpoints = checkpointing.checkpoint_dir(workdir)
-    if resume is not None:
-        source_dir, start_step = _resume_source(resume, workdir)
-    else:
-        steps = checkpointing.complete_steps(own_checkpoints)
-        source_dir, start_step = own_checkpoints, (steps[-1] if steps else None)
-
-    fsdp_min = config.mesh.fsdp_min_size
-    abstract = abstract_train_state(upsampler, tx, latent_size, mesh, fsdp_min)
+    abstract = abstract_train_state(upsampler, tx, latent_size, mesh, config.mesh.fsdp_min_size)
     state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
     layout = sharding.describe(abstract, state_sharding)
     log.info("Mesh %s over %d devices (%d processes); train state %.1f MiB, %.1f MiB per device "
              "(%d arrays sharded over fsdp, %d replicated).", dict(mesh.shape), mesh.devices.size,
              jax.process_count(), layout["bytes"] / 2**20, layout["bytes_per_device"] / 2**20,
              layout["sharded_leaves"], layout["replicated_leaves"])
-    # The state comes before any write: a checkpoint this config cannot restore (another model
-    # or optimizer) is rejected with the work directory untouched, config.json included.
-    if start_step is not None:
-        source = checkpointing.make_manager(None, read_only=True, directory=source_dir)
-        try:
-            state = _restore_state(source, abstract, start_step, config)
-            if train_data.restore_arg() is not None:
-                if checkpointing.has_item(source, start_step, "data"):
-                    checkpointing.restore_data(source, start_step, train_data.restore_arg())
-                else:
-                    log.warning("Checkpoint %d holds no data iterator (saved by a run on another data source?): "
-                                "the records are read from the start of a new epoch order.", start_step)
-        finally:
-            source.close()
-        log.info("Resumed from %s at step %d.", os.path.join(source_dir, str(start_step)), int(state.step))
-        if load_weights:
-            log.warning("--load_weights ignored: the work directory already has checkpoints (resuming).")
-    else:
-        state = create_train_state(upsampler, tx, jax.random.PRNGKey(config.seed), latent_size, mesh,
-                                   shardings=state_sharding)
-        if load_weights:
-            state = _load_weights(state, load_weights, mesh)
-    step = int(state.step)
-    host_memory.release_freed_memory()  # what initialising or restoring freed
-
-    wd = epath.Path(workdir)  # a local folder or a bucket URL (gs://...)
-    remote = "://" in str(workdir)
-    is_main = jax.process_index() == 0
-    previous_summary = _read_summary(wd) if is_main else {}
-    if is_main:
-        with _writing("config.json", wd, own_checkpoints):
-            wd.mkdir(parents=True, exist_ok=True)
-            (wd / "config.json").write_text(config.to_json_best_effort(indent=2))
-    # Metric files are appended to locally; with a bucket work directory they live in a local
-    # mirror that is copied to the bucket at every checkpoint (and fetched back when resuming).
-    log_dir = _local_log_dir(workdir) if remote else workdir
-    if remote and is_main:
-        _fetch_logs(wd, log_dir)
-
-    if resume is not None and is_main:
-        _supersede_newer(workdir, (source_dir, start_step))
-    distributed.barrier("cfm_jax.train.resume")
-    manager = checkpointing.make_manager(workdir, keep=config.train.keep_checkpoints)
-    with _writing("metrics.csv and tensorboard/", log_dir, own_checkpoints):
-        writer = MetricWriter(log_dir, use_csv=config.logging.csv, tensorboard=config.logging.tensorboard,
-                              wandb=config.logging.wandb, wandb_project=config.logging.wandb_project,
-                              wandb_name=config.logging.wandb_name, config_dict=config.to_dict(),
-                              resume_step=step)
     train_step = make_train_step(upsampler, tx, schedule, ema_cfg, mesh,
                                  grad_accum_steps=config.optim.grad_accum_steps, state_sharding=state_sharding)
     # model FLOPs (forward + backward of the UNet, analytic; a rematerialised forward is not counted)
     flops_per_example = flops_lib.train_flops_per_example(config.model, latent_size)
-    n_devices = mesh.devices.size
-    prepare = batch_preparer(upsampler, train_data.has_latents) or (lambda b: b)
-    t_cfg = config.train
-    num_steps = t_cfg.num_steps
-    train_data.seek(step)
-    summary = {"workdir": str(workdir) if remote else os.path.abspath(workdir), "start_step": step,
-               "num_steps": num_steps}
+    return _Run(mesh=mesh, upsampler=upsampler, latent_size=latent_size, solver=solver, train_data=train_data,
+                validator=validator, abstract=abstract, tx=tx, train_step=train_step,
+                flops_per_example=flops_per_example)
 
-    def save(step_now: int, state_now: TrainState):
-        with _writing(f"checkpoint {step_now}", own_checkpoints, own_checkpoints):
-            checkpointing.save(manager, step_now, state_now, {"step": step_now, "config": config.to_dict()},
-                               data=train_data.save_arg())
-            if remote and is_main:
-                writer.flush()
-                _push_logs(log_dir, wd)
 
-    def write_metrics(step_now: int, metrics: dict):
-        with _writing(f"the metrics of step {step_now}", log_dir, own_checkpoints):
-            writer.write(step_now, metrics)
+def _starting_state(run: _Run, config, workdir: str, *, resume: str | None,
+                    load_weights: str | None) -> tuple[TrainState, tuple[str, int] | None]:
+    """The state the run starts from, and ``(checkpoints folder, step)`` when it was restored:
+    the checkpoint ``resume`` names, else the newest of ``workdir``, else a new state (with the
+    weights of ``load_weights``). Also restores the data position. Writes nothing: a checkpoint
+    this config cannot restore (another model or optimizer) is rejected with the work directory
+    untouched, config.json included."""
+    own_checkpoints = checkpointing.checkpoint_dir(workdir)
+    if resume is not None:
+        source_dir, start_step = _resume_source(resume, workdir)
+    else:
+        steps = checkpointing.complete_steps(own_checkpoints)
+        source_dir, start_step = own_checkpoints, (steps[-1] if steps else None)
+    if start_step is None:
+        state = create_train_state(run.upsampler, run.tx, jax.random.PRNGKey(config.seed), run.latent_size, run.mesh,
+                                   shardings=jax.tree.map(lambda a: a.sharding, run.abstract))
+        if load_weights:
+            state = _load_weights(state, load_weights, run.mesh)
+        host_memory.release_freed_memory()  # what initialising freed
+        return state, None
+    source = checkpointing.make_manager(None, read_only=True, directory=source_dir)
+    try:
+        state = _restore_state(source, run.abstract, start_step, config)
+        if run.train_data.restore_arg() is not None:
+            if checkpointing.has_item(source, start_step, "data"):
+                checkpointing.restore_data(source, start_step, run.train_data.restore_arg())
+            else:
+                log.warning("Checkpoint %d holds no data iterator (saved by a run on another data source?): "
+                            "the records are read from the start of a new epoch order.", start_step)
+    finally:
+        source.close()
+    log.info("Resumed from %s at step %d.", os.path.join(source_dir, str(start_step)), int(state.step))
+    if load_weights:
+        log.warning("--load_weights ignored: the work directory already has checkpoints (resuming).")
+    host_memory.release_freed_memory()  # what restoring freed
+    return state, (source_dir, start_step)
 
-    def validate(step_now: int, state_now: TrainState):
-        params = state_now.ema_params if config.sample.use_ema else state_now.params
-        evaluated, grids = validator.run(params, [solver])
-        results, grid = validation_metrics(evaluated), grids[solver.label]
-        write_metrics(step_now, results)
-        with _writing(f"the validation grid of step {step_now}", wd / "samples", own_checkpoints):
-            if is_main:
-                (wd / "samples").mkdir(parents=True, exist_ok=True)
+
+class _RunFiles:
+    """Everything a run writes in its work directory: config.json, the metric files, the
+    checkpoints, the validation grids and train_summary.json.
+
+    With a bucket work directory (``gs://...``) the metric files are appended to in a local
+    mirror that is copied to the bucket at every checkpoint and at the end (and fetched back when
+    a run resumes on a new machine). A write that fails for lack of space raises
+    :class:`OutOfSpace` naming the newest complete checkpoint. Creating it writes config.json and,
+    when ``supersede_after`` is a checkpoint of this run, moves this run's newer checkpoints aside.
+    """
+
+    def __init__(self, config, workdir: str, *, start_step: int, supersede_after: tuple[str, int] | None):
+        self.config = config
+        self.wd = epath.Path(workdir)  # a local folder or a bucket URL (gs://...)
+        self.remote = "://" in str(workdir)
+        self.workdir_name = str(workdir) if self.remote else os.path.abspath(workdir)
+        self.is_main = jax.process_index() == 0
+        self.checkpoints = checkpointing.checkpoint_dir(workdir)
+        self.previous_summary = _read_summary(self.wd) if self.is_main else {}
+        if self.is_main:
+            with self.writing("config.json", self.wd):
+                self.wd.mkdir(parents=True, exist_ok=True)
+                (self.wd / "config.json").write_text(config.to_json_best_effort(indent=2))
+        self.log_dir = _local_log_dir(workdir) if self.remote else workdir
+        if self.remote and self.is_main:
+            _fetch_logs(self.wd, self.log_dir)
+        if supersede_after is not None and self.is_main:
+            _supersede_newer(workdir, supersede_after)
+        distributed.barrier("cfm_jax.train.resume")
+        self.manager = checkpointing.make_manager(workdir, keep=config.train.keep_checkpoints)
+        with self.writing("metrics.csv and tensorboard/", self.log_dir):
+            lg = config.logging
+            self.writer = MetricWriter(self.log_dir, use_csv=lg.csv, tensorboard=lg.tensorboard, wandb=lg.wandb,
+                                       wandb_project=lg.wandb_project, wandb_name=lg.wandb_name,
+                                       config_dict=config.to_dict(), resume_step=start_step)
+
+    def writing(self, what: str, where):
+        return _writing(what, where, self.checkpoints)
+
+    def save(self, step: int, state: TrainState, data) -> None:
+        with self.writing(f"checkpoint {step}", self.checkpoints):
+            checkpointing.save(self.manager, step, state, {"step": step, "config": self.config.to_dict()}, data=data)
+            if self.remote and self.is_main:
+                self.writer.flush()
+                _push_logs(self.log_dir, self.wd)
+
+    def write_metrics(self, step: int, metrics: dict) -> None:
+        with self.writing(f"the metrics of step {step}", self.log_dir):
+            self.writer.write(step, metrics)
+
+    def write_grid(self, step: int, grid: np.ndarray) -> None:
+        with self.writing(f"the validation grid of step {step}", self.wd / "samples"):
+            if self.is_main:
+                (self.wd / "samples").mkdir(parents=True, exist_ok=True)
                 png = io.BytesIO()
                 Image.fromarray(grid).save(png, format="PNG")
-                (wd / "samples" / f"val_{step_now:07d}.png").write_bytes(png.getvalue())
-            writer.write_image(step_now, "val/grid", grid)
-        summary["validation"] = results
-        summary["validation_step"] = step_now
-        return results
+                (self.wd / "samples" / f"val_{step:07d}.png").write_bytes(png.getvalue())
+            self.writer.write_image(step, "val/grid", grid)
 
+    def close(self) -> None:
+        self.manager.close()
+        with self.writing("the metric files", self.log_dir):
+            self.writer.close()
+
+    def close_quietly(self) -> None:
+        _close_quietly(self.manager, self.writer)
+
+    def write_summary(self, summary: dict) -> dict:
+        """Writes train_summary.json (process 0) and returns the summary. A rerun of a finished
+        run (no step done) keeps the summary as it was; a run without a validation of its own
+        keeps the last one."""
+        previous = self.previous_summary
+        if summary["final_step"] == summary["start_step"] and previous:
+            kept = {k: v for k, v in previous.items() if k != "stopped_by"}
+            return {**kept, **summary}
+        for key in ("validation", "validation_step"):
+            if key not in summary and key in previous:
+                summary[key] = previous[key]
+        if self.is_main:
+            with self.writing("train_summary.json", self.wd):
+                clean, non_finite = finite_json(summary)  # strict JSON: NaN/inf become null, named
+                if non_finite:
+                    clean["non_finite"] = {"fields": non_finite, "note": "not finite (NaN or infinite); written as null"}
+                (self.wd / "train_summary.json").write_text(json.dumps(clean, indent=2, allow_nan=False))
+                if self.remote:
+                    _push_logs(self.log_dir, self.wd)
+        return summary
+
+
+def _train_loop(config, run: _Run, state: TrainState, files: _RunFiles, summary: dict) -> int:
+    """Steps from ``state.step`` to ``train.num_steps``: logs every ``log_every`` steps,
+    validates every ``eval_every``, checkpoints every ``checkpoint_every`` and when a stop signal
+    (or a preemption notice) arrives. Fills ``summary``; returns the last step done."""
+    t_cfg, mesh = config.train, run.mesh
+    step, num_steps = int(state.step), t_cfg.num_steps
+    prepare = batch_preparer(run.upsampler, run.train_data.has_latents) or (lambda b: b)
+    run.train_data.seek(step)
     pbar = None
-    if is_main and config.logging.progress_bar:
+    if files.is_main and config.logging.progress_bar:
         from tqdm import tqdm
         pbar = tqdm(total=num_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     pending: list[dict] = []
     compiled_step = None
     last_time, last_step = time.perf_counter(), step
-    first_step_time = None
     try:
         with _StopSignal() as stop:
             while step < num_steps:
-                batch = prepare(sharding.shard_batch(train_data.next_batch(), mesh))
+                batch = prepare(sharding.shard_batch(run.train_data.next_batch(), mesh))
                 if compiled_step is None:  # ahead-of-time: trace, lower and compile once, timed
-                    t0 = time.perf_counter()
-                    with jax.set_mesh(mesh):
-                        compiled_step = train_step.lower(state, batch).compile()
-                    summary["compile_seconds"] = time.perf_counter() - t0
-                    host_memory.release_freed_memory()  # the compiler's working memory
-                    log.info("Compiled the train step in %.1f s.", summary["compile_seconds"])
+                    compiled_step = _compile(run.train_step, state, batch, mesh, summary)
                     last_time = time.perf_counter()
                 state, metrics = compiled_step(state, batch)
                 step += 1
                 pending.append(metrics)
-                if first_step_time is None:
+                if "first_step_seconds" not in summary:
                     jax.block_until_ready(metrics)
-                    first_step_time = time.perf_counter() - last_time
+                    summary["first_step_seconds"] = time.perf_counter() - last_time
                     last_time, last_step = time.perf_counter(), step
-                    summary["first_step_seconds"] = first_step_time
                 stop_by = _agreed_stop(stop.received, step)
                 at_log = step % t_cfg.log_every == 0 or step == num_steps
                 at_ckpt = step % t_cfg.checkpoint_every == 0 or step == num_steps
-                at_eval = validator is not None and (step % t_cfg.eval_every == 0 or step == num_steps)
+                at_eval = run.validator is not None and (step % t_cfg.eval_every == 0 or step == num_steps)
                 if at_log or at_ckpt or at_eval or stop_by:
                     host = _host_metrics(pending)
-                    for i, m in enumerate(host):
-                        if not np.isfinite(m["loss"]):
-                            bad = step - len(host) + i + 1
-                            raise TrainingDiverged(
-                                f"The loss became {m['loss']} at step {bad} (grad_norm {m['grad_norm']}). "
-                                f"Nothing was saved after it; the newest good checkpoint is step "
-                                f"{manager.latest_step()}. Lower --config.optim.lr, set "
-                                f"--config.optim.grad_clip_norm, or check the data.")
+                    _check_finite(host, step, files.manager)
                     pending = []
                     now = time.perf_counter()
-                    rate = (step - last_step) / max(now - last_time, 1e-9)
+                    row = _train_row(host, (step - last_step) / max(now - last_time, 1e-9), config,
+                                     mesh.devices.size, run.flops_per_example)
                     last_time, last_step = now, step
-                    row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-                    row["steps_per_sec"] = rate
-                    row["step_seconds"] = 1.0 / max(rate, 1e-12)
-                    row["examples_per_sec"] = rate * config.data.batch_size
-                    row["examples_per_sec_per_device"] = row["examples_per_sec"] / n_devices
-                    row["tflops_per_device"] = flops_lib.model_tflops_per_device(
-                        flops_per_example, row["step_seconds"], config.data.batch_size, n_devices)
-                    write_metrics(step, {f"train/{k}": v for k, v in row.items()})
+                    files.write_metrics(step, {f"train/{k}": v for k, v in row.items()})
                     summary["train"] = row
                     if pbar is not None:
                         pbar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
                                          ex_s=f"{row['examples_per_sec']:.1f}")
                 if at_eval:
-                    results = validate(step, state)
+                    params = state.ema_params if config.sample.use_ema else state.params
+                    results = _validate(run, params, step, files, summary)
                     if pbar is not None:
                         pbar.write(f"step {step}: PSNR cfm {results['val/cfm_psnr']:.2f} dB vs bicubic "
                                    f"{results['val/bicubic_psnr']:.2f} dB | SSIM cfm {results['val/cfm_ssim']:.4f} "
                                    f"vs bicubic {results['val/bicubic_ssim']:.4f}")
                 if at_ckpt or stop_by:
-                    save(step, state)
+                    files.save(step, state, run.train_data.save_arg())
                 if pbar is not None:
                     pbar.update(1)
                 if stop_by and step < num_steps:  # (at the last step the run is simply finished)
@@ -635,33 +701,59 @@ def train(config, workdir: str, *, load_weights: str | None = None, resume: str 
                     summary["stopped_by"] = stop_by
                     break
     except BaseException:
-        _close_quietly(pbar, manager, writer)
+        _close_quietly(pbar)
         raise
     if pbar is not None:
         pbar.close()
-    manager.close()
-    with _writing("the metric files", log_dir, own_checkpoints):
-        writer.close()
-    summary["final_step"] = step
-    summary["num_traces"] = train_step.num_traces()
-    distributed.barrier("cfm_jax.train.end")
-    if step == summary["start_step"] and previous_summary:
-        # Nothing to do (a rerun of a finished run): its summary stays as it was.
-        kept = {k: v for k, v in previous_summary.items() if k != "stopped_by"}
-        return {**kept, **summary}
-    for key in ("validation", "validation_step"):  # the last validation, when this run had none
-        if key not in summary and key in previous_summary:
-            summary[key] = previous_summary[key]
-    if is_main:
-        with _writing("train_summary.json", wd, own_checkpoints):
-            from cfm_jax.evaluation import finite_json
-            clean, non_finite = finite_json(summary)  # strict JSON: NaN/inf become null, named
-            if non_finite:
-                clean["non_finite"] = {"fields": non_finite, "note": "not finite (NaN or infinite); written as null"}
-            (wd / "train_summary.json").write_text(json.dumps(clean, indent=2, allow_nan=False))
-            if remote:
-                _push_logs(log_dir, wd)
-    return summary
+    return step
+
+
+def _compile(train_step, state: TrainState, batch: dict, mesh, summary: dict):
+    """The train step compiled ahead of time for this state and batch, timed into ``summary``."""
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = train_step.lower(state, batch).compile()
+    summary["compile_seconds"] = time.perf_counter() - t0
+    host_memory.release_freed_memory()  # the compiler's working memory
+    log.info("Compiled the train step in %.1f s.", summary["compile_seconds"])
+    return compiled
+
+
+def _check_finite(host: list[dict], step: int, manager) -> None:
+    """Raises :class:`TrainingDiverged` naming the first step (of those ending at ``step``) whose
+    loss is NaN or infinite; nothing has been saved after it."""
+    for i, m in enumerate(host):
+        if not np.isfinite(m["loss"]):
+            bad = step - len(host) + i + 1
+            raise TrainingDiverged(
+                f"The loss became {m['loss']} at step {bad} (grad_norm {m['grad_norm']}). "
+                f"Nothing was saved after it; the newest good checkpoint is step "
+                f"{manager.latest_step()}. Lower --config.optim.lr, set "
+                f"--config.optim.grad_clip_norm, or check the data.")
+
+
+def _train_row(host: list[dict], steps_per_sec: float, config, n_devices: int, flops_per_example: float) -> dict:
+    """The logged ``train/`` row: the metrics averaged over the steps since the last row, and
+    the throughput (steps and examples per second, model TFLOP/s per device)."""
+    row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    row["steps_per_sec"] = steps_per_sec
+    row["step_seconds"] = 1.0 / max(steps_per_sec, 1e-12)
+    row["examples_per_sec"] = steps_per_sec * config.data.batch_size
+    row["examples_per_sec_per_device"] = row["examples_per_sec"] / n_devices
+    row["tflops_per_device"] = flops_lib.model_tflops_per_device(
+        flops_per_example, row["step_seconds"], config.data.batch_size, n_devices)
+    return row
+
+
+def _validate(run: _Run, params, step: int, files: _RunFiles, summary: dict) -> dict:
+    """Validates ``params`` with the run's sampler, writes the metrics and the grid of ``step``."""
+    evaluated, grids = run.validator.run(params, [run.solver])
+    results = validation_metrics(evaluated)
+    files.write_metrics(step, results)
+    files.write_grid(step, grids[run.solver.label])
+    summary["validation"] = results
+    summary["validation_step"] = step
+    return results
 
 
 def _local_log_dir(workdir: str) -> str:

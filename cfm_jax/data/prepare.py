@@ -83,11 +83,18 @@ import os
 import re
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
 
+from cfm_jax import cli
+from cfm_jax import first_stage as fs_lib
 from cfm_jax.data import image_io, image_ops, photos, records, webdataset_source
+from cfm_jax.models.autoencoder import AutoencoderKL
 
 PHOTOS_SOURCE = "photos"
 FORMAT_VERSION = 1
@@ -140,11 +147,6 @@ def load_first_stage(path: str = "identity", *, scale_factor: float = -1.0, dtyp
                      tile_size: int = 0, tile_overlap: int = 8):
     """``IdentityFirstStage`` for ``'identity'``, else the autoencoder at ``path`` (any format
     ``first_stage.load_autoencoder`` reads); ``scale_factor=-1``: the checkpoint's."""
-    import jax
-    import jax.numpy as jnp
-
-    from cfm_jax import first_stage as fs_lib
-
     if path in ("identity", "", None):
         return fs_lib.IdentityFirstStage()
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -159,15 +161,12 @@ def load_first_stage(path: str = "identity", *, scale_factor: float = -1.0, dtyp
 
 def first_stage_info(fs) -> dict:
     """What identifies a first stage in the records' metadata (incl. a SHA-256 of its weights)."""
-    from cfm_jax import first_stage as fs_lib
-
     info = {"name": fs.name, "scale_factor": float(fs.scale_factor),
             "shift_factor": float(getattr(fs, "shift_factor", 0.0)),
             "latent_channels": int(fs.latent_channels), "downsample_factor": int(fs.downsample_factor)}
     if isinstance(fs, fs_lib.IdentityFirstStage):
         return {**info, "kind": "identity"}
     digest = hashlib.sha256()
-    import jax
     for path, leaf in jax.tree_util.tree_flatten_with_path(fs.params)[0]:
         a = np.asarray(leaf)
         digest.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape};".encode())
@@ -181,18 +180,13 @@ def first_stage_info(fs) -> dict:
 def posterior_moments(fs, images):
     """Posterior ``concat(mean, logvar)`` [B, H/f, W/f, 2C] of images [B, H, W, 3] (jittable;
     tiled like ``encode_unscaled`` when the first stage is)."""
-    import jax.numpy as jnp
-
-    from cfm_jax.first_stage import tiled_map
-    from cfm_jax.models.autoencoder import AutoencoderKL
-
     def moments(x):
         posterior = fs.model.apply({"params": fs.params}, x, method=AutoencoderKL.encode)
         return jnp.concatenate([posterior.mean, posterior.logvar], axis=-1)
 
     f = fs.downsample_factor
     if fs.tile_size:
-        return tiled_map(moments, images, tile=fs.tile_size * f, overlap=fs.tile_overlap * f, scale=1.0 / f)
+        return fs_lib.tiled_map(moments, images, tile=fs.tile_size * f, overlap=fs.tile_overlap * f, scale=1.0 / f)
     return moments(images)
 
 
@@ -358,40 +352,14 @@ def prepare(src: str | Sequence[str], out: str, *, image_size: int, lowres_size:
     ``AutoencoderFirstStage``). ``max_shards``: stop after writing that many shards in this call
     (a later call continues). See the module docstring for the rest.
     """
-    import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
     start = time.time()
     image_size, lowres_size = int(image_size), int(lowres_size)
     short_side = image_size if short_side is None else int(short_side)
-    min_size = (short_side or image_size) if min_size is None else int(min_size)
-    if not 0 < lowres_size <= image_size:
-        raise ValueError(f"lowres_size={lowres_size} must be in (0, image_size={image_size}].")
-    max_short_side = int(max_short_side or 0)
-    if max_short_side and max_short_side < max(image_size, short_side):
-        raise ValueError(f"max_short_side={max_short_side} must be >= image_size and short_side (or 0: no cap).")
-    if short_side and short_side < image_size:
-        raise ValueError(f"short_side={short_side} must be >= image_size={image_size} (or 0: native size).")
-    if min_size < image_size and not short_side:
-        raise ValueError(f"min_size={min_size} < image_size={image_size} with short_side=0 (native size): "
-                         "smaller images cannot be cropped; raise min_size or set short_side.")
-    if crop not in _CROP_MODES:
-        raise ValueError(f"crop={crop!r}; choose one of {_CROP_MODES}.")
-    if crops_per_image < 1 or (crop == "center" and crops_per_image != 1):
-        raise ValueError(f"crops_per_image={crops_per_image}: use 1 with crop='center' (all centre crops are "
-                         "the same), or crop='random'.")
-    min_scale = float(min_scale)
-    if not 0.0 < min_scale <= 1.0 or (min_scale < 1.0 and crop != "random"):
-        raise ValueError(f"min_scale={min_scale} must be in (0, 1], and below 1 only with crop='random'.")
-    if not 0 <= process_index < num_processes:
-        raise ValueError(f"process_index={process_index} must be in [0, num_processes={num_processes}).")
-    if images_per_shard < 1 or batch_size < 1:
-        raise ValueError("images_per_shard and batch_size must be >= 1.")
-    if not re.fullmatch(r"[a-z0-9_]+", split) or split == "tmp":
-        raise ValueError(f"split={split!r}: use lower-case letters, digits and '_' (e.g. 'train', 'validation').")
-    if not name.isidentifier() or name != name.lower():
-        raise ValueError(f"name={name!r}: TFDS dataset names are lower-case snake_case identifiers.")
-
+    cropping = _Cropping(image_size=image_size, short_side=short_side, max_short_side=int(max_short_side or 0),
+                         min_size=(short_side or image_size) if min_size is None else int(min_size), crop=crop,
+                         crops_per_image=crops_per_image, min_scale=float(min_scale), seed=int(seed))
+    _check_settings(cropping, lowres_size=lowres_size, split=split, name=name, images_per_shard=images_per_shard,
+                    batch_size=batch_size, num_processes=num_processes, process_index=process_index)
     source = open_source(src, tar_base)
     if not source.names:
         raise ValueError(f"No images ({', '.join(image_io.IMAGE_EXTENSIONS)}) in {src!r}"
@@ -401,13 +369,16 @@ def prepare(src: str | Sequence[str], out: str, *, image_size: int, lowres_size:
         raise ValueError("with_moments needs an autoencoder first stage (pixel space has no posterior).")
     wds_latents = _webdataset_latents(source, webdataset_latents)
     stored = wds_latents == "stored"
-    if stored and (with_moments or crop != "center" or crops_per_image != 1 or min_scale != 1.0):
+    if stored and (with_moments or crop != "center" or crops_per_image != 1 or cropping.min_scale != 1.0):
         raise ValueError("The tar shards hold latents, which are written as they are (with their images, "
                          "uncropped): with_moments, random or several crops and min_scale < 1 need the images "
                          "re-encoded; pass webdataset_latents='encode' for that.")
     f = fs.downsample_factor
     if image_size % f:
         raise ValueError(f"image_size={image_size} is not divisible by the first stage's factor {f}.")
+
+    # The plan: the dataset-level settings and this split's file list and shards, pinned in
+    # _prepare/<split>/plan.json (a re-run with other settings fails instead of mixing them).
     factor = image_size / lowres_size
     dataset = {"name": name, "image_size": image_size, "lowres_size": lowres_size,
                "downsample_factor": int(factor) if factor.is_integer() else factor,
@@ -419,8 +390,8 @@ def prepare(src: str | Sequence[str], out: str, *, image_size: int, lowres_size:
     shards = ([range(k, k + 1) for k in range(len(source.names))] if wds_latents
               else _shard_ranges(len(source.names), images_per_shard))
     split_plan = {"source": source.description, "files": list(source.names), "short_side": short_side,
-                  "max_short_side": max_short_side, "min_scale": min_scale,
-                  "min_size": min_size, "crop": crop, "crops_per_image": crops_per_image, "seed": int(seed),
+                  "max_short_side": cropping.max_short_side, "min_scale": cropping.min_scale,
+                  "min_size": cropping.min_size, "crop": crop, "crops_per_image": crops_per_image, "seed": int(seed),
                   "images_per_shard": images_per_shard, "num_shards": len(shards)}
     if wds_latents:
         split_plan.update(images_per_shard=None, webdataset_latents=wds_latents)
@@ -433,175 +404,272 @@ def prepare(src: str | Sequence[str], out: str, *, image_size: int, lowres_size:
     if max_shards is not None:
         todo = todo[:max(0, int(max_shards))]
 
+    encoder = _Encoder(fs, image_size=image_size, lowres_size=lowres_size, lowres_filter=lowres_filter,
+                       batch_size=batch_size, with_moments=with_moments, stored=stored)
     features = records.features_dict(image_size=image_size, latent_size=image_size // f,
                                      latent_channels=int(fs.latent_channels), with_moments=with_moments)
-    mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
-    n_dev = mesh.devices.size
-    batch_size = math.ceil(batch_size / n_dev) * n_dev  # every device gets the same number of rows
-    rows, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
-    fs_device = None if stored else jax.device_put(fs, replicated)  # stored latents: the stage is not run
-    encode = jax.jit(lambda fs, image, lowres: encode_batch(fs, image, lowres, with_moments=with_moments))
 
-    draft_short_side = short_side or max_short_side or None
+    def write(shard: int, items: list[_Loaded], examples: list[dict]) -> None:
+        _write_shard(out, name, split, shard, len(shards), features, items, examples)
 
-    def load(index: int) -> _Loaded:
-        loaded = source.load(index, min_size=min_size, draft_short_side=draft_short_side)
-        return crop_loaded(source.names[index], loaded)
+    loader = _ShardLoader(source, shards, cropping, wds_latents=wds_latents, num_workers=num_workers,
+                          stored_latents=(image_size // f, int(fs.latent_channels)) if stored else None)
+    bar = tqdm(total=None if wds_latents else sum(len(shards[k]) for k in todo), unit="img",
+               disable=not progress, dynamic_ncols=True,
+               desc=f"prepare {split} [{process_index + 1}/{num_processes}]", smoothing=0.1)
+    try:
+        written = _load_encode_write(todo, len(shards), loader, encoder, write, bar)
+    finally:
+        bar.close()
+        loader.shutdown()
 
-    def load_sample(sample: webdataset_source.RawSample) -> _Loaded:
-        if not stored:
-            return crop_loaded(sample.name, webdataset_source.load_image(
-                sample, min_size=min_size, draft_short_side=draft_short_side))
-        s = webdataset_source.load_stored(sample, image_size=image_size, latent_size=image_size // f,
-                                          latent_channels=int(fs.latent_channels))
+    done = {k: m for k in mine if (m := _valid_marker(out, split, k, name, len(shards))) is not None}
+    finalized = finalize(out) if len(done) == len(mine) else []
+    summary = _summary(done, written, source, out=out, name=name, split=split, process_index=process_index,
+                       num_processes=num_processes, num_shards=len(shards), mine=mine, already=already,
+                       finalized=split in finalized, batch_size=encoder.batch_size, devices=encoder.num_devices,
+                       seconds=time.time() - start)
+    records.write_json_atomic(
+        os.path.join(_prepare_dir(out, split), f"summary_process{process_index}_of{num_processes}.json"), summary)
+    return summary
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cropping:
+    """How a loaded image becomes crops (module docstring, step 2)."""
+
+    image_size: int
+    short_side: int  # 0: native size
+    max_short_side: int  # 0: no cap
+    min_size: int
+    crop: str
+    crops_per_image: int
+    min_scale: float
+    seed: int
+
+    @property
+    def draft_short_side(self) -> int | None:
+        """The smallest short side the decoder may draft (JPEG) to: nothing below what is used."""
+        return self.short_side or self.max_short_side or None
+
+    def crops(self, item_name: str, loaded: image_io.LoadedImage) -> _Loaded:
+        if not loaded.ok:
+            return _Loaded(item_name, [], None, loaded.skip_reason, loaded.detail)
+        resized = image_ops.resize_short_side(loaded.image, self.short_side) if self.short_side else loaded.image
+        if self.max_short_side and min(resized.shape[:2]) > self.max_short_side:
+            resized = image_ops.resize_short_side(resized, self.max_short_side)
+        rng = crop_rng(self.seed, item_name) if self.crop == "random" else None
+        return _Loaded(item_name, image_ops.make_crops(resized, image_size=self.image_size, crop=self.crop,
+                                                       crops_per_image=self.crops_per_image, rng=rng,
+                                                       min_scale=self.min_scale),
+                       loaded.original_size)
+
+
+def _check_settings(c: _Cropping, *, lowres_size: int, split: str, name: str, images_per_shard: int,
+                    batch_size: int, num_processes: int, process_index: int) -> None:
+    """Rejects sizes and settings that cannot work, naming the argument, before anything is read."""
+    image_size, short_side, min_size = c.image_size, c.short_side, c.min_size
+    if not 0 < lowres_size <= image_size:
+        raise ValueError(f"lowres_size={lowres_size} must be in (0, image_size={image_size}].")
+    if c.max_short_side and c.max_short_side < max(image_size, short_side):
+        raise ValueError(f"max_short_side={c.max_short_side} must be >= image_size and short_side (or 0: no cap).")
+    if short_side and short_side < image_size:
+        raise ValueError(f"short_side={short_side} must be >= image_size={image_size} (or 0: native size).")
+    if min_size < image_size and not short_side:
+        raise ValueError(f"min_size={min_size} < image_size={image_size} with short_side=0 (native size): "
+                         "smaller images cannot be cropped; raise min_size or set short_side.")
+    if c.crop not in _CROP_MODES:
+        raise ValueError(f"crop={c.crop!r}; choose one of {_CROP_MODES}.")
+    if c.crops_per_image < 1 or (c.crop == "center" and c.crops_per_image != 1):
+        raise ValueError(f"crops_per_image={c.crops_per_image}: use 1 with crop='center' (all centre crops are "
+                         "the same), or crop='random'.")
+    if not 0.0 < c.min_scale <= 1.0 or (c.min_scale < 1.0 and c.crop != "random"):
+        raise ValueError(f"min_scale={c.min_scale} must be in (0, 1], and below 1 only with crop='random'.")
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index={process_index} must be in [0, num_processes={num_processes}).")
+    if images_per_shard < 1 or batch_size < 1:
+        raise ValueError("images_per_shard and batch_size must be >= 1.")
+    if not re.fullmatch(r"[a-z0-9_]+", split) or split == "tmp":
+        raise ValueError(f"split={split!r}: use lower-case letters, digits and '_' (e.g. 'train', 'validation').")
+    if not name.isidentifier() or name != name.lower():
+        raise ValueError(f"name={name!r}: TFDS dataset names are lower-case snake_case identifiers.")
+
+
+class _ShardLoader:
+    """Decodes and crops the images of a shard in a pool of threads (tar shards: reads the tar
+    in a thread of its own first), so that the next shard loads while this one is encoded."""
+
+    def __init__(self, source, shards: list[range], cropping: _Cropping, *, wds_latents: str | None,
+                 num_workers: int | None, stored_latents: tuple[int, int] | None):
+        self.source, self.shards, self.cropping = source, shards, cropping
+        self.wds_latents = wds_latents
+        self.stored_latents = stored_latents  # (latent size, channels) of tars whose latents are copied
+        self.loaders = concurrent.futures.ThreadPoolExecutor(num_workers or min(8, os.cpu_count() or 1),
+                                                             thread_name_prefix="prepare-load")
+        self.reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare-read")
+
+    def submit(self, shard: int) -> Callable[[], list[_Loaded]]:
+        """Starts loading ``shard``; returns a function that waits for its items, in order."""
+        if self.wds_latents is None:
+            futures = [self.loaders.submit(self._load, i) for i in self.shards[shard]]
+            return lambda: [fut.result() for fut in futures]
+        tar = self.reader.submit(self._read_tar, shard)
+        return lambda: [fut.result() for fut in tar.result()[0]] + tar.result()[1]
+
+    def shutdown(self) -> None:
+        self.reader.shutdown(wait=True, cancel_futures=True)  # before loaders: it submits to them
+        self.loaders.shutdown(wait=True, cancel_futures=True)
+
+    def _load(self, index: int) -> _Loaded:
+        c = self.cropping
+        loaded = self.source.load(index, min_size=c.min_size, draft_short_side=c.draft_short_side)
+        return c.crops(self.source.names[index], loaded)
+
+    def _read_tar(self, shard: int) -> tuple[list[concurrent.futures.Future], list[_Loaded]]:
+        """Reads one tar and hands its samples to the loaders to decode."""
+        samples, problem = self.source.read(shard)
+        bad_tar = [_Loaded(self.source.names[shard], [], None, "corrupt_shard", problem)] if problem else []
+        return [self.loaders.submit(self._load_sample, s) for s in samples], bad_tar
+
+    def _load_sample(self, sample: webdataset_source.RawSample) -> _Loaded:
+        c = self.cropping
+        if self.stored_latents is None:
+            return c.crops(sample.name, webdataset_source.load_image(
+                sample, min_size=c.min_size, draft_short_side=c.draft_short_side))
+        latent_size, channels = self.stored_latents
+        s = webdataset_source.load_stored(sample, image_size=c.image_size, latent_size=latent_size,
+                                          latent_channels=channels)
         if not s.ok:
             return _Loaded(s.name, [], None, s.skip_reason, s.detail)
         return _Loaded(s.name, [(s.image, (0, 0))], s.image.shape[:2],
                        latents={"latent": s.latent, "latent_lowres": s.latent_lowres})
 
-    def crop_loaded(item_name: str, loaded: image_io.LoadedImage) -> _Loaded:
-        if not loaded.ok:
-            return _Loaded(item_name, [], None, loaded.skip_reason, loaded.detail)
-        resized = image_ops.resize_short_side(loaded.image, short_side) if short_side else loaded.image
-        if max_short_side and min(resized.shape[:2]) > max_short_side:
-            resized = image_ops.resize_short_side(resized, max_short_side)
-        rng = crop_rng(seed, item_name) if crop == "random" else None
-        return _Loaded(item_name, image_ops.make_crops(resized, image_size=image_size, crop=crop,
-                                             crops_per_image=crops_per_image, rng=rng, min_scale=min_scale),
-                        loaded.original_size)
 
-    def encode_shard(items: list[_Loaded], on_batch) -> list[dict]:
-        """Examples (metadata + arrays) of the loaded items of one shard, in order."""
+class _Encoder:
+    """Turns the loaded items of a shard into its examples: one jitted function encodes each
+    batch of crops over this host's local devices (module docstring, steps 3-4); tars with
+    stored latents are copied as they are."""
+
+    def __init__(self, fs, *, image_size: int, lowres_size: int, lowres_filter: str, batch_size: int,
+                 with_moments: bool, stored: bool):
+        self.image_size, self.lowres_size, self.lowres_filter = image_size, lowres_size, lowres_filter
+        self.stored = stored
+        mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
+        self.num_devices = mesh.devices.size
+        self.batch_size = math.ceil(batch_size / self.num_devices) * self.num_devices  # the same rows per device
+        self.rows = NamedSharding(mesh, PartitionSpec("data"))
+        # stored latents: the stage is not run
+        self.fs = None if stored else jax.device_put(fs, NamedSharding(mesh, PartitionSpec()))
+        self.encode = jax.jit(lambda fs, image, lowres: encode_batch(fs, image, lowres, with_moments=with_moments))
+
+    def examples(self, items: list[_Loaded], on_batch: Callable[[int], Any]) -> list[dict]:
+        """Examples (metadata + arrays) of the loaded items of one shard, in order; ``on_batch(n)``
+        after each batch, ``n`` the items it completed."""
+        if self.stored:
+            examples = [{"image": item.crops[0][0], **item.latents, "file_name": item.name,
+                         "original_size": np.asarray(item.original_size, np.int32), "crop_index": 0,
+                         "crop_offset": np.zeros(2, np.int32)} for item in items if item.skip_reason is None]
+            on_batch(len(examples))
+            return examples
         entries = [(item, c, crop_and_offset) for item in items for c, crop_and_offset in enumerate(item.crops)]
         outputs: list[dict] = []
-
-        def collect(pending):
-            result, n = pending
-            host = {k: np.asarray(v)[:n] for k, v in result.items()}
-            outputs.extend({k: v[i] for k, v in host.items()} for i in range(n))
-
         pending = None
-        for b0 in range(0, len(entries), batch_size):
-            chunk = entries[b0:b0 + batch_size]
-            crops = np.zeros((batch_size, image_size, image_size, 3), np.uint8)  # padded: one compilation
+        for b0 in range(0, len(entries), self.batch_size):
+            chunk = entries[b0:b0 + self.batch_size]
+            crops = np.zeros((self.batch_size, self.image_size, self.image_size, 3), np.uint8)  # padded: one compilation
             crops[:len(chunk)] = np.stack([e[2][0] for e in chunk])
             image = image_ops.to_unit_range(crops)
-            lowres = image_ops.downsample_antialiased(image, lowres_size, lowres_filter)
-            result = encode(fs_device, jax.device_put(image, rows), jax.device_put(lowres, rows))  # async
-            if pending is not None:
-                collect(pending)
+            lowres = image_ops.downsample_antialiased(image, self.lowres_size, self.lowres_filter)
+            result = self.encode(self.fs, jax.device_put(image, self.rows), jax.device_put(lowres, self.rows))  # async
+            if pending is not None:  # the previous batch, read back while this one runs
+                outputs.extend(_rows(*pending))
             pending = (result, len(chunk))
             on_batch(sum(1 for item, c, _ in chunk if c == len(item.crops) - 1))
         if pending is not None:
-            collect(pending)
-        examples = []
-        for (item, c, (pixels, offset)), arrays in zip(entries, outputs):
-            examples.append({"image": pixels, **arrays, "file_name": item.name,
-                             "original_size": np.asarray(item.original_size, np.int32), "crop_index": c,
-                             "crop_offset": np.asarray(offset, np.int32)})
-        return examples
+            outputs.extend(_rows(*pending))
+        return [{"image": pixels, **arrays, "file_name": item.name,
+                 "original_size": np.asarray(item.original_size, np.int32), "crop_index": c,
+                 "crop_offset": np.asarray(offset, np.int32)}
+                for (item, c, (pixels, offset)), arrays in zip(entries, outputs)]
 
-    def stored_examples(items: list[_Loaded], on_batch) -> list[dict]:
-        """Examples of the loaded items of one shard of tars with stored latents, in order."""
-        examples = [{"image": item.crops[0][0], **item.latents, "file_name": item.name,
-                     "original_size": np.asarray(item.original_size, np.int32), "crop_index": 0,
-                     "crop_offset": np.zeros(2, np.int32)} for item in items if item.skip_reason is None]
-        on_batch(len(examples))
-        return examples
 
-    def write(shard: int, items: list[_Loaded], examples: list[dict]) -> None:
-        path = os.path.join(out, records.shard_filename(name, split, shard, len(shards)))
-        count, num_bytes = records.write_shard(path, examples, features,
-                                               tmp_dir=os.path.join(out, "_prepare", "tmp"))
-        records.write_json_atomic(_marker_path(out, split, shard), {
-            "shard": shard, "num_examples": count, "num_bytes": num_bytes,
-            "files": [i.name for i in items if i.skip_reason is None],
-            "skipped": [{"file": i.name, "reason": i.skip_reason, "detail": i.detail}
-                        for i in items if i.skip_reason is not None]})
+def _rows(result: dict, n: int) -> list[dict]:
+    """The first ``n`` rows of a batch of encoded arrays, one dict per row, on the host."""
+    host = {k: np.asarray(v)[:n] for k, v in result.items()}
+    return [{k: v[i] for k, v in host.items()} for i in range(n)]
 
-    num_workers = num_workers or min(8, os.cpu_count() or 1)
-    loaders = concurrent.futures.ThreadPoolExecutor(num_workers, thread_name_prefix="prepare-load")
+
+def _write_shard(out: str, name: str, split: str, shard: int, num_shards: int, features, items: list[_Loaded],
+                 examples: list[dict]) -> None:
+    """Writes one shard (a temporary file, renamed) and then its done-marker."""
+    path = os.path.join(out, records.shard_filename(name, split, shard, num_shards))
+    count, num_bytes = records.write_shard(path, examples, features, tmp_dir=os.path.join(out, "_prepare", "tmp"))
+    records.write_json_atomic(_marker_path(out, split, shard), {
+        "shard": shard, "num_examples": count, "num_bytes": num_bytes,
+        "files": [i.name for i in items if i.skip_reason is None],
+        "skipped": [{"file": i.name, "reason": i.skip_reason, "detail": i.detail}
+                    for i in items if i.skip_reason is not None]})
+
+
+def _load_encode_write(todo: list[int], num_shards: int, loader: _ShardLoader, encoder: _Encoder,
+                       write: Callable, bar) -> list[int]:
+    """The shards of ``todo`` through three overlapping stages: the next shard loads while this
+    one is encoded, and the previous one is written meanwhile (at most one shard waits to be
+    written). Returns the shards written."""
     writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare-write")
-    reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare-read")
-
-    def read_tar(shard: int) -> tuple[list[concurrent.futures.Future], list[_Loaded]]:
-        """Reads one tar (in ``reader``) and hands its samples to ``loaders`` to decode."""
-        samples, problem = source.read(shard)
-        bad_tar = [_Loaded(source.names[shard], [], None, "corrupt_shard", problem)] if problem else []
-        return [loaders.submit(load_sample, s) for s in samples], bad_tar
-
-    def submit(shard: int):
-        """Starts loading ``shard``; returns a function that waits for its items, in order."""
-        if wds_latents is None:
-            futures = [loaders.submit(load, i) for i in shards[shard]]
-            return lambda: [fut.result() for fut in futures]
-        tar = reader.submit(read_tar, shard)
-        return lambda: [fut.result() for fut in tar.result()[0]] + tar.result()[1]
-
-    from tqdm import tqdm
-    bar = tqdm(total=None if wds_latents else sum(len(shards[k]) for k in todo), unit="img",
-               disable=not progress, dynamic_ncols=True,
-               desc=f"prepare {split} [{process_index + 1}/{num_processes}]", smoothing=0.1)
     written, writing, writing_shard = [], None, -1
     try:
-        pending = submit(todo[0]) if todo else None
+        pending = loader.submit(todo[0]) if todo else None
         for pos, shard in enumerate(todo):
             current = pending
-            # Decode the next shard's images while this one is encoded.
-            pending = submit(todo[pos + 1]) if pos + 1 < len(todo) else None
+            pending = loader.submit(todo[pos + 1]) if pos + 1 < len(todo) else None
             items = current()
             bar.update(sum(1 for it in items if it.skip_reason is not None))
-            examples = stored_examples(items, bar.update) if stored else encode_shard(items, bar.update)
+            examples = encoder.examples(items, bar.update)
             if writing is not None:
-                writing.result()  # at most one shard waits to be written
+                writing.result()
                 written.append(writing_shard)
             writing, writing_shard = writer.submit(write, shard, items, examples), shard
-            bar.set_postfix(shard=f"{shard + 1}/{len(shards)}")
+            bar.set_postfix(shard=f"{shard + 1}/{num_shards}")
         if writing is not None:
             writing.result()
             written.append(writing_shard)
     finally:
-        bar.close()
-        reader.shutdown(wait=True, cancel_futures=True)  # before loaders: it submits to them
-        loaders.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True)
+    return written
 
-    # ------------------------------------------------------------------ summary
-    done = {k: m for k in mine if (m := _valid_marker(out, split, k, name, len(shards))) is not None}
+
+def _summary(done: dict[int, dict], written: list[int], source, *, out: str, name: str, split: str,
+             process_index: int, num_processes: int, num_shards: int, mine: list[int], already: list[int],
+             finalized: bool, batch_size: int, devices: int, seconds: float) -> dict:
+    """This process's summary, from the done-markers of its shards (``done``)."""
     skipped: dict[str, list[str]] = {}
     details = {}
     for m in done.values():
         for s in m["skipped"]:
             skipped.setdefault(s["reason"], []).append(s["file"])
             details[s["file"]] = s["detail"]
-    seconds = time.time() - start
     images_this_run = sum(len(done[k]["files"]) + len(done[k]["skipped"]) for k in written)
-    finalized = finalize(out) if len(done) == len(mine) else []
-    summary = {
+    return {
         "out": os.path.abspath(out), "name": name, "split": split, "source": source.description,
         "process_index": process_index, "num_processes": num_processes, "num_files": len(source.names),
-        "num_shards": len(shards), "shards_of_this_process": mine, "shards_written": written,
+        "num_shards": num_shards, "shards_of_this_process": mine, "shards_written": written,
         "shards_already_done": already, "shards_pending": [k for k in mine if k not in done],
-        "complete": len(done) == len(mine), "finalized": split in finalized,
+        "complete": len(done) == len(mine), "finalized": finalized,
         "examples": sum(m["num_examples"] for m in done.values()),
         "examples_written_this_run": sum(done[k]["num_examples"] for k in written),
         "images_written": sum(len(m["files"]) for m in done.values()),
         "images_skipped": sum(len(v) for v in skipped.values()),
         "skipped": skipped, "skip_details": details, "ignored": list(source.ignored),
         "num_bytes": sum(m["num_bytes"] for m in done.values()),
-        "batch_size": batch_size, "devices": n_dev, "seconds": round(seconds, 3),
+        "batch_size": batch_size, "devices": devices, "seconds": round(seconds, 3),
         "images_per_second": round(images_this_run / seconds, 3) if seconds > 0 else None,
         "read_with": f"tfds.builder_from_directory({os.path.abspath(out)!r}).as_data_source(split={split!r})",
     }
-    records.write_json_atomic(
-        os.path.join(_prepare_dir(out, split), f"summary_process{process_index}_of{num_processes}.json"), summary)
-    return summary
 
 
 # --------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    from cfm_jax import cli
-
     count, size = cli.positive_int, cli.nonnegative_int
     p = cli.ArgumentParser(prog="python -m cfm_jax.data.prepare", description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -663,8 +731,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from cfm_jax import cli
-
     args = _parser().parse_args(argv)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         cli.fail(f"--out {args.out!r} is a file; --out names the dataset folder to write (created if missing).")
