@@ -83,15 +83,13 @@ def define_flags(fl: flags.FlagValues) -> None:
 
 def _check_counts(f: flags.FlagValues) -> None:
     """Counts and sizes that must be positive, named by their flag (before anything is loaded)."""
-    for name, low, meaning in (("num_images", 1, "the number of images to evaluate"),
-                               ("batch_size", 1, "the global batch size"),
-                               ("num_crops", 1, "patch-FID crops per image"),
-                               ("crop_size", 0, "the patch-FID crop side, 0 for image_size / 2"),
-                               ("step", 0, "a checkpoint step"),
-                               ("rim", -1, "the interior's margin in pixels, -1 for two latent cells")):
-        value = f[name].value
-        if value is not None and value < low:
-            cli.fail(f"--{name}={value}: it is {meaning} and must be >= {low}; omit it for the run's default.")
+    cli.check_at_least(f, (("num_images", 1, "the number of images to evaluate"),
+                           ("batch_size", 1, "the global batch size"),
+                           ("num_crops", 1, "patch-FID crops per image"),
+                           ("crop_size", 0, "the patch-FID crop side, 0 for image_size / 2"),
+                           ("step", 0, "a checkpoint step"),
+                           ("rim", -1, "the interior's margin in pixels, -1 for two latent cells")),
+                       fix="omit it for the run's default")
 
 
 def parse(argv) -> flags.FlagValues:
@@ -100,8 +98,7 @@ def parse(argv) -> flags.FlagValues:
     fl = flags.FlagValues()
     define_flags(fl)
     rest = cli.parse_flags(fl, argv, prog="python eval.py", usage="--workdir DIR [flags]", doc=__doc__)
-    if len(rest) > 1:
-        cli.fail(f"unexpected arguments {rest[1:]}: every option is a --flag (see python eval.py --help).")
+    cli.reject_positional(rest, "python eval.py")
     if not fl.workdir:
         cli.fail("--workdir is required: the run directory written by train.py (or `python -m cfm_jax.convert "
                  "fmboost`).")

@@ -1,18 +1,24 @@
-"""What the command lines share (``eval.py``, ``python -m cfm_jax.upsample``, ``.data.prepare``,
-``.convert``): a user error is one line on stderr, ``error: <problem and fix>``, and exit code 2
-(:func:`fail`, :class:`ArgumentParser`, :func:`parse_flags`); an unexpected error keeps its
-traceback; and JAX does not probe for a TPU on a machine that has none
-(:func:`skip_tpu_probe_without_accelerator`).
+"""What the command lines share (``train.py``, ``eval.py``, ``python -m cfm_jax.upsample``,
+``.data.prepare``, ``.convert``, ``.plan``): one style, absl flags. Every option is a ``--flag``
+(``--name value`` or ``--name=value``; a boolean ``--name`` / ``--noname``; an option taking
+several values is repeated, ``--src a --src b``; there are no positional arguments, except
+``convert``'s command). ``eval.py``, ``upsample``, ``prepare`` and ``convert`` define their flags
+on a fresh ``FlagValues`` per ``main(argv)`` call (``argv[0]`` the program), so tests run
+``main`` in-process as often as they like, and parse them with :func:`parse_flags` (``--help``:
+the usage, a description and the flags); ``train.py`` defines them on absl's global ``FLAGS``
+(``app.run``). A user error is one line on stderr, ``error: <problem and fix>``, and exit code 2
+(:func:`fail`; :func:`require_flags`, :func:`check_at_least` and :func:`reject_positional` for
+required flags, bounds and stray arguments); an unexpected error keeps its traceback; and JAX
+does not probe for a TPU on a machine that has none (:func:`skip_tpu_probe_without_accelerator`).
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import sys
-from typing import NoReturn, Sequence
+from typing import Iterable, Mapping, NoReturn, Sequence
 
-EXIT_USAGE = 2  # argparse's and absl's code for a bad command line; ours for every user error
+EXIT_USAGE = 2  # absl's (and argparse's) code for a bad command line; ours for every user error
 
 
 def fail(message: str) -> NoReturn:
@@ -21,49 +27,51 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_USAGE)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (argparse prints the whole usage first: 20 lines
-    for ``prepare``), naming ``--help``; still exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
-
-
-def _int_at_least(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse ``type`` of a count or size (>= 1)."""
-    return _int_at_least(text, 1)
-
-
-def nonnegative_int(text: str) -> int:
-    """argparse ``type`` of a size where 0 has a documented meaning (off, native, none)."""
-    return _int_at_least(text, 0)
-
-
-def parse_flags(fl, argv: Sequence[str], *, prog: str, usage: str = "[flags]", doc: str = "") -> list[str]:
+def parse_flags(fl, argv: Sequence[str], *, prog: str, usage: str = "[flags]", doc: str = "",
+                epilog: str = "") -> list[str]:
     """Parses ``argv`` (``argv[0]`` the program) into the absl ``FlagValues`` ``fl``; returns
     ``argv[0]`` and the positional arguments. ``--help`` (``-h``, ``--helpshort``, ``--helpfull``) prints ``usage``,
-    ``doc`` and the flags and exits 0; a bad flag is one line and exit code 2 (absl's
+    ``doc``, the flags and ``epilog`` and exits 0; a bad flag is one line and exit code 2 (absl's
     ``app.run`` prints two and exits 1)."""
     from absl import flags
 
     if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
-        parts = [f"usage: {prog} {usage}", doc.strip(), fl.get_help(include_special_flags=False).strip()]
+        parts = [f"usage: {prog} {usage}", doc.strip(), fl.get_help(include_special_flags=False).strip(),
+                 epilog.strip()]
         print("\n\n".join(p for p in parts if p))
         raise SystemExit(0)
     try:
         return fl(list(argv))
     except flags.Error as e:
         fail(f"{e} (see {prog} --help)")
+
+
+def reject_positional(rest: Sequence[str], prog: str, hint: str = "") -> None:
+    """Fails on positional arguments (``rest`` as :func:`parse_flags` returns it, ``rest[0]`` the
+    program): every option is a flag. ``hint`` (e.g. how to give several values) follows."""
+    if len(rest) > 1:
+        fail(f"unexpected arguments {list(rest[1:])}: every option is a --flag{hint} (see {prog} --help).")
+
+
+def require_flags(fl, required: Mapping[str, str], prog: str) -> None:
+    """Fails, naming every one that is missing, unless each flag of ``required`` (name -> what it
+    is) has a value (absl's own required flags fail one at a time, without saying what they are)."""
+    missing = [f"--{name} ({what})" for name, what in required.items() if fl[name].value in (None, "", [])]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        fail(f"{', '.join(missing)} {verb} required (see {prog} --help).")
+
+
+def check_at_least(fl, checks: Iterable[tuple[str, int, str]], *, fix: str | None = None) -> None:
+    """Integer flags that must be ``>= low``, each check ``(name, low, meaning)``: the first one
+    below its bound fails with one line naming the flag, the value and the fix (``fix``, else: an
+    integer ``>= low``, or the flag's default)."""
+    for name, low, meaning in checks:
+        value = fl[name].value
+        if value is not None and value < low:
+            default = fl[name].default
+            hint = fix or f"pass an integer >= {low}" + ("" if default is None else f" or omit it (default {default})")
+            fail(f"--{name}={value}: it is {meaning} and must be >= {low}; {hint}.")
 
 
 # --------------------------------------------------------------------------- the TPU probe

@@ -16,7 +16,7 @@ Inputs (files or folders, mixed):
   / LCM pipeline returns with ``output_type="latent"``: ``[C, h, w]`` or ``[B, C, h, w]``
   (PyTorch layout) or ``[h, w, C]`` / ``[B, h, w, C]`` (``--latent_layout``); by default
   they are taken as *scaled* latents (multiplied by the VAE's scaling factor, as diffusers
-  pipelines return them); ``--no-latents_scaled`` for raw posterior samples.
+  pipelines return them); ``--nolatents_scaled`` for raw posterior samples.
 
 Every stage maps its input latent (``data.lowres_size / f`` cells) to its output latent
 (``data.image_size / f``); in a cascade each stage's output must be the next stage's input
@@ -40,7 +40,6 @@ size or on the other inputs (see :meth:`CFMUpsampler.sample`).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -54,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 from PIL import Image
 from tqdm import tqdm
 
@@ -683,44 +683,59 @@ def run(stages: Sequence[Stage], items: Sequence[InputItem], out_dir: str, *, so
 
 
 # --------------------------------------------------------------------------- CLI
-def _parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m cfm_jax.upsample", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See the module docstring (python -c 'import cfm_jax.upsample as u; "
-                                       "print(u.__doc__)') for input formats and seeds.")
-    p.add_argument("--checkpoint", action="append", required=True,
-                   help="Run directory (train.py or `convert fmboost`); repeat it or separate with commas for a "
-                        "cascade, lowest resolution first.")
-    p.add_argument("--input", action="append", required=True, help="Image or latent file, or folder (repeatable).")
-    p.add_argument("--out", required=True, help="Output folder for the PNGs (created if missing).")
-    p.add_argument("--solver", default="euler:40",
-                   help=f"method[:grid points | :rtol], methods {ALL_METHODS}; default euler:40 (39 NFE, the paper's "
-                        "tables).")
-    p.add_argument("--diffusion_form", default=sde.DEFAULT_DIFFUSION_FORM, choices=sde.DIFFUSION_FORMS,
-                   help="SDE solvers only.")
-    p.add_argument("--diffusion_norm", type=float, default=sde.DEFAULT_DIFFUSION_NORM, help="SDE solvers only.")
-    p.add_argument("--last_step", default=sde.DEFAULT_LAST_STEP, choices=["Mean", "Euler", "none"],
-                   help="SDE solvers only.")
-    p.add_argument("--last_step_size", type=float, default=sde.DEFAULT_LAST_STEP_SIZE, help="SDE solvers only.")
-    p.add_argument("--atol", type=float, default=1e-6, help="Adaptive solvers only.")
-    p.add_argument("--batch_size", type=cli.positive_int, default=1, help="Inputs per network call.")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise (see the module docstring).")
-    p.add_argument("--online", action="store_true", help="Use the online weights instead of the EMA.")
-    p.add_argument("--step", type=cli.nonnegative_int, default=None, help="Checkpoint step (default: newest).")
-    p.add_argument("--first_stage", default=None, help="Autoencoder path overriding the checkpoints' configs.")
-    p.add_argument("--latent_layout", default="auto", choices=["auto", "nchw", "nhwc"],
-                   help="Axis order of .npy/.npz latents; auto: the axis with the first stage's channel count.")
-    p.add_argument("--latents_scaled", action=argparse.BooleanOptionalAction, default=True,
-                   help="Input latents are already multiplied by the VAE's scale factor (diffusers' "
-                        "output_type='latent'); --no-latents_scaled for raw posterior samples.")
-    p.add_argument("--any_resolution", action="store_true",
-                   help="Allow inputs and cascades at sizes the checkpoints were not trained for.")
-    p.add_argument("--decode_tile", type=int, default=-1,
-                   help=f"Latent cells per decoder tile; -1: {AUTO_TILE} above {AUTO_TILE_ABOVE}² latents, "
-                        "else untiled; 0: never tile.")
-    p.add_argument("--save_latents", action="store_true", help="Also write the final latents as .npy.")
-    p.add_argument("--no_progress", action="store_true", help="No progress bar.")
-    return p
+PROG = "python -m cfm_jax.upsample"
+_REQUIRED = {"checkpoint": "the run directory", "input": "an image, latent file or folder",
+             "out": "the output folder"}
+
+
+def define_flags(fl: flags.FlagValues) -> None:
+    """The command line's flags, on ``fl`` (a fresh ``FlagValues`` per :func:`main` call, so that
+    main runs in-process as often as a test wants)."""
+    def define(kind, name, default, help_, **kw):
+        getattr(flags, f"DEFINE_{kind}")(name, default, help=help_, flag_values=fl, **kw)
+
+    define("multi_string", "checkpoint", None,
+           "Run directory (train.py or `convert fmboost`); repeat it or separate with commas for a cascade, "
+           "lowest resolution first (required).")
+    define("multi_string", "input", None, "Image or latent file, or folder (required).")
+    define("string", "out", None, "Output folder for the PNGs (created if missing; required).")
+    define("string", "solver", "euler:40",
+           f"method[:grid points | :rtol], methods {ALL_METHODS}; default euler:40 (39 NFE, the paper's tables).")
+    define("enum", "diffusion_form", sde.DEFAULT_DIFFUSION_FORM, "SDE solvers only.", enum_values=sde.DIFFUSION_FORMS)
+    define("float", "diffusion_norm", sde.DEFAULT_DIFFUSION_NORM, "SDE solvers only.")
+    define("enum", "last_step", sde.DEFAULT_LAST_STEP, "SDE solvers only.", enum_values=["Mean", "Euler", "none"])
+    define("float", "last_step_size", sde.DEFAULT_LAST_STEP_SIZE, "SDE solvers only.")
+    define("float", "atol", 1e-6, "Adaptive solvers only.")
+    define("integer", "batch_size", 1, "Inputs per network call, >= 1.")
+    define("integer", "seed", 0, "Seed of the sampling noise (see the module docstring).")
+    define("bool", "online", False, "Use the online weights instead of the EMA.")
+    define("integer", "step", None, "Checkpoint step, >= 0 (default: newest).")
+    define("string", "first_stage", None, "Autoencoder path overriding the checkpoints' configs.")
+    define("enum", "latent_layout", "auto", "Axis order of .npy/.npz latents; auto: the axis with the first stage's "
+           "channel count.", enum_values=["auto", "nchw", "nhwc"])
+    define("bool", "latents_scaled", True, "Input latents are already multiplied by the VAE's scale factor "
+           "(diffusers' output_type='latent'); --nolatents_scaled for raw posterior samples.")
+    define("bool", "any_resolution", False, "Allow inputs and cascades at sizes the checkpoints were not trained for.")
+    define("integer", "decode_tile", -1, f"Latent cells per decoder tile; -1: {AUTO_TILE} above {AUTO_TILE_ABOVE}² "
+           "latents, else untiled; 0: never tile.")
+    define("bool", "save_latents", False, "Also write the final latents as .npy.")
+    define("bool", "no_progress", False, "No progress bar.")
+
+
+def parse(argv: Sequence[str]) -> flags.FlagValues:
+    """The flags of ``argv`` (``argv[0]`` the program), checked as far as they can be without
+    reading a file: a bad flag or value is one line and exit code 2."""
+    fl = flags.FlagValues()
+    define_flags(fl)
+    rest = cli.parse_flags(fl, argv, prog=PROG, usage="--checkpoint DIR --input PATH --out DIR [flags]",
+                           doc=__doc__.split("\n\n")[0],
+                           epilog="See the module docstring (python -c 'import cfm_jax.upsample as u; "
+                                  "print(u.__doc__)') for input formats and seeds.")
+    cli.reject_positional(rest, PROG, "; give several inputs as --input a --input b")
+    cli.require_flags(fl, _REQUIRED, PROG)
+    cli.check_at_least(fl, (("batch_size", 1, "the number of inputs per network call"),
+                            ("step", 0, "a checkpoint step")))
+    return fl
 
 
 def _check_options(args) -> None:
@@ -734,8 +749,9 @@ def _check_options(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; ``argv[0]`` the program (default ``sys.argv``). Returns the exit code."""
+    args = parse(sys.argv if argv is None else argv)
     cli.skip_tpu_probe_without_accelerator()  # before JAX makes a backend
-    args = _parser().parse_args(argv)
 
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax metadata chatter
 

@@ -114,7 +114,7 @@ def test_eval_report_names_the_records_folder(tmp_path, monkeypatch, capsys):
 def test_upsample_option_errors_are_one_line(run_dir, tmp_path, capsys):
     photo = tmp_path / "in.npy"
     np.save(photo, np.zeros((3, 8, 8), np.float32))
-    base = ["--checkpoint", run_dir, "--input", str(photo)]
+    base = [upsample.PROG, "--checkpoint", run_dir, "--input", str(photo)]
     assert upsample.main([*base, "--out", str(tmp_path / "out"), "--solver", "bogus:3"]) == 2
     assert "--solver bogus:3: Unknown sampler method 'bogus'; choose one of" in one_error_line(capsys)
     a_file = tmp_path / "taken.png"
@@ -122,7 +122,11 @@ def test_upsample_option_errors_are_one_line(run_dir, tmp_path, capsys):
     assert upsample.main([*base, "--out", str(a_file)]) == 2
     assert f"--out '{a_file}' is a file" in one_error_line(capsys)
     exits_with_usage_error(upsample.main, [*base, "--out", str(tmp_path / "out"), "--batch_size", "0"])
-    assert "--batch_size: must be >= 1, got 0" in one_error_line(capsys)
+    assert "--batch_size=0: it is the number of inputs per network call and must be >= 1" in one_error_line(capsys)
+    exits_with_usage_error(upsample.main, [*base, "--out", str(tmp_path / "out"), "--no-latents_scaled"])
+    assert "'no-latents_scaled'" in one_error_line(capsys)  # the negation is --nolatents_scaled
+    exits_with_usage_error(upsample.main, [upsample.PROG, "--input", str(photo)])
+    assert "--checkpoint (the run directory), --out (the output folder) are required" in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
 
 
@@ -131,29 +135,51 @@ def test_upsample_option_errors_are_one_line(run_dir, tmp_path, capsys):
     (["--src", "{tmp}/missing", "--image_size", "16", "--lowres_size", "8"], "is not a folder"),
     (["--src", "photos", "--image_size", "16", "--lowres_size", "32"], "lowres_size=32 must be in (0, image_size=16]"),
     (["--src", "photos", "--image_size", "16", "--lowres_size", "8", "--batch_size", "0"],
-     "argument --batch_size: must be >= 1, got 0"),
-    (["--src", "photos", "--image_size", "sixteen", "--lowres_size", "8"], "expected an integer >= 1, got 'sixteen'"),
+     "--batch_size=0: it is the number of crops per encoder call and must be >= 1"),
+    (["--src", "photos", "--image_size", "16", "--lowres_size", "8", "--max_shards", "-1"],
+     "--max_shards=-1: it is the number of shards to write in this run and must be >= 0"),
+    (["--src", "photos", "--image_size", "sixteen", "--lowres_size", "8"],
+     "--image_size=sixteen: invalid literal for int()"),
+    (["--src", "photos", "--image_size", "16"], "--lowres_size (the low-res side) is required"),
+    (["--src", "photos", "extra", "--image_size", "16", "--lowres_size", "8"],
+     "unexpected arguments ['extra']: every option is a --flag; give several --src patterns"),
+    (["--src", "photos", "--image_size", "16", "--lowres_size", "8", "--crop", "middle"],
+     "flag --crop=middle: value should be one of <center|random>"),
     (["--src", "photos:bogus", "--image_size", "16", "--lowres_size", "8"], "unknown split 'bogus'"),
     (["--src", "photos", "--image_size", "16", "--lowres_size", "8", "--first_stage_path", "{tmp}/vae.ckpt"],
      "does not exist"),
 ])
 def test_prepare_errors_are_one_line(args, needle, tmp_path, capsys):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    exits_with_usage_error(prepare.main, [*args, "--out", str(tmp_path / "out"), "--no_progress"])
+    exits_with_usage_error(prepare.main, [prepare.PROG, *args, "--out", str(tmp_path / "out"), "--no_progress"])
     assert needle in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
 
 
 def test_prepare_out_must_be_a_folder(tmp_path, capsys):
     (tmp_path / "records").write_text("")
-    exits_with_usage_error(prepare.main, ["--src", "photos", "--out", str(tmp_path / "records"), "--image_size", "16",
-                                          "--lowres_size", "8"])
+    exits_with_usage_error(prepare.main, [prepare.PROG, "--src", "photos", "--out", str(tmp_path / "records"),
+                                          "--image_size", "16", "--lowres_size", "8"])
     assert "is a file" in one_error_line(capsys)
 
 
 def test_every_option_has_help():
-    for parser in (prepare._parser(), upsample._parser()):
-        assert [a.dest for a in parser._actions if not a.help] == [], parser.prog
+    from absl import flags
+
+    for module in (prepare, upsample):
+        fl = flags.FlagValues()
+        module.define_flags(fl)
+        assert len(list(fl)) > 15 and [name for name in fl if not fl[name].help] == [], module.PROG
+
+
+@pytest.mark.parametrize("module, flag", [(prepare, "tar_base"), (upsample, "[no]latents_scaled")])
+def test_help_lists_the_flags_and_points_to_the_docstring(module, flag, capsys):
+    with pytest.raises(SystemExit) as info:
+        module.main([module.PROG, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: {module.PROG} --") and f"  --{flag}:" in out and "  --out:" in out
+    assert f"python -c 'import {module.__name__} as" in out and "print(" in out  # the module docstring pointer
 
 
 def test_unexpected_errors_keep_their_traceback(monkeypatch, tmp_path):
@@ -161,7 +187,8 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch, tmp_path):
         raise RuntimeError("a bug")
     monkeypatch.setattr(prepare, "load_first_stage", broken)
     with pytest.raises(RuntimeError, match="a bug"):
-        prepare.main(["--src", "photos", "--out", str(tmp_path / "out"), "--image_size", "16", "--lowres_size", "8"])
+        prepare.main([prepare.PROG, "--src", "photos", "--out", str(tmp_path / "out"), "--image_size", "16",
+                      "--lowres_size", "8"])
 
 
 # --------------------------------------------------------------------------- convert

@@ -342,7 +342,7 @@ def test_changed_settings_or_files_fail_instead_of_mixing(pixel_run, src, tmp_pa
 
 def test_cli_on_the_bundled_photos(tmp_path, capsys):
     out = tmp_path / "photos"
-    assert prepare.main(["--src", "photos:validation", "--split", "validation", "--out", str(out),
+    assert prepare.main([prepare.PROG, "--src", "photos:validation", "--split", "validation", "--out", str(out),
                          "--image_size", "64", "--lowres_size", "16", "--no_progress"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["finalized"] and printed["examples"] == 4

@@ -123,8 +123,8 @@ def test_cli_with_tar_base_and_several_patterns(tmp_path, capsys):
     shards.mkdir()
     good = _write_shards(shards, channels=3, side=SIZE)  # pixel space: identity first stage, [3, H, H]
     out = tmp_path / "out"
-    assert prepare.main(["--src", "train-000000.tar", "train-{000001..000001}.tar",
-                         "--tar_base", str(tmp_path / "missing"), str(shards), "--out", str(out),
+    assert prepare.main([prepare.PROG, "--src", "train-000000.tar", "--src", "train-{000001..000001}.tar",
+                         "--tar_base", str(tmp_path / "missing"), "--tar_base", str(shards), "--out", str(out),
                          "--image_size", str(SIZE), "--lowres_size", str(LOWRES), "--no_progress"]) == 0
     captured = capsys.readouterr()
     printed = json.loads(captured.out)

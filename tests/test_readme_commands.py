@@ -100,12 +100,6 @@ def _run_parser(parse) -> str | None:
     return None
 
 
-def _argparse(module: str):
-    parser = importlib.import_module(module)._parser()
-    parser.allow_abbrev = False  # users may abbreviate; the README spells every option out
-    return lambda args: parser.parse_args(args)
-
-
 def _train_module(argv: list[str]) -> tuple[dict, object]:
     """train.py's namespace and its flags in a fresh ``FlagValues``: its module code is run with
     ``absl.flags`` and ``ml_collections.config_flags`` whose ``FLAGS`` is that ``FlagValues`` and
@@ -205,7 +199,7 @@ def check(program: str, args: list[str]) -> str | None:
     elif program == "eval.py":
         parse = lambda: importlib.import_module("eval").parse(["eval.py", *args])  # noqa: E731
     elif program in ("cfm_jax.upsample", "cfm_jax.data.prepare"):
-        parse = lambda: _argparse(program)(args)  # noqa: E731
+        parse = lambda: importlib.import_module(program).parse([program, *args])  # noqa: E731
     elif program == "cfm_jax.convert":
         parse = lambda: _convert_cli().parse(["convert", *args])  # noqa: E731
     elif program == "cfm_jax.plan":

@@ -59,8 +59,9 @@ if their dataset-level settings (sizes, first stage, moments) agree.
 The original's WebDataset shards
 --------------------------------
 ``--src`` may also be tar shards as CompVis/fm-boosting keeps them: one or more brace
-patterns (``'/data/train-{000000..000099}.tar'``), relative ones joined to ``--tar_base``
-(several candidates: the first that exists), read by :mod:`cfm_jax.data.webdataset_source`.
+patterns (``--src '/data/train-{000000..000099}.tar'``, the flag repeated for several), relative
+ones joined to ``--tar_base`` (several candidates, ``--tar_base a --tar_base b``: the first that
+exists), read by :mod:`cfm_jax.data.webdataset_source`.
 With ``latent`` and ``latent_lowres`` members (``--webdataset_latents stored``; ``auto``
 looks at the first samples) nothing is re-encoded: the original stores *unscaled* latents
 ``[C, h, h]`` (its trainer multiplies them by ``scale_factor`` at load time), which is the
@@ -73,7 +74,6 @@ sample is skipped with a reason naming the tar, the sample key and the member.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -88,6 +88,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
@@ -669,69 +670,100 @@ def _summary(done: dict[int, dict], written: list[int], source, *, out: str, nam
 
 
 # --------------------------------------------------------------------------- CLI
-def _parser() -> argparse.ArgumentParser:
-    count, size = cli.positive_int, cli.nonnegative_int
-    p = cli.ArgumentParser(prog="python -m cfm_jax.data.prepare", description=__doc__.split("\n\n")[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+PROG = "python -m cfm_jax.data.prepare"
+_REQUIRED = {"src": "the images", "out": "the dataset folder", "image_size": "the crop side",
+             "lowres_size": "the low-res side"}
+
+
+def define_flags(fl: flags.FlagValues) -> None:
+    """The command line's flags, on ``fl`` (a fresh ``FlagValues`` per :func:`main` call, so that
+    main runs in-process as often as a test wants)."""
+    def define(kind, name, default, help_, **kw):
+        getattr(flags, f"DEFINE_{kind}")(name, default, help=help_, flag_values=fl, **kw)
+
+    define("multi_string", "src", None,
+           "folder of images (recursive), photos[:train|:validation], or WebDataset tar shards: one or more "
+           "(quoted) patterns such as '/data/train-{000000..000099}.tar' (required)")
+    define("multi_string", "tar_base", None,
+           "tar shards: folder(s) for relative patterns, the first that exists (the original's tar_base)")
+    define("enum", "webdataset_latents", "auto",
+           "tar shards: 'stored' writes their latent/latent_lowres as they are (unscaled, [C, h, h]), 'encode' "
+           "encodes their images, 'auto': stored if the first samples have latents",
+           enum_values=webdataset_source.LATENT_MODES)
+    define("string", "out", None, "dataset folder to write (TFDS layout; required)")
+    define("string", "split", "train", "split to write, e.g. train or validation (lower-case letters, digits, '_'); "
+           "several splits can share one --out")
+    define("string", "name", "cfm_latents", "TFDS dataset name (file name prefix)")
+    define("integer", "image_size", None,
+           "side of the square high-res crops in pixels (1024 for the paper's 64² -> 128² latents); divisible by "
+           "the first stage's factor, 8 for the SD VAE (required)")
+    define("integer", "lowres_size", None,
+           "side of the low-res images in pixels, at most --image_size (512 for the paper; required)")
+    define("enum", "lowres_filter", "box", "how the low-res image is made: box (area average) or bilinear (the "
+           "original's F.interpolate without antialiasing; the same as box at x2)",
+           enum_values=image_ops.LOWRES_FILTERS)
+    define("integer", "short_side", None,
+           "resize the short side to this before cropping (default image_size; 0: keep the native size)")
+    define("integer", "max_short_side", 0,
+           "then reduce larger images to this short side (0: no cap; useful with --short_side 0)")
+    define("integer", "min_size", None, "skip images with a shorter short side (default short_side: no up-scaling)")
+    define("string", "first_stage_path", "identity",
+           "'identity' (pixel space) or the autoencoder: converted folder, sd_ae.ckpt, safetensors, diffusers VAE "
+           "folder")
+    define("float", "scale_factor", -1.0, "latent scale; -1: the checkpoint's")
+    define("enum", "first_stage_dtype", "float32", "compute dtype of the autoencoder while encoding",
+           enum_values=["float32", "bfloat16"])
+    define("integer", "tile_size", 0, "tiled encoding, latent cells (0: off)")
+    define("integer", "tile_overlap", 8, "tiled encoding: overlap of the tiles, latent cells")
+    define("enum", "crop", "center", "center: one centre crop per image; random: --crops_per_image crops at random "
+           "positions", enum_values=list(_CROP_MODES))
+    define("integer", "crops_per_image", 1, "crops per image (more than 1 with --crop random)")
+    define("float", "min_scale", 1.0, "random crops: zoom out by a log-uniform factor in [min_scale, 1] (1: no zoom)")
+    define("integer", "images_per_shard", 64,
+           "source images per output shard (the unit of resuming and of splitting over processes)")
+    define("integer", "num_processes", 1,
+           "processes (or hosts) preparing the split together; shard k is done by process k % N")
+    define("integer", "process_index", 0, "this process's index, 0 .. num_processes - 1")
+    define("integer", "batch_size", 8, "crops encoded per jitted call (rounded up to a multiple of the local devices)")
+    define("bool", "with_moments", False, "also store posterior mean and logvar")
+    define("integer", "seed", 0, "random crop positions")
+    define("integer", "num_workers", None, "image decoding threads (default min(8, CPUs))")
+    define("integer", "max_shards", None, "stop after this many shards (resume later)")
+    define("bool", "no_progress", False, "no progress bar")
+
+
+def parse(argv: Sequence[str]) -> flags.FlagValues:
+    """The flags of ``argv`` (``argv[0]`` the program), checked as far as they can be without
+    reading a file: a bad flag or value is one line and exit code 2."""
+    fl = flags.FlagValues()
+    define_flags(fl)
+    rest = cli.parse_flags(fl, argv, prog=PROG, usage="--src SRC --out OUT --image_size N --lowres_size N [flags]",
+                           doc=__doc__.split("\n\n")[0],
                            epilog="The module docstring (python -c 'import cfm_jax.data.prepare as p; "
                                   "print(p.__doc__)') describes each step, the shards and resuming.")
-    p.add_argument("--src", required=True, nargs="+",
-                   help="folder of images (recursive), photos[:train|:validation], or WebDataset tar shards: "
-                        "one or more (quoted) patterns such as '/data/train-{000000..000099}.tar'")
-    p.add_argument("--tar_base", nargs="+", default=None,
-                   help="tar shards: folder(s) for relative patterns, the first that exists (the original's tar_base)")
-    p.add_argument("--webdataset_latents", default="auto", choices=webdataset_source.LATENT_MODES,
-                   help="tar shards: 'stored' writes their latent/latent_lowres as they are (unscaled, [C, h, h]), "
-                        "'encode' encodes their images, 'auto': stored if the first samples have latents")
-    p.add_argument("--out", required=True, help="dataset folder to write (TFDS layout)")
-    p.add_argument("--split", default="train",
-                   help="split to write, e.g. train or validation (lower-case letters, digits, '_'); several "
-                        "splits can share one --out")
-    p.add_argument("--name", default="cfm_latents", help="TFDS dataset name (file name prefix)")
-    p.add_argument("--image_size", type=count, required=True,
-                   help="side of the square high-res crops in pixels (1024 for the paper's 64² -> 128² latents); "
-                        "divisible by the first stage's factor (8 for the SD VAE)")
-    p.add_argument("--lowres_size", type=count, required=True,
-                   help="side of the low-res images in pixels, at most --image_size (512 for the paper)")
-    p.add_argument("--lowres_filter", default="box", choices=image_ops.LOWRES_FILTERS,
-                   help="how the low-res image is made: box (area average) or bilinear (the original's "
-                        "F.interpolate without antialiasing; the same as box at x2)")
-    p.add_argument("--short_side", type=size, default=None,
-                   help="resize the short side to this before cropping (default image_size; 0: keep the native size)")
-    p.add_argument("--max_short_side", type=size, default=0,
-                   help="then reduce larger images to this short side (0: no cap; useful with --short_side 0)")
-    p.add_argument("--min_size", type=size, default=None, help="skip images with a shorter short side "
-                   "(default short_side: no up-scaling)")
-    p.add_argument("--first_stage_path", default="identity",
-                   help="'identity' (pixel space) or the autoencoder: converted folder, sd_ae.ckpt, safetensors, "
-                        "diffusers VAE folder")
-    p.add_argument("--scale_factor", type=float, default=-1.0, help="latent scale; -1: the checkpoint's")
-    p.add_argument("--first_stage_dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="compute dtype of the autoencoder while encoding")
-    p.add_argument("--tile_size", type=size, default=0, help="tiled encoding, latent cells (0: off)")
-    p.add_argument("--tile_overlap", type=size, default=8, help="tiled encoding: overlap of the tiles, latent cells")
-    p.add_argument("--crop", default="center", choices=_CROP_MODES,
-                   help="center: one centre crop per image; random: --crops_per_image crops at random positions")
-    p.add_argument("--crops_per_image", type=count, default=1, help="crops per image (more than 1 with --crop random)")
-    p.add_argument("--min_scale", type=float, default=1.0,
-                   help="random crops: zoom out by a log-uniform factor in [min_scale, 1] (1: no zoom)")
-    p.add_argument("--images_per_shard", type=count, default=64,
-                   help="source images per output shard (the unit of resuming and of splitting over processes)")
-    p.add_argument("--num_processes", type=count, default=1,
-                   help="processes (or hosts) preparing the split together; shard k is done by process k %% N")
-    p.add_argument("--process_index", type=size, default=0, help="this process's index, 0 .. num_processes - 1")
-    p.add_argument("--batch_size", type=count, default=8,
-                   help="crops encoded per jitted call (rounded up to a multiple of the local devices)")
-    p.add_argument("--with_moments", action="store_true", help="also store posterior mean and logvar")
-    p.add_argument("--seed", type=int, default=0, help="random crop positions")
-    p.add_argument("--num_workers", type=count, default=None, help="image decoding threads (default min(8, CPUs))")
-    p.add_argument("--max_shards", type=size, default=None, help="stop after this many shards (resume later)")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    return p
+    cli.reject_positional(rest, PROG, "; give several --src patterns (or --tar_base folders) by repeating the "
+                                      "flag: --src a --src b")
+    cli.require_flags(fl, _REQUIRED, PROG)
+    cli.check_at_least(fl, (("image_size", 1, "the side of the high-res crops in pixels"),
+                            ("lowres_size", 1, "the side of the low-res images in pixels"),
+                            ("short_side", 0, "the short side images are resized to (0: keep the native size)"),
+                            ("max_short_side", 0, "the cap on the short side (0: none)"),
+                            ("min_size", 0, "the smallest short side kept"),
+                            ("tile_size", 0, "the encoder's tile in latent cells (0: no tiles)"),
+                            ("tile_overlap", 0, "the overlap of the encoder's tiles in latent cells"),
+                            ("crops_per_image", 1, "the number of crops per image"),
+                            ("images_per_shard", 1, "the number of source images per shard"),
+                            ("num_processes", 1, "the number of processes preparing the split"),
+                            ("process_index", 0, "this process's index"),
+                            ("batch_size", 1, "the number of crops per encoder call"),
+                            ("num_workers", 1, "the number of image decoding threads"),
+                            ("max_shards", 0, "the number of shards to write in this run")))
+    return fl
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; ``argv[0]`` the program (default ``sys.argv``). Returns the exit code."""
+    args = parse(sys.argv if argv is None else argv)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         cli.fail(f"--out {args.out!r} is a file; --out names the dataset folder to write (created if missing).")
     cli.skip_tpu_probe_without_accelerator()  # before JAX makes a backend
