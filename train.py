@@ -24,8 +24,12 @@ import logging
 import os
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
+
+from cfm_jax import cli, distributed
+from cfm_jax.trainer import OutOfSpace, TrainingDiverged, train
 
 EXIT_DIVERGED, EXIT_USAGE, EXIT_OUT_OF_SPACE, EXIT_STOPPED = 1, 2, 74, 75
 DEFAULT_CONFIG = "configs/quickstart.py"
@@ -59,7 +63,6 @@ def user_error(e: BaseException, argv: list[str] = ()) -> str | None:
     """The one-line message of an error the user can fix from the command line (exit 2), or
     ``None`` for an unexpected error, which keeps its traceback. ``argv``: the command line, to
     name the override a config key typo came from."""
-    from cfm_jax.trainer import TrainingDiverged, OutOfSpace
     if isinstance(e, (TrainingDiverged, OutOfSpace)):
         return None
     if isinstance(e, flags.Error):  # unknown flag, bad value, --config.x before --config
@@ -121,7 +124,6 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from cfm_jax import cli, distributed
     cli.skip_tpu_probe_without_accelerator()  # no libtpu probe noise on machines without one
     try:  # before anything touches a JAX backend
         distributed.initialize(_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
@@ -130,7 +132,6 @@ def main(argv):
     except (RuntimeError, ValueError) as e:
         print(f"\nerror: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    from cfm_jax.trainer import OutOfSpace, TrainingDiverged, train
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join(
@@ -149,7 +150,6 @@ def main(argv):
             raise
         print(f"\nerror: {message}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    import jax
     if summary.get("stopped_by"):  # every process: the scheduler reads any of them
         if jax.process_index() == 0:
             print(f"\nstopped at step {summary['final_step']} of {summary['num_steps']} "

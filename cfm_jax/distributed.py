@@ -20,6 +20,7 @@ import logging
 import os
 
 import jax
+from jax.experimental import multihost_utils
 
 log = logging.getLogger("cfm_jax")
 
@@ -85,11 +86,10 @@ def barrier(name: str, timeout_s: float = 300.0) -> None:
     the barrier after ``timeout_s`` instead of hanging. A no-op in a single-process run."""
     if jax.process_count() == 1:
         return
-    from jax._src import distributed as _dist  # the coordination-service client of jax.distributed
+    from jax._src import distributed as _dist  # lazy: a jax._src internal (jax.distributed's coordination client)
 
     client = _dist.global_state.client
     if client is None:  # processes joined without jax.distributed (should not happen)
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
         return
     try:

@@ -47,8 +47,10 @@ solvers are in the sweep.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -57,6 +59,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from cfm_jax import compile_options
 from cfm_jax import fid as fid_lib
@@ -64,6 +67,7 @@ from cfm_jax import metrics as image_metrics
 from cfm_jax import sampling, sharding
 from cfm_jax.data import image_ops
 from cfm_jax.data.eval_data import EvalSet
+from cfm_jax.models import inception as inception_lib
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +222,6 @@ class Evaluator:
         self._baselines: tuple[list[MethodResult], dict[str, np.ndarray]] | None = None
         self._real: tuple[dict, dict] | None = None  # FID reference of the real images: whole, crops
         if self.fid is not None:
-            from cfm_jax.models import inception
-
             self.crop_size = self.fid.crop_size or self.image_size // 2
             if not 1 <= self.crop_size <= self.image_size:
                 raise ValueError(f"patch-FID crop_size={self.crop_size} does not fit {self.image_size}² images.")
@@ -228,9 +230,9 @@ class Evaluator:
             feats = self.fid.features
             # one Inception batch size for whole images and crops: one compiled Inception
             self._feature_batch = -(-min(FEATURE_BATCH, eval_set.batch_size * self.fid.num_crops) // n_dev) * n_dev
-            self._to_299 = jax.jit(lambda x: inception.resize_bilinear(
+            self._to_299 = jax.jit(lambda x: inception_lib.resize_bilinear(
                 fid_lib.to_unit_range(x, value_range=feats.value_range, clip=feats.clip, quantize=feats.quantize),
-                (inception.INPUT_SIZE, inception.INPUT_SIZE)))
+                (inception_lib.INPUT_SIZE, inception_lib.INPUT_SIZE)))
             self._inception = jax.jit(feats.model.apply, out_shardings=rep)
             self._inception_vars = jax.device_put(feats.variables, rep)  # sent once, not with every call
             crop = self.crop_size
@@ -512,8 +514,6 @@ def labelled_grid(columns: dict[str, np.ndarray], *, min_tile: int = GRID_MIN_TI
     images in [-1, 1] or uint8), one row per image. Images smaller than ``min_tile`` are
     enlarged by a whole factor (nearest neighbour), so that a person sees the pixels each
     method made, not a viewer's smoothing."""
-    from PIL import Image, ImageDraw, ImageFont
-
     h, w = next(iter(columns.values())).shape[1:3]
     zoom = max(1, -(-min_tile // min(h, w)))
     grid = image_grid(list(columns.values())).repeat(zoom, axis=0).repeat(zoom, axis=1)
@@ -546,7 +546,7 @@ def _family(r: MethodResult) -> str:
 def nfe_figure(results: Sequence[MethodResult], metric: str, *, title: str, lower_is_better: bool = False):
     """A matplotlib figure of ``metric`` against NFE (log scale): one line per solver family, the
     baselines as dashed horizontal lines; ``None`` when no CFM row has the metric."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib (with pyplot) takes ~1 s to import; only sweeps draw figures
 
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
@@ -634,11 +634,6 @@ def write_reports(out: str, record: dict, results: Sequence[MethodResult], grids
                   notes: Sequence[str] = ()) -> list[str]:
     """Writes metrics.json, metrics.csv, report.md, grid_<label>.png and, for sweeps, the
     quality-vs-NFE plots. Returns the file names."""
-    import csv
-    import json
-
-    from PIL import Image
-
     os.makedirs(out, exist_ok=True)
     files = ["metrics.json", "metrics.csv", "report.md"]
     metrics, non_finite = finite_json({**record, "psnr_max_db": image_metrics.PSNR_MAX_DB,

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
 
+from cfm_jax.convert.inception import load_fid_inception
 from cfm_jax.models.inception import FEATURE_DIM, FIDInceptionV3
 
 SQRTM_EPS = 1e-6  # pytorch-fid's `eps` of calculate_frechet_distance
@@ -134,8 +135,6 @@ class InceptionFeatures:
     @classmethod
     def from_path(cls, path, *, dtype=None, **kwargs) -> "InceptionFeatures":
         """From the `.pth` weights file or a converted folder (see `load_fid_inception`)."""
-        from cfm_jax.convert.inception import load_fid_inception
-
         model, variables = load_fid_inception(path, dtype=dtype)
         return cls(model, variables, **kwargs)
 

@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfm_jax.models.autoencoder import AutoencoderKL
+from cfm_jax.convert import converted_dir
+from cfm_jax.convert.vae import load_pretrained
+from cfm_jax.models.autoencoder import AutoencoderKL, abstract_params
 
 SD_SCALE_FACTOR = 0.18215
 CONVERTED_KIND = "cfm_jax.autoencoder_kl"
@@ -151,8 +153,6 @@ class AutoencoderFirstStage:
 # --------------------------------------------------------------------------- loading
 def save_converted(out_dir: str, model: AutoencoderKL, params, *, scale_factor: float, source: str) -> None:
     """Writes a converted autoencoder: ``config.json`` plus an orbax ``params`` folder."""
-    from cfm_jax.convert import converted_dir
-
     fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model_fields(model).items()}
     converted_dir.save(out_dir, CONVERTED_KIND, "params", params, model=fields, scale_factor=scale_factor,
                        source=source)
@@ -166,18 +166,12 @@ def model_fields(model: AutoencoderKL) -> dict:
 
 def is_converted_dir(path: str) -> bool:
     """Whether ``path`` is a folder written by :func:`save_converted`."""
-    from cfm_jax.convert import converted_dir
-
     return converted_dir.is_converted_dir(path, CONVERTED_KIND)
 
 
 def load_autoencoder(path: str, *, dtype=jnp.float32) -> tuple[AutoencoderKL, Any, float]:
     """``(model, params, scale_factor)`` from a converted folder, an LDM/SD checkpoint file
     (``sd_ae.ckpt``, ``.safetensors``) or a diffusers VAE folder."""
-    from cfm_jax.convert import converted_dir
-    from cfm_jax.convert.vae import load_pretrained
-    from cfm_jax.models.autoencoder import abstract_params
-
     path = os.path.expanduser(path)
     if not os.path.exists(path):
         raise FileNotFoundError(

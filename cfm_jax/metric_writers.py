@@ -28,7 +28,7 @@ class _EventFile:
     next write forever. Here a failed write raises in the trainer, which reports it."""
 
     def __init__(self, logdir: str, purge_step: int | None = None):
-        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.event_file_writer import EventsWriter  # lazy: tensorboardX imports torch if installed (~2 s)
         from tensorboardX.proto.event_pb2 import Event, SessionLog
         self._event = Event
         os.makedirs(logdir, exist_ok=True)
@@ -72,7 +72,7 @@ class MetricWriter:
             self._tb_args = (tb_dir, resume_step + 1 if earlier and resume_step is not None else None)
         if wandb:
             try:
-                import wandb as wandb_lib
+                import wandb as wandb_lib  # lazy: optional, not in requirements.txt
             except ImportError as e:
                 raise ImportError("logging.wandb=True needs the `wandb` package: `pip install wandb` "
                                   "(it is not in requirements.txt), or set --config.logging.wandb=False.") from e

@@ -48,12 +48,29 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
 import re
+import sys
 import time
 from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from absl import flags
+from ml_collections import config_flags
+
+from cfm_jax import first_stage as fs_lib
+from cfm_jax import flops as flops_lib, sampling, sde, sharding, solvers
+from cfm_jax.ema import EMAConfig
+from cfm_jax.evaluation import image_scores
+from cfm_jax.model import CFMUpsampler
+from cfm_jax.models.autoencoder import AutoencoderKL, abstract_params
+from cfm_jax.optim import make_optimizer
+from cfm_jax.solvers import SolverSpec
+from cfm_jax.trainer import abstract_train_state, make_train_step
 
 PROGRAMS = ("train", "eval", "sample")
 EXIT_DOES_NOT_FIT = 3
@@ -115,8 +132,7 @@ def topology_name(text: str) -> str:
 
 def _libtpu_version() -> str:
     try:
-        from importlib.metadata import version
-        return version("libtpu")
+        return importlib.metadata.version("libtpu")
     except Exception:  # not installed
         return ""
 
@@ -136,7 +152,7 @@ def tpu_devices(topology: str) -> list:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
     os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
-    from jax.experimental import topologies
+    from jax.experimental import topologies  # lazy: libtpu-related (compile-only TPU devices), only for a plan
 
     kwargs = {"chip_config_name": "megacore"} if name.startswith("v4:") else {}
     dims = [int(d) for d in name.split(":")[1].split("x")]
@@ -165,8 +181,6 @@ class Layout:
 
     @classmethod
     def of(cls, config, n_chips: int) -> "Layout":
-        from cfm_jax import sharding
-
         data, fsdp = sharding.mesh_shape(n_chips, config.mesh.data, config.mesh.fsdp)
         return cls(data=data, fsdp=fsdp, remat=config.model.get("remat", "none"),
                    param_dtype=config.model.param_dtype, grad_accum=int(config.optim.grad_accum_steps),
@@ -205,17 +219,11 @@ class Layout:
 def _abstract_first_stage(config):
     """The config's first stage with abstract weights (nothing read from disk but, for a
     converted folder, its config.json): the SD KL-f8 architecture for checkpoint files."""
-    from cfm_jax import first_stage as fs_lib
-
     fs = config.first_stage
     if fs.name == "identity":
         return fs_lib.build_first_stage(config)
     if fs.name != "autoencoder":
         raise PlanError(f"Unknown first_stage.name={fs.name!r}.")
-    import jax.numpy as jnp
-
-    from cfm_jax.models.autoencoder import AutoencoderKL, abstract_params
-
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[fs.dtype]
     fields = {}
     path = os.path.expanduser(fs.path or "")
@@ -230,24 +238,12 @@ def _abstract_first_stage(config):
 
 
 def _with_sharding(tree, sharding_fn):
-    import jax
-
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding_fn(s)), tree)
 
 
 def lower_program(program: str, config, devices) -> tuple[Any, dict]:
     """``(lowered, info)`` of one program for ``config`` on ``devices``: ``info`` has the
     per-chip batch, the model FLOPs per call (analytic) and the loop correction."""
-    import jax
-    import jax.numpy as jnp
-
-    from cfm_jax import flops as flops_lib, sharding
-    from cfm_jax.ema import EMAConfig
-    from cfm_jax.optim import make_optimizer
-    from cfm_jax.solvers import SolverSpec
-    from cfm_jax.trainer import abstract_train_state, make_train_step
-    from cfm_jax.model import CFMUpsampler
-
     mesh = sharding.make_mesh(config.mesh, devices)
     n = len(devices)
     bs = int(config.data.batch_size)
@@ -289,15 +285,11 @@ def lower_program(program: str, config, devices) -> tuple[Any, dict]:
         loop = None  # unknown number of steps: the FLOPs are those of one step
         nfe = None
     else:
-        from cfm_jax import sampling, sde, solvers
-
         nfe = solver.expected_nfe()
         stages = (sde.SDE_STAGES[solver.method[len(solvers.SDE_PREFIX):]] if solver.is_sde
                   else sampling.FIXED_STAGES[solver.method])  # velocity evaluations per loop trip
         loop = {"trips": solver.num_steps - 1, "per_trip_flops": stages * fwd_per_example * bs / n}
     if program == "eval":
-        from cfm_jax.evaluation import image_scores
-
         def eval_step(params, fs, batch, keys):  # the scores of the evaluator's step
             images, result = ups.predict(params, batch, keys, solver=solver, first_stage=fs)
             return image_scores(images, batch["image"]), result.nfe
@@ -403,8 +395,6 @@ def analyse(compiled, chip: ChipSpec, info: dict, *, margin: float = 0.0) -> dic
 
 # --------------------------------------------------------------------------- planning
 def _cache_key(program: str, config, topology: str, margin: float) -> str:
-    import jax
-
     relevant = {k: config[k].to_dict() for k in ("model", "mesh", "flow", "coupling", "optim", "ema", "sample")}
     relevant["data"] = {k: config.data[k] for k in ("batch_size", "image_size", "lowres_size")}
     relevant["first_stage"] = {k: config.first_stage[k] for k in ("name", "dtype", "tile_size", "tile_overlap",
@@ -651,11 +641,6 @@ def default_cache_dir() -> str:
 
 def main(argv=None) -> int:
     """``python -m cfm_jax.plan``: plans a config (with ``--config.*`` overrides) on topologies."""
-    import sys
-
-    from absl import flags
-    from ml_collections import config_flags
-
     argv = list(sys.argv if argv is None else argv)
     fl = flags.FlagValues()
     # sys_argv: the --config.* overrides are read from this argv, not the process's.
@@ -677,8 +662,9 @@ def main(argv=None) -> int:
                               flag_values=fl)
     # The plan needs no local accelerator: keep JAX on the CPU (on a TPU VM it must not grab the
     # chips), and out of the persistent compilation cache, which cannot hold compile-only programs.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import jax
+    if "JAX_PLATFORMS" not in os.environ:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        jax.config.update("jax_platforms", "cpu")  # JAX, imported above, read the variable then
     jax.config.update("jax_enable_compilation_cache", False)
     try:
         fl(argv)

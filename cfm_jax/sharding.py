@@ -29,6 +29,7 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -64,7 +65,6 @@ def device_grid(mesh_cfg=None, devices=None) -> np.ndarray:
     fsdp = 1 if mesh_cfg is None else mesh_cfg.fsdp
     dcn = 1 if mesh_cfg is None else int(mesh_cfg.dcn_data)
     data, fsdp = mesh_shape(len(devices), data, fsdp)
-    from jax.experimental import mesh_utils
     if dcn > 1:
         if data % dcn:
             raise ValueError(f"mesh.dcn_data={dcn} slices must divide mesh.data={data}.")

@@ -18,9 +18,16 @@ import os
 import re
 import sys
 
+import jax
 from absl import flags
+from ml_collections import config_flags
 
 from cfm_jax import cli
+from cfm_jax.convert.fmboost_checkpoint import load_fmboost, write_run_dir
+from cfm_jax.convert.inception import load_fid_inception, save_converted as save_inception
+from cfm_jax.first_stage import load_autoencoder, save_converted
+from cfm_jax.model import build_unet
+from cfm_jax.models.unet import count_params
 
 COMMANDS = ("vae", "fmboost", "inception")
 PROG = "python -m cfm_jax.convert"
@@ -31,8 +38,6 @@ _DEFAULT_CONFIG = "configs/flow400_64-128/unet_base_psu.py"
 def define_flags(fl: flags.FlagValues, argv) -> None:
     """The converter's flags, on ``fl`` (a fresh ``FlagValues`` per :func:`main` call);
     ``--config.section.key=value`` overrides are looked for in ``argv``."""
-    from ml_collections import config_flags
-
     flags.DEFINE_string("src", None, "Checkpoint file or folder to convert. Required.", flag_values=fl)
     flags.DEFINE_string("out", None, "Output folder. Required.", flag_values=fl)
     flags.DEFINE_float("scale_factor", -1.0, "vae: latent scale to record (-1: from the source; 0.18215 for LDM "
@@ -84,18 +89,14 @@ def main(argv=None) -> int:
 
 
 def _convert(command: str, fl: flags.FlagValues) -> None:
-    import jax
-
     src, out = fl.src, fl.out
     if command == "inception":
-        from cfm_jax.convert.inception import load_fid_inception, save_converted as save_inception
         _, variables = load_fid_inception(src)
         save_inception(out, variables, source=os.path.abspath(src))
         n = sum(x.size for x in jax.tree.leaves(variables["params"]))
         print(f"Converted {src} -> {out}: FID Inception-v3 ({n:,} parameters).")
         return
     if command == "vae":
-        from cfm_jax.first_stage import load_autoencoder, save_converted
         model, params, scale = load_autoencoder(src)
         if fl.scale_factor != -1.0:
             scale = fl.scale_factor
@@ -104,10 +105,6 @@ def _convert(command: str, fl: flags.FlagValues) -> None:
         print(f"Converted {src} -> {out}: AutoencoderKL ch={model.ch} ch_mult={tuple(model.ch_mult)} "
               f"z={model.z_channels}, {n:,} parameters, scale_factor {scale}.")
         return
-
-    from cfm_jax.convert.fmboost_checkpoint import load_fmboost, write_run_dir
-    from cfm_jax.models.unet import count_params
-    from cfm_jax.model import build_unet
 
     config = fl.config
     # the original's UNet pads with zeros and normalises with GroupNorm: a checkpoint of it under

@@ -8,7 +8,9 @@ import json
 import os
 from typing import Any
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 
 def read_meta(path, kind: str) -> dict | None:
@@ -32,9 +34,6 @@ def is_converted_dir(path, kind: str) -> bool:
 def save(out_dir, kind: str, item: str, tree: Any, **meta) -> None:
     """Writes ``config.json`` (``kind`` and ``meta``) and the orbax checkpoint ``item/`` of
     ``tree`` (host arrays) to ``out_dir``."""
-    import jax
-    import orbax.checkpoint as ocp
-
     out_dir = os.path.abspath(os.fspath(out_dir))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -45,7 +44,5 @@ def save(out_dir, kind: str, item: str, tree: Any, **meta) -> None:
 
 def restore(path, item: str, target: Any) -> Any:
     """The tree ``item/`` of a converted folder, with ``target``'s structure, shapes and dtypes."""
-    import orbax.checkpoint as ocp
-
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(os.path.join(os.path.abspath(os.fspath(path)), item), target)

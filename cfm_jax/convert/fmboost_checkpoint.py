@@ -17,6 +17,7 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
+from cfm_jax import checkpointing
 from cfm_jax.convert.fmboost_unet import unet_params_from_torch
 from cfm_jax.convert.state_dict_io import load_state_dict
 
@@ -89,8 +90,6 @@ def write_run_dir(out_dir: str, config, params, ema_params, *, source: str, step
                   ema_step: int = 0) -> str:
     """Writes a cfm-jax run folder (``config.json``, ``checkpoints/<step>/``) holding the weights,
     usable by ``eval.py --workdir`` and ``train.py --load_weights``."""
-    from cfm_jax import checkpointing
-
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))

@@ -33,11 +33,14 @@ import os
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict as _flatten, unflatten_dict as _unflatten
 
 from cfm_jax.convert import converted_dir
 from cfm_jax.convert.state_dict_io import load_state_dict, mismatch_lines
+from cfm_jax.models.inception import FIDInceptionV3, abstract_variables
 
 CONVERTED_KIND = "cfm_jax.fid_inception"
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -82,8 +85,6 @@ def _unwrap_fid_wrapper(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def _abstract_target():
-    from cfm_jax.models.inception import FIDInceptionV3, abstract_variables
-
     return abstract_variables(FIDInceptionV3())
 
 
@@ -156,8 +157,6 @@ def is_converted_dir(path) -> bool:
 
 def save_converted(out_dir, variables: Mapping, *, source: Optional[str] = None) -> None:
     """Writes `config.json` and the orbax checkpoint `variables/` (float32) to `out_dir`."""
-    import jax
-
     tree = {c: jax.tree.map(lambda a: np.asarray(a, np.float32), dict(variables[c])) for c in ("params", "batch_stats")}
     converted_dir.save(out_dir, CONVERTED_KIND, "variables", tree,
                        model="FIDInceptionV3 (pytorch-fid, TF 2015-12-05 graph)", source=source)
@@ -173,11 +172,6 @@ def load_fid_inception(path, *, dtype=None, param_dtype=None):
     dtypes (params are cast to `param_dtype`; BatchNorm statistics stay float32). Use as
     `model.apply(variables, images_01)` -> [B, 2048].
     """
-    import jax
-    import jax.numpy as jnp
-
-    from cfm_jax.models.inception import FIDInceptionV3, abstract_variables
-
     path = os.path.expanduser(os.fspath(path))
     model = FIDInceptionV3(dtype=dtype or jnp.float32, param_dtype=param_dtype or jnp.float32)
     target = abstract_variables(FIDInceptionV3())  # stored and converted in float32

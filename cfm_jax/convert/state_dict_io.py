@@ -9,6 +9,7 @@ import pickle
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+import ml_dtypes  # ships with JAX
 import numpy as np
 
 _TORCH_PIN = "torch==2.13.0"
@@ -53,7 +54,7 @@ def _corrupt_error(path: str, err: BaseException, kind: str) -> ValueError:
 
 def _load_safetensors(path: str) -> Dict[str, np.ndarray]:
     try:
-        import safetensors
+        import safetensors  # lazy: only .safetensors files need it; a missing package is reported here
         import safetensors.numpy
     except ImportError as e:  # pragma: no cover - safetensors is a listed dependency
         raise ImportError(f"reading {path} needs the 'safetensors' package (pip install safetensors)") from e
@@ -63,7 +64,6 @@ def _load_safetensors(path: str) -> Dict[str, np.ndarray]:
         except TypeError as e:  # numpy has no bfloat16: read the raw bytes, view them with ml_dtypes
             if "bfloat16" not in str(e):
                 raise
-        import ml_dtypes  # ships with JAX
         dtypes = dict(BF16=ml_dtypes.bfloat16, F16=np.float16, F32=np.float32, F64=np.float64,
                       I8=np.int8, I16=np.int16, I32=np.int32, I64=np.int64, U8=np.uint8, BOOL=np.bool_)
         with open(path, "rb") as f:
@@ -100,7 +100,7 @@ def _not_a_torch_file(path: str) -> Optional[str]:
 
 def _load_torch(path: str) -> Any:
     try:
-        import torch
+        import torch  # lazy: optional (only pickled checkpoints need it) and ~2 s to import
     except ImportError as e:
         raise ImportError(f"reading {path} needs PyTorch: pip install {_TORCH_PIN} (CPU is enough), "
                           "or convert the checkpoint to .safetensors once where PyTorch is installed") from e

@@ -29,11 +29,13 @@ import os
 import re
 from typing import Any, Callable, Dict, List, Mapping, Tuple
 
+import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict as _flatten, unflatten_dict as _unflatten
 
 from cfm_jax.convert.state_dict_io import (load_state_dict, mismatch_lines, strip_collection as _strip_collection,
                                            unwrap_lightning as _unwrap)
+from cfm_jax.models.autoencoder import AutoencoderKL, abstract_params
 
 LDM_PREFIXES = ("first_stage_model.", "first_stage.", "vae.")
 _VAE_ROOTS = ("encoder", "decoder", "quant_conv", "post_quant_conv")
@@ -356,10 +358,6 @@ def load_pretrained(path, *, dtype=None, param_dtype=None, resolution: int = 256
     architecture from `infer_ldm_config` and SD's scaling factor 0.18215. `params` is the
     params tree: `model.apply({"params": params}, x, method=model.encode)`.
     """
-    import jax.numpy as jnp  # the converters above stay importable without JAX
-
-    from cfm_jax.models.autoencoder import AutoencoderKL, abstract_params
-
     path = os.fspath(path)
     kw = dict(dtype=dtype or jnp.float32, param_dtype=param_dtype or jnp.float32)
     if os.path.isdir(path):

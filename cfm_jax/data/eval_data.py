@@ -32,6 +32,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from cfm_jax.data import image_io, image_ops, photos, records
+
 log = logging.getLogger(__name__)
 
 READ_AHEAD_BATCHES = 2  # record batches grain's reading threads fetch ahead
@@ -85,7 +87,7 @@ def record_set(path: str, split: str, *, num_images: int, batch_size: int, n_dev
                lowres_filter: str | None = None) -> EvalSet:
     """The first ``num_images`` records of ``split`` (fewer if the split is smaller), in order;
     their low-res images use the records' filter (``lowres_filter``, if given, must agree)."""
-    from cfm_jax.data import pipeline, records
+    from cfm_jax.data import pipeline  # lazy: it imports grain (~0.4 s); only record sets need it
 
     available = len(records.data_source(path, split))
     n, bs = _sizes(f"split {split!r} of {path}", available, num_images, batch_size, n_devices)
@@ -117,8 +119,6 @@ def image_folder_set(folder: str, *, image_size: int, lowres_size: int, num_imag
     truth). Which images are usable is known only after decoding them, so this function
     decodes them once, one at a time and keeping nothing; each pass of the evaluator decodes
     its batches again."""
-    from cfm_jax.data import image_io, image_ops
-
     image_ops.check_lowres_filter(lowres_filter)
     names, _ = image_io.list_images(folder)
     if not names:
@@ -149,8 +149,6 @@ def image_folder_set(folder: str, *, image_size: int, lowres_size: int, num_imag
 
 def _centre_crop(path: str, image_size: int) -> np.ndarray:
     """float32 [S, S, 3] in [-1, 1]: the short side resized to S, the centre S² crop."""
-    from cfm_jax.data import image_io, image_ops
-
     loaded = image_io.load_image(path, min_size=image_size)
     if not loaded.ok:
         raise RuntimeError(f"{path} was readable when the evaluation started and is not any more "
@@ -161,8 +159,6 @@ def _centre_crop(path: str, image_size: int) -> np.ndarray:
 
 
 def _downsample(images: np.ndarray, lowres_size: int, lowres_filter: str) -> np.ndarray:
-    from cfm_jax.data import image_ops
-
     return image_ops.downsample_antialiased(images, lowres_size, lowres_filter)
 
 
@@ -175,8 +171,6 @@ def photo_set(*, image_size: int, lowres_size: int, num_images: int, batch_size:
     ``lowres_filter``: how the low-res crops are made (``config.data.lowres_filter``). The
     evaluator checks that the batches split over the devices (the trainer builds this set even
     when it never validates)."""
-    from cfm_jax.data import photos
-
     bs = min(batch_size, num_images)
     crops = photos.PhotoCrops("validation", image_size=image_size, lowres_size=lowres_size, batch_size=bs,
                               seed=12345, lowres_filter=lowres_filter)

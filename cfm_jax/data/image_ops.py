@@ -40,6 +40,8 @@ from __future__ import annotations
 import functools
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -69,8 +71,6 @@ def _as_float(x):
     if _is_numpy(x):
         x = np.asarray(x)
         return x if x.dtype in (np.float32, np.float64) else x.astype(np.float32)
-    import jax.numpy as jnp
-
     x = jnp.asarray(x)
     return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
 
@@ -206,9 +206,6 @@ def _resize_separable(images, size, method: str, *, up_only: bool = True):
         wh, ww = wh.astype(x.dtype, copy=False), ww.astype(x.dtype, copy=False)
         y = np.einsum("oh,...hwc->...owc", wh, x, optimize=True)
         return np.einsum("pw,...owc->...opc", ww, y, optimize=True)
-    import jax
-    import jax.numpy as jnp
-
     hi = jax.lax.Precision.HIGHEST
     y = jnp.einsum("oh,...hwc->...owc", jnp.asarray(wh, x.dtype), x, precision=hi)
     return jnp.einsum("pw,...owc->...opc", jnp.asarray(ww, x.dtype), y, precision=hi)
@@ -235,8 +232,6 @@ def resize(images, size, method: str):
         rows, cols = _nearest_indices(in_h, out_h, exact), _nearest_indices(in_w, out_w, exact)
         if _is_numpy(images):
             return np.asarray(images)[..., rows, :, :][..., cols, :]
-        import jax.numpy as jnp
-
         x = jnp.asarray(images)
         return jnp.take(jnp.take(x, rows, axis=-3), cols, axis=-2)
     return _resize_separable(images, size, "bicubic_torch" if method == "bicubic" else method, up_only=False)

@@ -64,6 +64,7 @@ import math
 from typing import Iterator
 
 import numpy as np
+import skimage.data
 from PIL import Image
 
 from cfm_jax.data import image_ops
@@ -122,8 +123,6 @@ def photo_names(split: str) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=None)
 def _load_photo(name: str) -> np.ndarray:
-    import skimage.data
-
     img = getattr(skimage.data, name)()
     if isinstance(img, tuple):  # stereo_motorcycle: (left, right, disparity)
         img = img[0]

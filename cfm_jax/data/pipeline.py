@@ -67,7 +67,9 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
 from cfm_jax.data import records
 from cfm_jax.data.image_ops import check_lowres_filter, lowres_filters_agree, make_lowres
@@ -151,8 +153,6 @@ def make_record_loader(path: str, *, split: str = "train", batch_size: int, seed
     ``lowres_filter``: ``None`` takes the records' filter; a value (``config.data.lowres_filter``)
     must agree with it (:func:`check_lowres_filter_matches`).
     """
-    import jax
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     process_index = jax.process_index() if process_index is None else int(process_index)
@@ -232,7 +232,5 @@ def _ensure_absl_flags_parsed() -> None:
     """grain's multiprocessing reads absl flags (``--grain_*``); outside ``absl.app.run``
     (pytest, plain scripts) they are unparsed and reading them raises
     ``UnparsedFlagAccessError``. Marks them parsed with their defaults in that case only."""
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
