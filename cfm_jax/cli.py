@@ -14,9 +14,14 @@ does not probe for a TPU on a machine that has none (:func:`skip_tpu_probe_witho
 from __future__ import annotations
 
 import glob
+import importlib.metadata
+import importlib.util
 import os
+import pkgutil
 import sys
 from typing import Iterable, Mapping, NoReturn, Sequence
+
+from absl import flags
 
 EXIT_USAGE = 2  # absl's (and argparse's) code for a bad command line; ours for every user error
 
@@ -33,8 +38,6 @@ def parse_flags(fl, argv: Sequence[str], *, prog: str, usage: str = "[flags]", d
     ``argv[0]`` and the positional arguments. ``--help`` (``-h``, ``--helpshort``, ``--helpfull``) prints ``usage``,
     ``doc``, the flags and ``epilog`` and exits 0; a bad flag is one line and exit code 2 (absl's
     ``app.run`` prints two and exits 1)."""
-    from absl import flags
-
     if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
         parts = [f"usage: {prog} {usage}", doc.strip(), fl.get_help(include_special_flags=False).strip(),
                  epilog.strip()]
@@ -106,14 +109,9 @@ def accelerator_hardware_present(root: str = "/") -> bool:
 
 def accelerator_plugins() -> list[str]:
     """JAX PJRT plugins other than libtpu (the jax[cuda12] / jax[rocm] plugin packages)."""
-    import importlib.metadata
-    import importlib.util
-
     names = [ep.name for ep in importlib.metadata.entry_points(group="jax_plugins")]
     if importlib.util.find_spec("jax_plugins") is not None:
-        import pkgutil
-
-        import jax_plugins  # a namespace package
+        import jax_plugins  # here, not at the top: a namespace package that exists only with a plugin
         names += [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
     return names
 

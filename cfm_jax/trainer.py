@@ -35,9 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from etils import epath
+from jax.experimental import multihost_utils
 from PIL import Image
+from tqdm import tqdm
 
 from cfm_jax import checkpointing, compile_options, distributed, flops as flops_lib, host_memory, sharding
+from cfm_jax.convert.fmboost_checkpoint import load_fmboost
 from cfm_jax.data.train_data import make_data
 from cfm_jax.ema import EMAConfig, ema_update
 from cfm_jax.evaluation import Evaluator, FIDConfig, finite_json, resolve_rim
@@ -253,8 +256,7 @@ def _agreed_stop(received: str | None, step: int) -> str | None:
     received by any process, or a TPU preemption notice (JAX's preemption sync point)."""
     if jax.process_count() == 1:
         return received
-    from jax._src import distributed as _dist
-    from jax.experimental import multihost_utils
+    from jax._src import distributed as _dist  # lazy: a JAX internal, only needed with several processes
 
     flags = multihost_utils.process_allgather(np.asarray(received is not None))
     if np.any(flags):
@@ -649,7 +651,6 @@ def _train_loop(config, run: _Run, state: TrainState, files: _RunFiles, summary:
     run.train_data.seek(step)
     pbar = None
     if files.is_main and config.logging.progress_bar:
-        from tqdm import tqdm
         pbar = tqdm(total=num_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     pending: list[dict] = []
     compiled_step = None
@@ -864,7 +865,6 @@ def _load_weights(state: TrainState, path: str, mesh) -> TrainState:
     optimizer and the step count start afresh."""
     host_params = jax.device_get(state.params)
     if os.path.isfile(path):
-        from cfm_jax.convert.fmboost_checkpoint import load_fmboost
         online, ema, ema_step = load_fmboost(path, host_params)
     else:
         online, ema, ema_step = checkpointing.read_weights(path)
