@@ -37,6 +37,47 @@ def _reflect_pad(pad: int, *arrays):
     return tuple(None if a is None else jnp.pad(a, widths, mode="reflect") for a in arrays)
 
 
+def _mirror_w(z):
+    return z[:, :, ::-1]
+
+
+def _mirror_h(z):
+    return z[:, ::-1]
+
+
+def _transpose(z):
+    return jnp.swapaxes(z, 1, 2)
+
+
+def _identity(z):
+    return z
+
+
+def _compose(*fs):
+    """``fs[0](fs[1](...(z)))``."""
+    def composed(z):
+        for f in reversed(fs):
+            z = f(z)
+        return z
+    return composed
+
+
+# The symmetries of the square as (transform, inverse) of [B, H, W, C] arrays, in the order
+# sample.dihedral_average takes them: identity, the left-right mirror (the training data's flip
+# augmentation), the up-down mirror, both (a half turn), then the same four after a transpose.
+_DIHEDRAL = (
+    (_identity, _identity),
+    (_mirror_w, _mirror_w),
+    (_mirror_h, _mirror_h),
+    (_compose(_mirror_h, _mirror_w), _compose(_mirror_w, _mirror_h)),
+    (_transpose, _transpose),
+    (_compose(_transpose, _mirror_w), _compose(_mirror_w, _transpose)),
+    (_compose(_transpose, _mirror_h), _compose(_mirror_h, _transpose)),
+    (_compose(_transpose, _mirror_h, _mirror_w), _compose(_mirror_w, _mirror_h, _transpose)),
+)
+DIHEDRAL_AVERAGES = (1, 2, 4, 8)  # sample.dihedral_average: the first n of _DIHEDRAL
+
+
 def build_unet(cfg) -> EfficientUNet:
     """The EfficientUNet of config section ``model``."""
     return EfficientUNet(
@@ -59,6 +100,9 @@ class CFMUpsampler:
         self.coupling = Coupling.from_config(config.coupling)
         self.first_stage = build_first_stage(config) if first_stage is None else first_stage
         flow.check_schedule(config.flow.schedule, config.flow.sigma_min, config.flow.t_exponent)
+        if config.sample.dihedral_average not in DIHEDRAL_AVERAGES:
+            raise ValueError(f"sample.dihedral_average={config.sample.dihedral_average}; choose one of "
+                             f"{DIHEDRAL_AVERAGES} (1: no averaging, the original's sampler).")
         c = self.first_stage.latent_channels
         expected_in = c * (2 if self.coupling.uses_context else 1)
         if config.model.in_channels != expected_in or config.model.out_channels != c:
@@ -143,14 +187,34 @@ class CFMUpsampler:
         :class:`cfm_jax.solvers.SolverSpec`); an SDE solver's noise of example ``i`` comes from
         ``fold_in(keys[i], 1)``. The ``sample.border_pad`` frame is cropped off."""
         noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-        result = solver.solve(lambda t, x, a: self.velocity(a["params"], x, t, a["context"]), x0,
+        result = solver.solve(lambda t, x, a: self.sampling_velocity(a["params"], x, t, a["context"]), x0,
                               {"params": params, "context": context}, noise_keys, schedule=self.config.flow.schedule)
+        result = result._replace(nfe=result.nfe * self.dihedral_average)  # network evaluations
         pad = self.border_pad
         if pad:
             crop = lambda a: a[..., pad:-pad, pad:-pad, :]  # noqa: E731 -- [.., H, W, C] leaves
             result = result._replace(x=crop(result.x), intermediates=None if result.intermediates is None
                                      else jax.tree.map(crop, result.intermediates))
         return result
+
+    def sampling_velocity(self, params, x, t, context) -> jax.Array:
+        """The velocity the samplers integrate: :meth:`velocity`, or with ``sample.dihedral_average``
+        = n > 1 (not the original's math) the mean over the first n symmetries of the square of the
+        velocity of the transformed input (and context), transformed back: a flow that treats
+        mirrored (and transposed) images alike, at n network evaluations (docs/quickstart.md)."""
+        n = self.dihedral_average
+        if n == 1:
+            return self.velocity(params, x, t, context)
+        total = 0.0
+        for forward, inverse in _DIHEDRAL[:n]:
+            v = self.velocity(params, forward(x), t, None if context is None else forward(context))
+            total = total + inverse(v)
+        return total / n
+
+    @property
+    def dihedral_average(self) -> int:
+        """``sample.dihedral_average`` (:data:`DIHEDRAL_AVERAGES`; 1: the original's sampler)."""
+        return int(self.config.sample.dihedral_average)
 
     def sample(self, params, lowres: jax.Array, keys: jax.Array, *, size: int, solver,
                first_stage=None) -> sampling.SampleResult:

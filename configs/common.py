@@ -100,6 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
         diffusion_form=sde.DEFAULT_DIFFUSION_FORM, diffusion_norm=sde.DEFAULT_DIFFUSION_NORM,
         last_step=sde.DEFAULT_LAST_STEP, last_step_size=sde.DEFAULT_LAST_STEP_SIZE,
         border_pad=0,  # latent cells of reflect padding while sampling, cropped off (0: the original's math)
+        # the velocity averaged over this many symmetries of the square, each applied to the input and
+        # undone on the output (cfm_jax/model.py DIHEDRAL_AVERAGES): 1 none (the original's math),
+        # 2 the left-right mirror, 4 and the up-down mirrors, 8 and the transposes; n network
+        # evaluations per velocity
+        dihedral_average=1,
     ))
 
     # The training loop (cfm_jax/trainer.py).

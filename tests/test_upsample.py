@@ -309,3 +309,61 @@ def test_train_border_pad_is_the_loss_of_the_reflect_padded_latents():
     with pytest.raises(ValueError, match=r"train.border_pad=16 must be in \[0, 16\)"):
         CFMUpsampler(c).loss(params, batch, rng)
 
+
+
+# The symmetries of the square on [B, H, W, C] arrays, written with numpy (forward, inverse), in the
+# order sample.dihedral_average takes them.
+def _t(a):
+    return np.swapaxes(a, 1, 2)
+
+
+_NUMPY_SYMMETRIES = [
+    (lambda a: a, lambda a: a),
+    (lambda a: a[:, :, ::-1], lambda a: a[:, :, ::-1]),
+    (lambda a: a[:, ::-1], lambda a: a[:, ::-1]),
+    (lambda a: a[:, ::-1, ::-1], lambda a: a[:, ::-1, ::-1]),
+    (_t, _t),
+    (lambda a: _t(a[:, :, ::-1]), lambda a: _t(a)[:, :, ::-1]),
+    (lambda a: _t(a[:, ::-1]), lambda a: _t(a)[:, ::-1]),
+    (lambda a: _t(a[:, ::-1, ::-1]), lambda a: _t(a)[:, ::-1, ::-1]),
+]
+
+
+@pytest.mark.parametrize("with_context", [False, True])
+def test_dihedral_average_is_the_mean_velocity_over_the_squares_symmetries(with_context):
+    """sample.dihedral_average = n: the mean of the network's velocity of the n transformed inputs
+    (and contexts), transformed back (against numpy flips and transposes); the result is
+    equivariant under those n symmetries (they form a group), the reported NFE counts the network
+    evaluations, and a value that is not 1, 2, 4 or 8 is an error."""
+    from tests.random_weights import random_params
+
+    c = tiny_config()
+    if with_context:
+        c.coupling.concat_context = True
+        c.model.in_channels = 6
+    up = CFMUpsampler(c)
+    params = random_params(jax.eval_shape(lambda: up.init(jax.random.PRNGKey(0), 16)), seed=3)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    ctx = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32) if with_context else None
+    t = 0.3
+    net = jax.jit(lambda a, b: up.velocity(params, a, t, b))
+    outputs = [inv(np.asarray(net(fwd(x).copy(), None if ctx is None else fwd(ctx).copy())))
+               for fwd, inv in _NUMPY_SYMMETRIES]
+    assert not np.allclose(outputs[0], outputs[1], atol=1e-3)  # the network itself is not symmetric
+    for n in (1, 2, 4, 8):
+        c.sample.dihedral_average = n
+        averaged = jax.jit(lambda a, b, u=CFMUpsampler(c): u.sampling_velocity(params, a, t, b))
+        np.testing.assert_allclose(np.asarray(averaged(x, ctx)), np.mean(outputs[:n], axis=0), rtol=1e-5, atol=2e-6)
+        if n > 1:
+            base = np.asarray(averaged(x, ctx))
+            for fwd, _ in _NUMPY_SYMMETRIES[:n]:
+                moved = np.asarray(averaged(fwd(x).copy(), None if ctx is None else fwd(ctx).copy()))
+                np.testing.assert_allclose(moved, fwd(base), rtol=1e-5, atol=2e-6)
+    lowres = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 3), minval=-1, maxval=1)
+    result = CFMUpsampler(c).sample(params, lowres, jax.random.split(jax.random.PRNGKey(2), 2), size=16,
+                                    solver=SolverSpec(method="euler", num_steps=3))
+    assert int(np.max(result.nfe)) == 2 * 8  # two Euler steps, eight network evaluations each
+    c.sample.dihedral_average = 3
+    with pytest.raises(ValueError, match=r"sample.dihedral_average=3; choose one of \(1, 2, 4, 8\)"):
+        CFMUpsampler(c)
