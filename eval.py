@@ -59,6 +59,9 @@ def define_flags(fl: flags.FlagValues) -> None:
     real("diffusion_norm", "SDE solvers: diffusion scale (default: the run's, else 1).")
     string("last_step", "SDE solvers: Mean | Euler | none (default: the run's, else Mean).")
     real("last_step_size", "SDE solvers: size of the last step (default: the run's, else 0.04).")
+    integer("dihedral_average", "Average the velocity over 1, 2, 4 or 8 symmetries of the square (mirrors, "
+            "transposes) of the input, n network evaluations each (default: the run's sample.dihedral_average; "
+            "1: the original's sampler).")
     string("records", "Prepared records to evaluate on (default: the run's data.path).")
     string("split", "Split of the records (default: the run's data.val_split).")
     string("images", "Folder of high-res images to evaluate on instead of records.")
@@ -141,7 +144,8 @@ def main(argv=None) -> int:
         record = {"checkpoint": os.path.abspath(fl.workdir), "step": step, "weights": "online" if fl.online else "ema",
                   "data": eval_set.description, "num_images": ev.num_images, "image_size": config.data.image_size,
                   "lowres_size": config.data.lowres_size, "seed": s["seed"], "devices": mesh.devices.size,
-                  "processes": jax.process_count(),
+                  "processes": jax.process_count(), "border_pad": int(config.sample.border_pad),
+                  "dihedral_average": int(config.sample.dihedral_average),
                   "fid": ({"inception": os.path.abspath(s["inception"]), "num_crops": s["num_crops"],
                            "crop_size": ev.crop_size} if ev.fid else None)}
         notes = [] if ev.fid else ["FID and patch-FID not computed: pass --inception with pytorch-fid's "
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
 
 def run_config(fl: flags.FlagValues) -> ml_collections.ConfigDict:
     """The run's ``config.json`` with the data flags applied (``--num_images``, ``--batch_size``,
-    ``--records``, ``--split``)."""
+    ``--records``, ``--split``) and ``--dihedral_average``."""
     cfg_path = os.path.join(fl.workdir, "config.json")
     if not os.path.exists(cfg_path):
         cli.fail(f"{cfg_path} not found: --workdir must be a directory written by train.py.")
@@ -172,6 +176,8 @@ def run_config(fl: flags.FlagValues) -> ml_collections.ConfigDict:
         d.name, d.path, d.prepare_photos = "records", fl.records, False
     if fl.split:
         d.val_split = fl.split
+    if fl.dihedral_average is not None:
+        config.sample.dihedral_average = fl.dihedral_average
     return config
 
 
