@@ -33,7 +33,7 @@ from tqdm import tqdm
 from cfm_jax import checkpointing, cli, distributed, evaluation, sharding
 from cfm_jax.data import eval_data
 from cfm_jax.data.train_data import make_data
-from cfm_jax.model import CFMUpsampler
+from cfm_jax.model import CFMUpsampler, check_dihedral_average
 from cfm_jax.solvers import SolverSpec
 from cfm_jax.upsample import check_params_fit_config
 
@@ -177,6 +177,10 @@ def run_config(fl: flags.FlagValues) -> ml_collections.ConfigDict:
     if fl.split:
         d.val_split = fl.split
     if fl.dihedral_average is not None:
+        try:
+            check_dihedral_average(fl.dihedral_average)  # before any checkpoint is read
+        except ValueError as e:
+            cli.fail(f"--dihedral_average: {e}")
         config.sample.dihedral_average = fl.dihedral_average
     return config
 

@@ -37,45 +37,33 @@ def _reflect_pad(pad: int, *arrays):
     return tuple(None if a is None else jnp.pad(a, widths, mode="reflect") for a in arrays)
 
 
-def _mirror_w(z):
-    return z[:, :, ::-1]
+# The symmetries of the square as (flip H, flip W, transpose) of [B, H, W, C] arrays, in the order
+# sample.dihedral_average takes them: identity, the left-right mirror (the training data's flip
+# augmentation), the up-down mirror, both (a half turn), then the same four followed by a transpose.
+_DIHEDRAL = tuple((h, w, t) for t in (False, True) for h, w in ((False, False), (False, True), (True, False),
+                                                                (True, True)))
 
 
-def _mirror_h(z):
-    return z[:, ::-1]
-
-
-def _transpose(z):
-    return jnp.swapaxes(z, 1, 2)
-
-
-def _identity(z):
+def _dihedral(z, symmetry, *, inverse: bool = False):
+    """``z`` [B, H, W, C] under ``symmetry`` (the mirrors, then the transpose), or its inverse
+    (the transpose, then the mirrors: each is its own inverse, and the mirrors commute)."""
+    flip_h, flip_w, transpose = symmetry
+    if inverse and transpose:
+        z = jnp.swapaxes(z, 1, 2)
+    z = z[:, ::-1 if flip_h else 1, ::-1 if flip_w else 1]
+    if transpose and not inverse:
+        z = jnp.swapaxes(z, 1, 2)
     return z
 
 
-def _compose(*fs):
-    """``fs[0](fs[1](...(z)))``."""
-    def composed(z):
-        for f in reversed(fs):
-            z = f(z)
-        return z
-    return composed
-
-
-# The symmetries of the square as (transform, inverse) of [B, H, W, C] arrays, in the order
-# sample.dihedral_average takes them: identity, the left-right mirror (the training data's flip
-# augmentation), the up-down mirror, both (a half turn), then the same four after a transpose.
-_DIHEDRAL = (
-    (_identity, _identity),
-    (_mirror_w, _mirror_w),
-    (_mirror_h, _mirror_h),
-    (_compose(_mirror_h, _mirror_w), _compose(_mirror_w, _mirror_h)),
-    (_transpose, _transpose),
-    (_compose(_transpose, _mirror_w), _compose(_mirror_w, _transpose)),
-    (_compose(_transpose, _mirror_h), _compose(_mirror_h, _transpose)),
-    (_compose(_transpose, _mirror_h, _mirror_w), _compose(_mirror_w, _mirror_h, _transpose)),
-)
 DIHEDRAL_AVERAGES = (1, 2, 4, 8)  # sample.dihedral_average: the first n of _DIHEDRAL
+
+
+def check_dihedral_average(n) -> None:
+    """Rejects a ``sample.dihedral_average`` that is not one of :data:`DIHEDRAL_AVERAGES`."""
+    if n not in DIHEDRAL_AVERAGES:
+        raise ValueError(f"sample.dihedral_average={n}; choose one of {DIHEDRAL_AVERAGES} (1: no averaging, "
+                         "the original's sampler).")
 
 
 def build_unet(cfg) -> EfficientUNet:
@@ -100,9 +88,7 @@ class CFMUpsampler:
         self.coupling = Coupling.from_config(config.coupling)
         self.first_stage = build_first_stage(config) if first_stage is None else first_stage
         flow.check_schedule(config.flow.schedule, config.flow.sigma_min, config.flow.t_exponent)
-        if config.sample.dihedral_average not in DIHEDRAL_AVERAGES:
-            raise ValueError(f"sample.dihedral_average={config.sample.dihedral_average}; choose one of "
-                             f"{DIHEDRAL_AVERAGES} (1: no averaging, the original's sampler).")
+        check_dihedral_average(config.sample.dihedral_average)
         c = self.first_stage.latent_channels
         expected_in = c * (2 if self.coupling.uses_context else 1)
         if config.model.in_channels != expected_in or config.model.out_channels != c:
@@ -206,9 +192,9 @@ class CFMUpsampler:
         if n == 1:
             return self.velocity(params, x, t, context)
         total = 0.0
-        for forward, inverse in _DIHEDRAL[:n]:
-            v = self.velocity(params, forward(x), t, None if context is None else forward(context))
-            total = total + inverse(v)
+        for symmetry in _DIHEDRAL[:n]:
+            moved = None if context is None else _dihedral(context, symmetry)
+            total = total + _dihedral(self.velocity(params, _dihedral(x, symmetry), t, moved), symmetry, inverse=True)
         return total / n
 
     @property
