@@ -33,7 +33,7 @@ from tqdm import tqdm
 from cfm_jax import checkpointing, cli, distributed, evaluation, sharding
 from cfm_jax.data import eval_data
 from cfm_jax.data.train_data import make_data
-from cfm_jax.model import CFMUpsampler, check_dihedral_average
+from cfm_jax.model import CFMUpsampler, check_channelwise, check_dihedral_average
 from cfm_jax.solvers import SolverSpec
 from cfm_jax.upsample import check_params_fit_config
 
@@ -62,6 +62,9 @@ def define_flags(fl: flags.FlagValues) -> None:
     integer("dihedral_average", "Average the velocity over 1, 2, 4 or 8 symmetries of the square (mirrors, "
             "transposes) of the input, n network evaluations each (default: the run's sample.dihedral_average; "
             "1: the original's sampler).")
+    flags.DEFINE_bool("channelwise", None, "Upsample every channel of the image as a gray image, C network "
+                      "evaluations each (pixel-space models; default: the run's sample.channelwise; "
+                      "--nochannelwise: the original's sampler).", flag_values=fl)
     string("records", "Prepared records to evaluate on (default: the run's data.path).")
     string("split", "Split of the records (default: the run's data.val_split).")
     string("images", "Folder of high-res images to evaluate on instead of records.")
@@ -146,6 +149,7 @@ def main(argv=None) -> int:
                   "lowres_size": config.data.lowres_size, "seed": s["seed"], "devices": mesh.devices.size,
                   "processes": jax.process_count(), "border_pad": int(config.sample.border_pad),
                   "dihedral_average": int(config.sample.dihedral_average),
+                  "channelwise": bool(config.sample.channelwise),
                   "fid": ({"inception": os.path.abspath(s["inception"]), "num_crops": s["num_crops"],
                            "crop_size": ev.crop_size} if ev.fid else None)}
         notes = [] if ev.fid else ["FID and patch-FID not computed: pass --inception with pytorch-fid's "
@@ -161,7 +165,7 @@ def main(argv=None) -> int:
 
 def run_config(fl: flags.FlagValues) -> ml_collections.ConfigDict:
     """The run's ``config.json`` with the data flags applied (``--num_images``, ``--batch_size``,
-    ``--records``, ``--split``) and ``--dihedral_average``."""
+    ``--records``, ``--split``), ``--dihedral_average`` and ``--channelwise``."""
     cfg_path = os.path.join(fl.workdir, "config.json")
     if not os.path.exists(cfg_path):
         cli.fail(f"{cfg_path} not found: --workdir must be a directory written by train.py.")
@@ -182,6 +186,12 @@ def run_config(fl: flags.FlagValues) -> ml_collections.ConfigDict:
         except ValueError as e:
             cli.fail(f"--dihedral_average: {e}")
         config.sample.dihedral_average = fl.dihedral_average
+    if fl.channelwise is not None:
+        config.sample.channelwise = fl.channelwise
+        try:
+            check_channelwise(config)  # before any checkpoint is read
+        except ValueError as e:
+            cli.fail(f"--channelwise: {e}")
     return config
 
 

@@ -66,6 +66,19 @@ def check_dihedral_average(n) -> None:
                          "the original's sampler).")
 
 
+def check_channelwise(config) -> None:
+    """Rejects ``sample.channelwise`` where the channels are not those of an image: it upsamples
+    every channel of the source as a gray image, which needs a pixel-space model (the identity
+    first stage) without concatenated context."""
+    if not config.sample.channelwise:
+        return
+    if config.first_stage.name != "identity" or Coupling.from_config(config.coupling).uses_context:
+        raise ValueError(
+            "sample.channelwise upsamples every image channel as a gray image: it needs a pixel-space model "
+            f"(first_stage.name='identity', got {config.first_stage.name!r}) without concatenated context "
+            f"(coupling.concat_context={config.coupling.concat_context}); set sample.channelwise=False.")
+
+
 def build_unet(cfg) -> EfficientUNet:
     """The EfficientUNet of config section ``model``."""
     return EfficientUNet(
@@ -84,11 +97,12 @@ class CFMUpsampler:
 
     def __init__(self, config, first_stage: Any | None = None):
         self.config = config
+        check_dihedral_average(config.sample.dihedral_average)
+        check_channelwise(config)
         self.model = build_unet(config.model)
         self.coupling = Coupling.from_config(config.coupling)
         self.first_stage = build_first_stage(config) if first_stage is None else first_stage
         flow.check_schedule(config.flow.schedule, config.flow.sigma_min, config.flow.t_exponent)
-        check_dihedral_average(config.sample.dihedral_average)
         c = self.first_stage.latent_channels
         expected_in = c * (2 if self.coupling.uses_context else 1)
         if config.model.in_channels != expected_in or config.model.out_channels != c:
@@ -175,7 +189,8 @@ class CFMUpsampler:
         noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
         result = solver.solve(lambda t, x, a: self.sampling_velocity(a["params"], x, t, a["context"]), x0,
                               {"params": params, "context": context}, noise_keys, schedule=self.config.flow.schedule)
-        result = result._replace(nfe=result.nfe * self.dihedral_average)  # network evaluations
+        per_velocity = self.dihedral_average * (x0.shape[-1] if self.channelwise else 1)
+        result = result._replace(nfe=result.nfe * per_velocity)  # network evaluations of one image
         pad = self.border_pad
         if pad:
             crop = lambda a: a[..., pad:-pad, pad:-pad, :]  # noqa: E731 -- [.., H, W, C] leaves
@@ -184,10 +199,26 @@ class CFMUpsampler:
         return result
 
     def sampling_velocity(self, params, x, t, context) -> jax.Array:
-        """The velocity the samplers integrate: :meth:`velocity`, or with ``sample.dihedral_average``
-        = n > 1 (not the original's math) the mean over the first n symmetries of the square of the
-        velocity of the transformed input (and context), transformed back: a flow that treats
-        mirrored (and transposed) images alike, at n network evaluations (docs/quickstart.md)."""
+        """The velocity the samplers integrate: :meth:`velocity`, or, with the options that are not
+        the original's math (docs/quickstart.md):
+
+        * ``sample.dihedral_average`` = n > 1: the mean over the first n symmetries of the square
+          of the velocity of the transformed input (and context), transformed back: a flow that
+          treats mirrored (and transposed) images alike, at n network evaluations;
+        * ``sample.channelwise``: every channel k of ``x`` [B, H, W, C] is upsampled as a gray image:
+          the network's (averaged) velocity of channel k repeated into all C input channels, its C
+          output channels averaged, is the velocity of channel k. C network evaluations per image,
+          run as one batch of C * B."""
+        if not self.channelwise:
+            return self._averaged_velocity(params, x, t, context)
+        b, c, spatial = x.shape[0], x.shape[-1], x.shape[1:-1]
+        gray = jnp.moveaxis(x, -1, 0).reshape((c * b, *spatial, 1))  # channel k of example i at k * b + i
+        t = jnp.tile(jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,)), c)
+        v = self._averaged_velocity(params, jnp.repeat(gray, c, axis=-1), t, None).mean(-1)
+        return jnp.moveaxis(v.reshape((c, b, *spatial)), 0, -1)
+
+    def _averaged_velocity(self, params, x, t, context) -> jax.Array:
+        """:meth:`velocity`, averaged over ``sample.dihedral_average`` symmetries of the square."""
         n = self.dihedral_average
         if n == 1:
             return self.velocity(params, x, t, context)
@@ -196,6 +227,11 @@ class CFMUpsampler:
             moved = None if context is None else _dihedral(context, symmetry)
             total = total + _dihedral(self.velocity(params, _dihedral(x, symmetry), t, moved), symmetry, inverse=True)
         return total / n
+
+    @property
+    def channelwise(self) -> bool:
+        """``sample.channelwise`` (False: the original's sampler)."""
+        return bool(self.config.sample.channelwise)
 
     @property
     def dihedral_average(self) -> int:

@@ -105,6 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
         # 2 the left-right mirror, 4 and the up-down mirrors, 8 and the transposes; n network
         # evaluations per velocity
         dihedral_average=1,
+        # every image channel upsampled as a gray image (repeated into all input channels, the output
+        # channels averaged): for pixel-space models trained on gray photos; C network evaluations
+        # per velocity (False: the original's math; cfm_jax/model.py, docs/quickstart.md)
+        channelwise=False,
     ))
 
     # The training loop (cfm_jax/trainer.py).

@@ -103,7 +103,7 @@ def test_eval_report_names_the_records_folder(tmp_path, monkeypatch, capsys):
     c.data.update(name="records", path="", prepare_photos=True, num_val_images=2, batch_size=2)
     run = write_run_dir(str(tmp_path / "run"), c, *[random_weights(c)] * 2, source="random (test)")
     assert eval_cli.main(["eval.py", "--workdir", run, "--solvers", "euler:2", "--distributed", "off",
-                          "--dihedral_average", "2"]) == 0
+                          "--dihedral_average", "2", "--channelwise"]) == 0
     records = os.path.join(str(tmp_path), "runs", "photo_records", f"{train_data.PHOTO_RECORDS_VERSION}-16x8")
     with open(os.path.join(run, "eval", "report.md")) as f:
         assert f"from records {records}, split validation" in f.read()
@@ -111,7 +111,8 @@ def test_eval_report_names_the_records_folder(tmp_path, monkeypatch, capsys):
         metrics = json.load(f)
     assert metrics["data"] == f"records {records}, split validation"
     assert metrics["dihedral_average"] == 2  # --dihedral_average overrides the run's (1)
-    assert "euler-2 | 2 |" in capsys.readouterr().out  # one Euler step, two network evaluations
+    assert metrics["channelwise"] is True  # --channelwise overrides the run's (False)
+    assert "euler-2 | 6 |" in capsys.readouterr().out  # one Euler step: two symmetries of three channels
     exits_with_usage_error(eval_cli.main, ["eval.py", "--workdir", run, "--dihedral_average", "3"])
     assert "sample.dihedral_average=3; choose one of (1, 2, 4, 8)" in one_error_line(capsys)
 

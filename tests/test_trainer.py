@@ -32,11 +32,11 @@ def tiny_config(**train_kw):
     c.data.update(name="photos", prepare_photos=False, image_size=16, lowres_size=8, batch_size=4,
                   num_val_images=4)
     # the original's training math and sampler, whatever the quick start tunes (t_exponent, b2,
-    # border padding, the EMA's mean, the dihedral average)
+    # border padding, the EMA's mean, the dihedral average, channelwise sampling)
     c.flow.update(t_exponent=1.0)
     c.optim.update(lr=2e-3, b2=0.999, warmup_steps=2, schedule="constant", grad_clip_norm=1.0)
     c.ema.update(update_after_step=2, power=0.75)
-    c.sample.update(method="euler", num_steps=3, border_pad=0, dihedral_average=1)
+    c.sample.update(method="euler", num_steps=3, border_pad=0, dihedral_average=1, channelwise=False)
     c.train.update(num_steps=6, border_pad=0, log_every=1, eval_every=0, checkpoint_every=3, keep_checkpoints=5,
                    num_grid_images=2)
     c.logging.update(progress_bar=False, tensorboard=False)

@@ -367,3 +367,42 @@ def test_dihedral_average_is_the_mean_velocity_over_the_squares_symmetries(with_
     c.sample.dihedral_average = 3
     with pytest.raises(ValueError, match=r"sample.dihedral_average=3; choose one of \(1, 2, 4, 8\)"):
         CFMUpsampler(c)
+
+
+def test_channelwise_upsamples_every_channel_as_a_gray_image():
+    """sample.channelwise: the velocity of channel k is the mean over the output channels of the
+    network's velocity of channel k repeated into all three input channels (against the network
+    called once per channel, with numpy's repeat), also under the dihedral average and with
+    per-example times; NFE counts one network evaluation per channel; models whose channels are
+    not an image's are refused."""
+    from tests.random_weights import random_params
+
+    c = tiny_config()
+    up = CFMUpsampler(c)
+    params = random_params(jax.eval_shape(lambda: up.init(jax.random.PRNGKey(0), 16)), seed=4)
+    x = np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    t = np.array([0.2, 0.7], np.float32)
+    net = jax.jit(lambda a: up.velocity(params, a, t, None))
+
+    def per_channel(a):  # [B, H, W, 3] -> the network on each channel as a gray image, outputs averaged
+        return np.stack([np.asarray(net(np.repeat(a[..., k:k + 1], 3, axis=-1))).mean(-1) for k in range(3)], -1)
+
+    want = per_channel(x)
+    assert not np.allclose(want, np.asarray(net(x)), atol=1e-3)  # not the network on the colour image
+    c.sample.channelwise = True
+    for n in (1, 2):
+        c.sample.dihedral_average = n
+        got = jax.jit(lambda a, u=CFMUpsampler(c): u.sampling_velocity(params, a, t, None))(x)
+        expected = want if n == 1 else (want + per_channel(x[:, :, ::-1].copy())[:, :, ::-1]) / 2
+        np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=2e-6)
+    lowres = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 3), minval=-1, maxval=1)
+    result = CFMUpsampler(c).sample(params, lowres, jax.random.split(jax.random.PRNGKey(2), 2), size=16,
+                                    solver=SolverSpec(method="euler", num_steps=3))
+    assert int(np.max(result.nfe)) == 2 * 2 * 3  # two Euler steps, two symmetries, three channels
+    c.coupling.concat_context, c.model.in_channels = True, 6
+    with pytest.raises(ValueError, match=r"sample.channelwise .* without concatenated context \(coupling.concat_"):
+        CFMUpsampler(c)
+    c.coupling.concat_context, c.model.in_channels = False, 3
+    c.first_stage.name = "autoencoder"
+    with pytest.raises(ValueError, match=r"needs a pixel-space model \(first_stage.name='identity', got 'autoencoder'"):
+        CFMUpsampler(c)
