@@ -546,7 +546,7 @@ def _family(r: MethodResult) -> str:
 def nfe_figure(results: Sequence[MethodResult], metric: str, *, title: str, lower_is_better: bool = False):
     """A matplotlib figure of ``metric`` against NFE (log scale): one line per solver family, the
     baselines as dashed horizontal lines; ``None`` when no CFM row has the metric."""
-    import matplotlib  # lazy: matplotlib (with pyplot) takes ~1 s to import; only sweeps draw figures
+    import matplotlib  # lazy: matplotlib (with pyplot) is slow to import; only sweeps draw figures
 
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt

@@ -28,7 +28,7 @@ class _EventFile:
     next write forever. Here a failed write raises in the trainer, which reports it."""
 
     def __init__(self, logdir: str, purge_step: int | None = None):
-        from tensorboardX.event_file_writer import EventsWriter  # lazy: tensorboardX imports torch if installed (~2 s)
+        from tensorboardX.event_file_writer import EventsWriter  # lazy: tensorboardX imports torch if installed (slow)
         from tensorboardX.proto.event_pb2 import Event, SessionLog
         self._event = Event
         os.makedirs(logdir, exist_ok=True)

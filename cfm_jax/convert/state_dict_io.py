@@ -100,7 +100,7 @@ def _not_a_torch_file(path: str) -> Optional[str]:
 
 def _load_torch(path: str) -> Any:
     try:
-        import torch  # lazy: optional (only pickled checkpoints need it) and ~2 s to import
+        import torch  # lazy: optional (only pickled checkpoints need it) and slow to import
     except ImportError as e:
         raise ImportError(f"reading {path} needs PyTorch: pip install {_TORCH_PIN} (CPU is enough), "
                           "or convert the checkpoint to .safetensors once where PyTorch is installed") from e

@@ -87,7 +87,7 @@ def record_set(path: str, split: str, *, num_images: int, batch_size: int, n_dev
                lowres_filter: str | None = None) -> EvalSet:
     """The first ``num_images`` records of ``split`` (fewer if the split is smaller), in order;
     their low-res images use the records' filter (``lowres_filter``, if given, must agree)."""
-    from cfm_jax.data import pipeline  # lazy: it imports grain (~0.4 s); only record sets need it
+    from cfm_jax.data import pipeline  # lazy: it imports grain (slow to import); only record sets need it
 
     available = len(records.data_source(path, split))
     n, bs = _sizes(f"split {split!r} of {path}", available, num_images, batch_size, n_devices)

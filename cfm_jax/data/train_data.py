@@ -107,7 +107,7 @@ class RecordTrainData(TrainData):
             raise RuntimeError("The record loader ran out of data.") from None
 
     def save_arg(self):
-        import grain  # lazy: grain takes ~0.4 s to import; only record data needs it
+        import grain  # lazy: grain is slow to import; only record data needs it
         return grain.checkpoint.CheckpointSave(self.iterator)
 
     def restore_arg(self):

@@ -86,7 +86,7 @@ def expand_shards(patterns: str | Sequence[str], tar_base: str | Sequence[str] |
     """Absolute paths of the tars: each pattern expanded by ``webdataset`` (``a::b``, braces),
     relative ones joined to the chosen ``tar_base``; duplicates dropped, order kept. Every tar
     must exist (a wrong pattern is an error, not a skip)."""
-    from webdataset.shardlists import expand_urls  # lazy: webdataset imports torch if installed (~2 s)
+    from webdataset.shardlists import expand_urls  # lazy: webdataset imports torch if installed (slow)
 
     base = choose_tar_base(tar_base)
     paths: list[str] = []
@@ -251,7 +251,7 @@ def decode_latent(data: bytes, ext: str) -> np.ndarray:
             raise ValueError(f"tenbin holds {len(arrays)} arrays, expected one")
         return arrays[0]
     try:
-        import torch  # lazy: optional (torch-saved latents only) and ~2 s to import
+        import torch  # lazy: optional (torch-saved latents only) and slow to import
     except ImportError as e:
         raise ImportError(f"Reading .{ext} latents needs torch (pip install torch); or store them as .npy.") from e
     tensor = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
