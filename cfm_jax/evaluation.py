@@ -658,7 +658,7 @@ def write_reports(out: str, record: dict, results: Sequence[MethodResult], grids
         for metric, lower in (("psnr", False), ("ssim", False), ("fid", True), ("patch_fid", True)):
             fig = nfe_figure(results, metric, title=f"{metric} against NFE", lower_is_better=lower)
             if fig is not None:
-                import matplotlib.pyplot as plt
+                import matplotlib.pyplot as plt  # lazy: slow to import (see nfe_figure)
 
                 name = f"{metric}_vs_nfe.svg"
                 fig.savefig(os.path.join(out, name))

@@ -86,7 +86,7 @@ class MetricWriter:
         if self._csv_path:
             self._write_csv(step, scalars)
         if self._event_file() is not None:
-            from tensorboardX.summary import scalar
+            from tensorboardX.summary import scalar  # lazy: tensorboardX imports torch if installed
             for k, v in scalars.items():
                 self._tb.add(step, scalar(k, v))
             self._tb.flush()
@@ -156,11 +156,11 @@ class MetricWriter:
         if not self.enabled:
             return
         if self._event_file() is not None:
-            from tensorboardX.summary import image as image_summary
+            from tensorboardX.summary import image as image_summary  # lazy: as in write
             self._tb.add(step, image_summary(tag, np.asarray(image), dataformats="HWC"))
             self._tb.flush()
         if self._wandb is not None:
-            import wandb as wandb_lib
+            import wandb as wandb_lib  # lazy: optional, not in requirements.txt
             self._wandb.log({tag: wandb_lib.Image(np.asarray(image))}, step=step)
 
     def flush(self) -> None:

@@ -84,7 +84,7 @@ METADATA_FILES = ("dataset_info.json", "features.json", "metadata.json")
 
 def features_dict(*, image_size: int, latent_size: int, latent_channels: int, with_moments: bool):
     """The ``tfds.features.FeaturesDict`` of one example (see the module docstring)."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy: tfds is slow to import; only record I/O needs it
 
     def array(shape, dtype):
         return tfds.features.Tensor(shape=tuple(shape), dtype=dtype, encoding="bytes")
@@ -119,7 +119,7 @@ def example_serializer(features) -> Callable[[Mapping[str, Any]], bytes]:
     so two processes (another Python hash seed) wrote the same examples as different bytes
     (same content, other entry order, other compressed size). Parsing does not depend on
     the order: records written either way read back the same."""
-    from tensorflow_datasets.core.example_serializer import ExampleSerializer
+    from tensorflow_datasets.core.example_serializer import ExampleSerializer  # lazy: tfds (slow to import)
 
     to_proto = ExampleSerializer(features.get_serialized_info()).get_tf_example
 
@@ -132,7 +132,7 @@ def write_shard(path: str, examples: Iterable[Mapping[str, Any]], features, *, t
     """Writes ``examples`` (dicts matching ``features``) as one ArrayRecord file at ``path``,
     atomically: the records go to a file in ``tmp_dir`` (same file system) that is renamed
     to ``path`` only once complete. Returns ``(num_examples, num_bytes)``."""
-    from array_record.python import array_record_module
+    from array_record.python import array_record_module  # local: only writing shards needs the writer
 
     os.makedirs(tmp_dir, exist_ok=True)
     tmp = os.path.join(tmp_dir, os.path.basename(path) + ".tmp")
@@ -177,8 +177,8 @@ def write_dataset_info(out_dir: str, *, name: str, features, splits: Mapping[str
     renamed into place one by one, so concurrent finishers (several hosts) and crashes
     leave either the old or the new version of each file.
     """
-    import tensorflow_datasets as tfds
-    from tensorflow_datasets.core import dataset_info as dataset_info_lib
+    import tensorflow_datasets as tfds  # lazy: tfds is slow to import; only record I/O needs it
+    from tensorflow_datasets.core import dataset_info as dataset_info_lib  # lazy: tfds, as above
 
     identity = dataset_info_lib.DatasetIdentity(name=name, version=tfds.core.Version(DATASET_VERSION),
                                                 data_dir=out_dir, module_name="")
@@ -205,13 +205,13 @@ def write_dataset_info(out_dir: str, *, name: str, features, splits: Mapping[str
 def data_source(out_dir: str, split: str = "train"):
     """Random-access source of a prepared split:
     ``tfds.builder_from_directory(out_dir).as_data_source(split=split)``."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy: tfds is slow to import; only record I/O needs it
 
     return tfds.builder_from_directory(out_dir).as_data_source(split=split)
 
 
 def dataset_metadata(out_dir: str) -> dict:
     """The dataset-level metadata (``tfds.builder_from_directory(out_dir).info.metadata``)."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy: tfds is slow to import; only record I/O needs it
 
     return dict(tfds.builder_from_directory(out_dir).info.metadata)

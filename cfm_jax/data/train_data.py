@@ -111,7 +111,7 @@ class RecordTrainData(TrainData):
         return grain.checkpoint.CheckpointSave(self.iterator)
 
     def restore_arg(self):
-        import grain
+        import grain  # lazy: slow to import, as in save_arg
         return grain.checkpoint.CheckpointRestore(self.iterator)
 
 
@@ -202,7 +202,7 @@ def check_records(path: str, config, first_stage) -> dict:
     cfg_identity = first_stage.name == "identity"
     if (rec_kind == "identity") != cfg_identity:
         problems.append(f"first stage: records made with {rec_kind!r}, config uses {first_stage.name!r}")
-    from cfm_jax.data import pipeline  # lazy: it imports grain
+    from cfm_jax.data import pipeline  # lazy: it imports grain (slow to import)
 
     made_with, want = pipeline.records_lowres_filter(meta, path), lowres_filter_of(config)
     if made_with != want and not image_ops.lowres_filters_agree(meta["image_size"], meta["lowres_size"]):
@@ -259,7 +259,7 @@ def make_data(config, first_stage, *, n_devices: int | None = None, train: bool 
                              train_split=d.train_split, val_split=d.val_split, seed=config.seed,
                              progress=config.logging.progress_bar, lowres_filter=lowres_filter)
     check_records(path, config, first_stage)
-    from cfm_jax.data import pipeline
+    from cfm_jax.data import pipeline  # lazy: it imports grain (slow to import)
 
     train_data = None
     if train:

@@ -151,7 +151,7 @@ class WebDatasetSource:
     def read(self, index: int) -> tuple[list[RawSample], str | None]:
         """The samples of tar ``index`` in file order, and what went wrong reading the tar
         itself (``None``: it was read to its end-of-archive marker)."""
-        import webdataset as wds
+        import webdataset as wds  # lazy: imports torch if installed (slow)
 
         path = os.path.join(self.root, self.names[index])
         errors: list[str] = []
@@ -173,7 +173,7 @@ class WebDatasetSource:
 
     def detect_latents(self, max_samples: int = 8) -> bool:
         """Whether the first samples of the first tar carry ``latent*`` members."""
-        import webdataset as wds
+        import webdataset as wds  # lazy: imports torch if installed (slow)
 
         path = os.path.join(self.root, self.names[0])
         for i, s in enumerate(wds.tarfile_samples([{"url": path}], handler=lambda exn: False)):
@@ -244,7 +244,7 @@ def decode_latent(data: bytes, ext: str) -> np.ndarray:
                 raise ValueError(f".npz holds {len(z.files)} arrays ({z.files}), expected one")
             return z[z.files[0]]
     if ext in ("ten", "tb"):
-        from webdataset import tenbin
+        from webdataset import tenbin  # lazy: webdataset imports torch if installed (slow)
 
         arrays = tenbin.decode_buffer(data)
         if len(arrays) != 1:
