@@ -3,15 +3,12 @@
 On XLA:CPU, jaxlib 0.10.2 hands convolutions and reductions to YNNPACK fusions by default;
 the option ``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE`` keeps only the
 reductions there, so that one program runs XLA's own Eigen convolutions ("eigen" below).
-Which is faster depends on the program and the CPU (docs/benchmarks.md, "Convolution kernels
-on XLA:CPU, by machine"):
+Which is faster depends on the program and the CPU; the measurements are in docs/benchmarks.md,
+"Convolution kernels on XLA:CPU, by machine":
 
-* sampling and decoding (the UNet's forward pass): Eigen on every CPU we measured (the paper
-  UNet's Euler sampler 1.8x faster on an AVX-512 machine, 2.6x on an AVX2-only one);
-* training: YNNPACK on the AVX-512 machine (the paper UNet's batch-1 step 1.17 s against
-  1.67 s with Eigen), Eigen on the AVX2-only machine (the quick start's step 0.96 s with
-  YNNPACK against 0.52 s; the paper step 3.75 s against 3.14 s). ``auto`` therefore keeps
-  YNNPACK for training only where the CPU has AVX-512.
+* sampling and decoding (the UNet's forward pass): Eigen was faster on every CPU measured;
+* training: YNNPACK was faster on the AVX-512 machine, Eigen on the AVX2-only one. ``auto``
+  therefore keeps YNNPACK for training only where the CPU has AVX-512.
 
 The environment variable ``CFM_CPU_CONVOLUTIONS`` (``auto``, ``eigen`` or ``ynnpack``)
 overrides the choice for both kinds. The options go to single programs
@@ -30,8 +27,8 @@ CHOICES = ("auto", "eigen", "ynnpack")
 
 # The YNNPACK fusion types the program keeps: reductions only. Convolutions (and the other
 # fusion kinds) then run in XLA's own kernels (Eigen). An empty list would turn the reductions
-# over to XLA too, which on XLA:CPU are slow for large arrays: the paper train step's gradient
-# and parameter norms took 1.5 s more (docs/benchmarks.md).
+# over to XLA too, whose reductions of large arrays are slow on XLA:CPU (the paper train step's
+# gradient and parameter norms: docs/benchmarks.md, "Convolution kernels on XLA:CPU, by machine").
 _EIGEN = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 

@@ -3,8 +3,8 @@
 XLA's compiler and the state's initialisation free hundreds of MB to the C heap (glibc
 malloc), which keeps them mapped: the process's resident size stays that much higher while
 training allocates its large buffers elsewhere (glibc serves allocations above 128 KiB with
-fresh mappings, not from the freed heap). For the paper's UNet on XLA:CPU, compiling the train
-step left 1.4 GiB resident; ``malloc_trim(0)`` gives it back (docs/benchmarks.md).
+fresh mappings, not from the freed heap). ``malloc_trim(0)`` gives those pages back (how much,
+for the paper's train step on XLA:CPU: docs/benchmarks.md, "Host memory").
 """
 from __future__ import annotations
 
