@@ -173,8 +173,9 @@ class PhotoCrops:
         first (``None``: keep native resolution).
       flip: random horizontal flips; default True for train, False for validation.
       augment: random 90-degree rotations and colour-channel permutations (standard
-        super-resolution augmentations); default False. Measured on the quick start
-        (800 steps): they lowered held-out PSNR by 0.3 dB, so they are opt-in.
+        super-resolution augmentations); default False: they lowered held-out PSNR on
+        the quick start, so they are opt-in (docs/data.md, "Augmenting the bundled photo
+        crops").
       start_step: first step produced by ``iter(self)``.
       lowres_filter: how ``image_lowres`` is made (:data:`LOWRES_FILTERS`, see
         :func:`make_lowres`; ``config.data.lowres_filter``).
