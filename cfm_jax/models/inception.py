@@ -33,8 +33,8 @@ Shapes through the network for a 299x299 input (after the resize):
 Mixed precision: `dtype` is the compute dtype of the convolutions and BatchNorms,
 `param_dtype` the storage dtype of the parameters; the resize, the input scaling and
 the final average are in float32 and the features are returned in float32. FID
-numbers should be computed with the float32 default (bf16 moved the features by about
-0.5% of their scale in our random-weight test). Convolutions run at `precision=HIGHEST` by default (see
+numbers should be computed with the float32 default (bf16 moves the features measurably:
+docs/evaluation.md). Convolutions run at `precision=HIGHEST` by default (see
 `FIDInceptionV3`).
 """
 from typing import Any, Tuple, Union
