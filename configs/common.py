@@ -61,7 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
     # bundled with scikit-image drawn on the fly.
     c.data = ml_collections.ConfigDict(dict(
         name="photos",
-        path="",              # records folder ('' with prepare_photos: runs/photo_records/<H>x<h>)
+        path="",              # records folder ('' with prepare_photos: runs/photo_records/v2-<H>x<h>[-<filter>],
+                              # the filter only when not box; train_data.records_path)
         prepare_photos=False,  # records: prepare the bundled photos into `path` if missing
         train_split="train",
         val_split="validation",  # '' : no validation (train.eval_every must be 0)

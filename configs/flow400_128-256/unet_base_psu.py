@@ -6,16 +6,16 @@ doubled: the same EfficientUNet (305,806,340 parameters; it is fully convolution
 downsample factors 8 and 16, i.e. on 32² and 16² grids here), PSU coupling, source noised to step
 400, Adam 3e-5, EMA 0.999 after 1000 updates.
 
-Memory: at global batch 64 the train step needs 24.4 GiB per chip on a v4-8 and 20.5 GiB on a
-v5p-8 (data parallel), and does not fit a v5e-16 as configured: there `python -m cfm_jax.plan`
-recommends ``--config.mesh.data=1 --config.mesh.fsdp=16`` (docs/tpu_planning.md). Plan the slice
-before renting it:
+Memory: at global batch 64 the train step fits a v4-8 and a v5p-8 with pure data parallelism,
+but not a v5e-16 as configured: there `python -m cfm_jax.plan` recommends
+``--config.mesh.data=1 --config.mesh.fsdp=16`` (per-chip memory of each slice: docs/tpu_planning.md,
+"The paper configuration on real slices"). Plan the slice before renting it:
 
     python -m cfm_jax.plan --config configs/flow400_128-256/unet_base_psu.py --topology v5e:4x4
 
 Data: records of 2048² images with their 256² latents and the PSU latents of their 1024²
 versions, e.g. ``python -m cfm_jax.data.prepare --src /data/images --out data/cfm_latents_2048
---image_size 2048 --lowres_size 1024 --first_stage_path checkpoints/sd_ae.ckpt`` (README, "Data").
+--image_size 2048 --lowres_size 1024 --first_stage_path checkpoints/sd_ae.ckpt`` (docs/data.md).
 """
 from configs.common import base_config
 

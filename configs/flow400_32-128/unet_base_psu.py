@@ -9,7 +9,7 @@ project's default and the original's non-antialiased bilinear differ; the origin
 ``--config.data.lowres_filter=bilinear`` (records store which filter made them).
 
 Data: ``python -m cfm_jax.data.prepare --src /data/images --out data/cfm_latents_1024_x4
---image_size 1024 --lowres_size 256 --first_stage_path checkpoints/sd_ae.ckpt`` (README, "Data").
+--image_size 1024 --lowres_size 256 --first_stage_path checkpoints/sd_ae.ckpt`` (docs/data.md).
 """
 from configs.common import base_config
 
