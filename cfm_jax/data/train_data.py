@@ -147,9 +147,10 @@ def ensure_photo_records(path: str, *, image_size: int, lowres_size: int, train_
                          lowres_filter: str = "box") -> None:
     """Prepares the bundled photos into pixel-space records at ``path`` unless already there.
 
-    Train: ``photos:train`` at native size (short side capped at ``max(512, image_size)``),
-    64 random crops per photo; validation: ``photos:validation`` at native size, 32 random
-    crops per photo; low-res images made with ``lowres_filter``. Every process prepares its share
+    Train: ``photos:train`` at native size (short side capped at
+    ``max(PHOTO_TRAIN_MAX_SHORT_SIDE, image_size)``), :data:`PHOTO_TRAIN_CROPS` random crops per
+    photo; validation: ``photos:validation`` at native size, :data:`PHOTO_VAL_CROPS` random crops
+    per photo; low-res images made with ``lowres_filter``. Every process prepares its share
     of the shards (resumable, so an interrupted preparation continues), then process 0 writes the
     dataset metadata.
     """
