@@ -44,28 +44,16 @@ run cut short still reports what it measured:
   apply), seconds per image at batch 1 and 4.
 * ``summary``: the headline numbers and the wall time.
 
-**The rematerialisation warning.** The last H200 run (``bench/bench_upsample.py``, README
-"Tests and benchmarks") printed, while compiling, "Can't reduce memory use below 106 GiB by
-rematerialization; only reduced to 129-130 GiB". XLA's GPU compiler prints this from its
-``HloRematerialization`` pass when a program's live memory, estimated on its schedule, exceeds
-the pass's limit: 80 % of the device memory x ``xla_gpu_memory_limit_slop_factor`` (95 %)
-minus the program's inputs and outputs, about 76 % of an H200's 140 GiB = 106 GiB (about the
-fraction of JAX's default allocator, ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.75``). None of the
-upsampling programs comes near it: the largest, the float32 VAE at 1024² for four images,
-needs about 4 x 3.7 GiB (``bench/bench_vae.py``: 3785 MiB per decoded image), the UNet flow
-at batch 4 under 1 GiB of activations. The one program of the benches whose shapes reach
-129 GiB is the paper train step at the config's global batch of 64 on one device, which
-``bench/bench_train.py --config configs/flow400_64-128/unet_base_psu.py`` compiles when
-``--batch_size`` and ``--latent_size`` are not given: the activations kept for the backward
-pass are 1.30 GiB per example (:func:`residual_bytes_per_example`: bf16 activations and
-float32 GroupNorm inputs), 83 GiB at batch 64, plus 4.6 GiB of train state, 1.1 GiB of
-gradients and the backward's transients; 129 GiB means about 2 GiB per example in XLA's GPU
-program. We cannot replay that session's log, so this is the program that fits the numbers,
-not a certainty. Such a program is either recomputed by XLA (FLOPs the model count does not
-see) or fails when it runs. This script compiles only batches predicted to fit, never runs
+**The rematerialisation warning.** XLA's GPU compiler prints "Can't reduce memory use below X
+by rematerialization; only reduced to Y" when a program's live memory, estimated on its
+schedule, exceeds the limit of its ``HloRematerialization`` pass (a fraction of the device
+memory); such a program is either recomputed by XLA (FLOPs the model count does not see) or
+fails when it runs. This script therefore compiles only batches predicted to fit, never runs
 one whose ``memory_analysis`` exceeds the limit, and reports an out-of-memory compile as "does
 not fit"; if the warning still appears in its log, it belongs to the compile of the search row
-marked ``"fits": false`` (a prediction that was too low), and that program is not run.
+marked ``"fits": false`` (a prediction that was too low), and that program is not run. The
+limit's arithmetic and the earlier H200 run that printed the warning: docs/accelerator.md,
+"The rematerialisation warning of the last H200 run".
 """
 import gc
 import json
@@ -116,9 +104,8 @@ _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "bf16 dense peak TFLOP/s per devi
 _MEM_LIMIT = flags.DEFINE_float("memory_limit_gib", 0.0, "Device memory limit in GiB (0: the device's "
                                 "memory_stats()['bytes_limit']; on a CPU half the RAM).")
 _PRIOR = flags.DEFINE_float("prior_factor", 1.6, "The search starts at the largest batch whose memory, estimated as "
-                            "train state + gradients + this factor x the vjp residuals per example, fits; 1.6 is "
-                            "about 129 GiB at batch 64 (the last H200 log) over the traced 1.30 GiB per example. "
-                            "0: start at the smallest batch.")
+                            "train state + gradients + this factor x the vjp residuals per example, fits; 1.6 fits "
+                            "an H200 compile log (docs/accelerator.md). 0: start at the smallest batch.")
 _MARGIN = flags.DEFINE_float("memory_margin", 0.95, "A batch fits when XLA's memory estimate is at most this "
                              "fraction of the limit (room for cuDNN workspaces and fragmentation).")
 _BUDGET = flags.DEFINE_float("budget_s", None, "Wall-clock budget in seconds; sections that would not fit are "

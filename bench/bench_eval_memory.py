@@ -16,12 +16,12 @@ memory (``ru_maxrss`` of the finished child, read by a wrapper process started p
 Prints one JSON object: per size the peak RSS (MiB) and the wall time, and
 ``peak_ratio_largest_over_smallest`` (the evaluator streams the set, so this should stay
 near 1; ``flat``: at most ``--max_ratio``). The peak includes each batch's transient memory
-(XLA's temporaries of the sampler: 80 MiB at batch 16 here) on top of a heap that malloc
-fragmentation grows a little over a long run, so it varies by a few percent between runs
-(``--repeats``; with grain's default of 16 reading threads, each with its own malloc arena, the ratio was
-1.15; with the evaluation loader's 4 threads 1.05-1.14). FID is off (the Inception on a CPU
-would take hours for these sizes); its bounded feature statistics are described in
-``cfm_jax/evaluation.py`` and the README's evaluation section.
+(XLA's temporaries of the sampler) on top of a heap that malloc fragmentation grows a little
+over a long run, so it varies by a few percent between runs (``--repeats``). Each of grain's
+reading threads has its own malloc arena, which is why the evaluation loader reads with few
+threads (``eval_data.READ_THREADS``). Measured peaks and ratios: docs/evaluation.md. FID is
+off (the Inception on a CPU would take hours for these sizes); its bounded feature statistics
+are described in ``cfm_jax/evaluation.py`` and docs/evaluation.md.
 """
 import json
 import os
