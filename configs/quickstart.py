@@ -53,7 +53,7 @@ def get_config(arg=None):
         norm="none",  # not the original's GroupNorm: docs/quickstart.md
     )
     c.coupling.update(upsampling_mode="psu", noising_step=-1, concat_context=False)
-    # The bundled photos, prepared once into pixel-space records (runs/photo_records/64x32).
+    # The bundled photos, prepared once into pixel-space records (runs/photo_records/v2-64x32).
     c.data.update(name="records", prepare_photos=True, flip=True, image_size=64, lowres_size=32,
                   batch_size=4, num_val_images=128)
     c.flow.update(t_exponent=10.0)  # most training times near t = 0, where the one Euler step evaluates
