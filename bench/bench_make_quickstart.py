@@ -1,0 +1,128 @@
+"""`make quickstart` end to end, timed, and the README's quick-start table written from its result.
+
+Runs what `make quickstart` runs (``train.py --config configs/quickstart.py``, then ``eval.py``)
+in a fresh run folder, with the bundled photos prepared into records inside it (so preparation is
+timed too), prints one JSON line (``RESULT {...}``: seconds per stage, the scores of
+``eval/metrics.json``, date, commit, CPU) and, with ``--readme README.md``, rewrites the table
+between the ``<!-- quickstart-results -->`` markers of that file with them::
+
+    .venv/bin/python bench/bench_make_quickstart.py --readme README.md
+
+``--metrics`` skips the runs and writes the table from an existing ``eval/metrics.json`` (its
+timing then unknown, left out of the table).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEGIN, END = "<!-- quickstart-results -->", "<!-- /quickstart-results -->"
+_ROWS = (("cfm", "CFM ({solver}, {nfe} network evaluations per image)"), ("bicubic", "bicubic"),
+         ("bilinear", "bilinear (the flow's source)"))
+
+_WORKDIR = flags.DEFINE_string("workdir", os.path.join(ROOT, "runs", "bench_make_quickstart"),
+                               "Run folder (emptied first); the records are prepared inside it.")
+_README = flags.DEFINE_string("readme", None, "Rewrite the quick-start table of this file.")
+_METRICS = flags.DEFINE_string("metrics", None, "Write the table from this eval/metrics.json instead of running.")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags_line = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    return f"{name or platform.machine()}, {os.cpu_count()} cores, {'AVX-512' if 'avx512f' in flags_line else 'no AVX-512'}"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out + (" with uncommitted changes" if dirty else "")
+
+
+def table(metrics: dict, *, seconds: dict | None, date: str, commit_: str, cpu: str) -> str:
+    """The markdown between the markers: how it was measured, then one row per method."""
+    rows = {r["method"]: r for r in metrics["results"]}
+    missing = [m for m, _ in _ROWS if m not in rows]
+    if missing:
+        raise ValueError(f"metrics.json has no result for {missing}: it must come from eval.py on the quick start.")
+    when = f"Measured by `bench/bench_make_quickstart.py` on {date} at commit {commit_}, on {cpu}"
+    if seconds:
+        when += (f": {seconds['total'] / 60:.0f} min {seconds['total'] % 60:.0f} s for preparation and training "
+                 f"({seconds['train']:.0f} s) and evaluation ({seconds['eval']:.0f} s)")
+    lines = [when + ".", "",
+             f"| method ({metrics['num_images']} held-out {metrics['image_size']}² crops) | PSNR of the mean MSE (dB) "
+             f"| SSIM | mean PSNR (dB) | interior (rim {rows['cfm'].get('rim', 0)} px): PSNR of the mean MSE, SSIM |",
+             "|---|---|---|---|---|"]
+    for method, label in _ROWS:
+        r = rows[method]
+        name = label.format(solver=r["label"], nfe=r["nfe"])
+        lines.append(f"| {name} | {r['psnr_mean_mse']:.3f} | {r['ssim']:.4f} | {r['psnr']:.3f} | "
+                     f"{r['psnr_mean_mse_interior']:.3f}, {r['ssim_interior']:.4f} |")
+    return "\n".join(lines)
+
+
+def rewrite(text: str, block: str) -> str:
+    """``text`` with everything between the markers replaced by ``block``."""
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"the file needs exactly one {BEGIN} ... {END} block")
+    head, rest = text.split(BEGIN)
+    return f"{head}{BEGIN}\n{block}\n{END}{rest.split(END, 1)[1]}"
+
+
+def run_quickstart(workdir: str) -> tuple[dict, dict]:
+    """Runs train.py and eval.py as `make quickstart` does; returns (metrics.json, seconds)."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    run = os.path.join(workdir, "run")
+    train = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "quickstart.py"),
+             "--workdir", run, f"--config.data.path={os.path.join(workdir, 'records')}"]
+    evaluate = [sys.executable, os.path.join(ROOT, "eval.py"), "--workdir", run]
+    seconds = {}
+    for name, cmd in (("train", train), ("eval", evaluate)):
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        seconds[name] = round(time.perf_counter() - start, 1)
+    seconds["total"] = round(seconds["train"] + seconds["eval"], 1)
+    with open(os.path.join(run, "eval", "metrics.json")) as f:
+        return json.load(f), seconds
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if _METRICS.value:
+        with open(_METRICS.value) as f:
+            metrics, seconds = json.load(f), None
+    else:
+        metrics, seconds = run_quickstart(_WORKDIR.value)
+    date, commit_, cpu = datetime.date.today().isoformat(), commit(), cpu_name()
+    block = table(metrics, seconds=seconds, date=date, commit_=commit_, cpu=cpu)
+    print("RESULT " + json.dumps({"benchmark": "make_quickstart", "date": date, "commit": commit_, "cpu": cpu,
+                                  "seconds": seconds, "results": metrics["results"]}))
+    if _README.value:
+        with open(_README.value) as f:
+            text = rewrite(f.read(), block)
+        with open(_README.value, "w") as f:
+            f.write(text)
+        print(f"Rewrote the quick-start table of {_README.value}.")
+
+
+if __name__ == "__main__":
+    app.run(main)
