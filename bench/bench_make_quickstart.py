@@ -42,8 +42,10 @@ def cpu_name() -> str:
     except OSError:
         return platform.processor() or platform.machine()
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    family = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("cpu family")), "?")
     flags_line = next((line for line in info.splitlines() if line.startswith("flags")), "")
-    return f"{name or platform.machine()}, {os.cpu_count()} cores, {'AVX-512' if 'avx512f' in flags_line else 'no AVX-512'}"
+    simd = "AVX-512" if "avx512f" in flags_line else "no AVX-512"
+    return f"{name or platform.machine()} (family {family}), {os.cpu_count()} cores, {simd}"
 
 
 def commit() -> str:
@@ -65,7 +67,8 @@ def table(metrics: dict, *, seconds: dict | None, date: str, commit_: str, cpu: 
         raise ValueError(f"metrics.json has no result for {missing}: it must come from eval.py on the quick start.")
     when = f"Measured by `bench/bench_make_quickstart.py` on {date} at commit {commit_}, on {cpu}"
     if seconds:
-        when += (f": {seconds['total'] / 60:.0f} min {seconds['total'] % 60:.0f} s for preparation and training "
+        minutes, rest = divmod(round(seconds["total"]), 60)
+        when += (f": {minutes} min {rest} s for preparation and training "
                  f"({seconds['train']:.0f} s) and evaluation ({seconds['eval']:.0f} s)")
     lines = [when + ".", "",
              f"| method ({metrics['num_images']} held-out {metrics['image_size']}² crops) | PSNR of the mean MSE (dB) "

@@ -1,6 +1,7 @@
 """bench/bench_make_quickstart.py writes the README's quick-start table from eval.py's
 metrics.json (rows made by the evaluator's own ``MethodResult.row``) between its markers, and
 leaves the rest of the file as it was."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -36,6 +37,14 @@ def test_table_is_written_between_the_markers(tmp_path):
     assert "| method (128 held-out 64² crops) |" in text and "interior (rim 4 px)" in text
     result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
     assert result["seconds"] is None and len(result["results"]) == 3
+
+    spec = importlib.util.spec_from_file_location("bench_make_quickstart", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    timed = bench.table(metrics, seconds={"train": 373.7, "eval": 18.3, "total": 392.0}, date="2026-12-03",
+                        commit_="abc1234", cpu="a CPU")
+    assert timed.startswith("Measured by `bench/bench_make_quickstart.py` on 2026-12-03 at commit abc1234, on a CPU: "
+                            "6 min 32 s for preparation and training (374 s) and evaluation (18 s).\n")
 
     readme.write_text("no markers here\n")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
