@@ -45,7 +45,7 @@ def main(argv):
 
     from cfm_jax import compile_options, sharding
     from cfm_jax.ema import EMAConfig
-    from cfm_jax.first_stage import IdentityFirstStage, build_first_stage
+    from cfm_jax.first_stage import IdentityFirstStage, build_first_stage, scale_latents
     from cfm_jax.models.unet import count_params
     from cfm_jax.optim import make_optimizer
     from cfm_jax.solvers import SolverSpec
@@ -94,7 +94,7 @@ def main(argv):
     solver = SolverSpec(method="euler", num_steps=grid)
     sample = jax.jit(lambda p, lowres, keys: up.sample(p, lowres, keys, size=size, solver=solver).x,
                      compiler_options=compile_options.inference())  # as eval.py and upsample compile it
-    lowres = batch["latent_lowres"] * first_stage.scale_factor
+    lowres = scale_latents(first_stage, batch["latent_lowres"])
     keys = jax.random.split(jax.random.PRNGKey(1), lowres.shape[0])
     t0 = time.perf_counter()
     sample_compiled = sample.lower(state.ema_params, lowres, keys).compile()

@@ -36,6 +36,12 @@ SD_SCALE_FACTOR = 0.18215
 CONVERTED_KIND = "cfm_jax.autoencoder_kl"
 
 
+def scale_latents(first_stage, z: jax.Array) -> jax.Array:
+    """Latents as records store them (unscaled) -> the scaled latents the flow works on:
+    ``(z - shift_factor) * scale_factor``; ``decode`` inverts it."""
+    return (z - first_stage.shift_factor) * first_stage.scale_factor
+
+
 @flax.struct.dataclass
 class IdentityFirstStage:
     """Pixel space: latents are images, nothing is learned or scaled."""
@@ -43,6 +49,7 @@ class IdentityFirstStage:
     latent_channels: int = flax.struct.field(pytree_node=False, default=3)
     downsample_factor: int = flax.struct.field(pytree_node=False, default=1)
     scale_factor: float = flax.struct.field(pytree_node=False, default=1.0)
+    shift_factor: float = flax.struct.field(pytree_node=False, default=0.0)
     name: str = flax.struct.field(pytree_node=False, default="identity")
 
     def encode_unscaled(self, images: jax.Array) -> jax.Array:
@@ -140,7 +147,7 @@ class AutoencoderFirstStage:
         return self._encode_mode(images)
 
     def encode(self, images: jax.Array) -> jax.Array:
-        return (self.encode_unscaled(images) - self.shift_factor) * self.scale_factor
+        return scale_latents(self, self.encode_unscaled(images))
 
     def decode(self, latents: jax.Array) -> jax.Array:
         z = latents / self.scale_factor + self.shift_factor

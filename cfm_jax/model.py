@@ -7,7 +7,8 @@ go through it.
 Batch keys (NHWC): ``image`` (high-res image in [-1, 1]), ``latent`` (its latent,
 *unscaled*, like the original's records), ``latent_lowres`` (the low-res latent,
 unscaled, either on the low-res grid or already PSU-up-sampled to the high-res
-grid). Latents are multiplied by ``first_stage.scale_factor`` on the way in.
+grid). Latents are scaled on the way in (``first_stage.scale_latents``: ``(z - shift_factor)
+* scale_factor``, as ``first_stage.encode`` does).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 
 from cfm_jax import flow, sampling
 from cfm_jax.coupling import Coupling, resize_bilinear
-from cfm_jax.first_stage import build_first_stage
+from cfm_jax.first_stage import build_first_stage, scale_latents
 from cfm_jax.models.unet import EfficientUNet
 from cfm_jax.sharding import BATCH_AXES
 
@@ -128,8 +129,9 @@ class CFMUpsampler:
 
     # --- training ---------------------------------------------------------------
     def scaled_latents(self, batch: dict) -> tuple[jax.Array, jax.Array]:
-        s = self.first_stage.scale_factor
-        return (batch["latent"].astype(jnp.float32) * s, batch["latent_lowres"].astype(jnp.float32) * s)
+        fs = self.first_stage
+        return (scale_latents(fs, batch["latent"].astype(jnp.float32)),
+                scale_latents(fs, batch["latent_lowres"].astype(jnp.float32)))
 
     def velocity(self, params, x, t, context, *, train: bool = False, dropout_rng=None) -> jax.Array:
         """The network's velocity at ``x`` [B,H,W,C] and times ``t`` ([B] or scalar), float32."""

@@ -300,7 +300,7 @@ def lower_program(program: str, config, devices) -> tuple[Any, dict]:
         lowered = jax.jit(eval_step).lower(params, fs_arg, batch, keys)
     elif program == "sample":
         def sample(params, fs, lowres, keys):
-            return ups.sample(params, lowres * fs.scale_factor, keys, size=latent, solver=solver, first_stage=fs).x
+            return ups.sample(params, fs_lib.scale_latents(fs, lowres), keys, size=latent, solver=solver, first_stage=fs).x
 
         lowered = jax.jit(sample).lower(params, fs_arg, batched((bs, lowres_latent, lowres_latent, c)), keys)
     else:

@@ -60,7 +60,7 @@ from tqdm import tqdm
 from cfm_jax import checkpointing, cli, compile_options, sampling, sde
 from cfm_jax.coupling import resize_bilinear
 from cfm_jax.data.image_io import IMAGE_EXTENSIONS, list_images, load_image
-from cfm_jax.first_stage import build_first_stage
+from cfm_jax.first_stage import build_first_stage, scale_latents
 from cfm_jax.model import CFMUpsampler
 from cfm_jax.solvers import ALL_METHODS, SolverSpec
 
@@ -499,8 +499,7 @@ class CascadeRunner:
         if kind == "latent":
             if self.latents_scaled:
                 return None
-            return self._fn("scale_latent", lambda: jax.jit(
-                lambda fs, x: (x - getattr(fs, "shift_factor", 0.0)) * fs.scale_factor))
+            return self._fn("scale_latent", lambda: jax.jit(scale_latents))
         f = self.first_stage.downsample_factor
 
         def enc(fs, x):

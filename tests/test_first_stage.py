@@ -103,20 +103,38 @@ def test_converted_folder_and_checkpoint_file_load_identically(tiny_ae, tmp_path
     jax.tree.map(np.testing.assert_array_equal, p1, params)
 
 
-def test_paper_config_runs_end_to_end_on_latents(tiny_ae, tmp_path):
-    """The paper's flow, coupling (PSU, noising step 400, context) and optimizer on latents of
-    an autoencoder first stage, shrunk to CPU size: bundled photos are encoded on the fly."""
+def _paper_config():
     import importlib.util
-
-    from cfm_jax.trainer import train
-    model, params = tiny_ae
-    path = str(tmp_path / "ae")
-    save_converted(path, model, params, scale_factor=0.18215, source="random")
     spec = importlib.util.spec_from_file_location(
         "paper", os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs/flow400_64-128/unet_base_psu.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    c = module.get_config()
+    return module.get_config()
+
+
+def test_training_target_is_what_encode_gives_and_decode_inverts_with_a_shift(tiny_ae, photo_batch):
+    """Records store unscaled latents; the model scales them like ``encode`` does, so that the
+    target it trains on and the latents it samples decode back to the records' latents, also
+    with a nonzero ``shift_factor`` (training once multiplied by ``scale_factor`` only)."""
+    from cfm_jax.model import CFMUpsampler
+    model, params = tiny_ae
+    fs = AutoencoderFirstStage(params=params, model=model, scale_factor=0.5, shift_factor=0.25)
+    up = CFMUpsampler(_paper_config(), first_stage=fs)
+    batch = up.make_latents_fn()(photo_batch)  # unscaled, as records store them
+    x1, lowres = up.scaled_latents(batch)
+    np.testing.assert_allclose(x1, fs.encode(jnp.asarray(photo_batch["image"])), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lowres, (batch["latent_lowres"] - 0.25) * 0.5, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fs.decode(x1), fs._decode(batch["latent"]), rtol=1e-5, atol=1e-5)
+
+
+def test_paper_config_runs_end_to_end_on_latents(tiny_ae, tmp_path):
+    """The paper's flow, coupling (PSU, noising step 400, context) and optimizer on latents of
+    an autoencoder first stage, shrunk to CPU size: bundled photos are encoded on the fly."""
+    from cfm_jax.trainer import train
+    model, params = tiny_ae
+    path = str(tmp_path / "ae")
+    save_converted(path, model, params, scale_factor=0.18215, source="random")
+    c = _paper_config()
     c.first_stage.update(path=path, tile_size=0)
     c.model.update(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(1,),
                    num_heads=1, dim_head=32, dtype="float32")

@@ -34,8 +34,9 @@ stage's downsampling factor, ``C`` its latent channels)::
 The low-res image itself is not stored: it is a pure function of ``image``
 (``image_ops.make_lowres(image / 127.5 - 1, lowres_size, filter)`` with the filter of
 ``lowres_method``; ``image_ops.downsample(image / 127.5 - 1, H // lowres_size)`` for ``box``).
-Latents are stored unscaled, like the original's records: multiply by the
-``scale_factor`` of the metadata (what ``CFMUpsampler.scaled_latents`` does).
+Latents are stored unscaled, like the original's records: subtract the ``shift_factor`` and
+multiply by the ``scale_factor`` of the metadata (``first_stage.scale_latents``, which
+``CFMUpsampler.scaled_latents`` calls).
 
 Dataset-level metadata (``metadata.json``, ``builder.info.metadata``): ``name``,
 ``image_size``, ``lowres_size``, ``downsample_factor`` (image / low-res), ``lowres_method``
