@@ -30,10 +30,12 @@ import numpy as np
 
 from cfm_jax.convert import converted_dir
 from cfm_jax.convert.vae import load_pretrained
+from cfm_jax.dtypes import DTYPES
 from cfm_jax.models.autoencoder import AutoencoderKL, abstract_params
 
 SD_SCALE_FACTOR = 0.18215
 CONVERTED_KIND = "cfm_jax.autoencoder_kl"
+AUTOENCODER_DTYPES = ("bfloat16", "float32")  # first_stage.dtype
 
 
 def scale_latents(first_stage, z: jax.Array) -> jax.Array:
@@ -176,6 +178,12 @@ def is_converted_dir(path: str) -> bool:
     return converted_dir.is_converted_dir(path, CONVERTED_KIND)
 
 
+def _model_of_meta(meta: dict, dtype) -> AutoencoderKL:
+    """The ``AutoencoderKL`` a converted folder's ``config.json`` describes."""
+    return AutoencoderKL(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["model"].items()},
+                         dtype=dtype)
+
+
 def load_autoencoder(path: str, *, dtype=jnp.float32) -> tuple[AutoencoderKL, Any, float]:
     """``(model, params, scale_factor)`` from a converted folder, an LDM/SD checkpoint file
     (``sd_ae.ckpt``, ``.safetensors``) or a diffusers VAE folder."""
@@ -187,32 +195,47 @@ def load_autoencoder(path: str, *, dtype=jnp.float32) -> tuple[AutoencoderKL, An
             "diffusion_pytorch_model.safetensors), or a folder written by `python -m cfm_jax.convert vae`.")
     meta = converted_dir.read_meta(path, CONVERTED_KIND) if os.path.isdir(path) else None
     if meta is not None:
-        model = AutoencoderKL(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["model"].items()},
-                              dtype=dtype)
+        model = _model_of_meta(meta, dtype)
         target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(model))
         return model, converted_dir.restore(path, "params", target), float(meta["scale_factor"])
     model, params, scale = load_pretrained(path, dtype=dtype)
     return model, params, scale
 
 
-def build_first_stage(config):
-    """The first stage named by ``config.first_stage``."""
+def build_first_stage(config, *, abstract: bool = False):
+    """The first stage named by ``config.first_stage`` (see :func:`make_first_stage`)."""
     fs = config.first_stage
-    if fs.name == "identity":
-        if fs.scale_factor not in (1.0, -1.0):
+    return make_first_stage(fs.name, fs.path, scale_factor=fs.scale_factor, shift_factor=fs.shift_factor,
+                            dtype=fs.dtype, tile_size=fs.tile_size, tile_overlap=fs.tile_overlap, abstract=abstract)
+
+
+def make_first_stage(name: str, path: str = "", *, scale_factor: float = -1.0, shift_factor: float = 0.0,
+                     dtype: str = "float32", tile_size: int = 0, tile_overlap: int = 8, abstract: bool = False):
+    """The one constructor of a first stage: ``name`` ``'identity'`` (pixel space) or
+    ``'autoencoder'`` (the one at ``path``, any format :func:`load_autoencoder` reads);
+    ``scale_factor=-1``: the checkpoint's. ``abstract``: the autoencoder with abstract weights,
+    nothing read from disk but a converted folder's ``config.json`` (the SD KL-f8 architecture
+    and scale for checkpoint files or no ``path``), for compiling without the weights."""
+    if name == "identity":
+        if scale_factor not in (1.0, -1.0):
             raise ValueError("The identity first stage cannot use a scale_factor other than 1.0 "
-                             f"(got {fs.scale_factor}); set first_stage.scale_factor=1.0.")
+                             f"(got {scale_factor}); set first_stage.scale_factor=1.0.")
         return IdentityFirstStage()
-    if fs.name == "autoencoder":
-        if not fs.path:
+    if name != "autoencoder":
+        raise ValueError(f"Unknown first_stage.name={name!r}; choose 'identity' or 'autoencoder'.")
+    if dtype not in AUTOENCODER_DTYPES:
+        raise ValueError(f"first_stage.dtype={dtype!r}; choose one of {sorted(AUTOENCODER_DTYPES)}.")
+    if abstract:
+        path = os.path.expanduser(path or "")
+        meta = converted_dir.read_meta(path, CONVERTED_KIND) if path and os.path.isdir(path) else None
+        model = AutoencoderKL(dtype=DTYPES[dtype]) if meta is None else _model_of_meta(meta, DTYPES[dtype])
+        params, file_scale, label = abstract_params(model), SD_SCALE_FACTOR, "abstract"
+    else:
+        if not path:
             raise ValueError("first_stage.name='autoencoder' needs first_stage.path: the SD VAE checkpoint "
                              "(e.g. --config.first_stage.path=checkpoints/sd_ae.ckpt).")
-        dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-        if fs.dtype not in dtypes:
-            raise ValueError(f"first_stage.dtype={fs.dtype!r}; choose one of {sorted(dtypes)}.")
-        model, params, file_scale = load_autoencoder(fs.path, dtype=dtypes[fs.dtype])
-        scale = file_scale if fs.scale_factor == -1.0 else float(fs.scale_factor)
-        return AutoencoderFirstStage(params=jax.tree.map(jnp.asarray, params), model=model, scale_factor=scale,
-                                     shift_factor=float(fs.shift_factor), tile_size=int(fs.tile_size),
-                                     tile_overlap=int(fs.tile_overlap), name=os.path.basename(fs.path.rstrip("/")))
-    raise ValueError(f"Unknown first_stage.name={fs.name!r}; choose 'identity' or 'autoencoder'.")
+        model, params, file_scale = load_autoencoder(path, dtype=DTYPES[dtype])
+        params, label = jax.tree.map(jnp.asarray, params), os.path.basename(path.rstrip("/"))
+    scale = file_scale if scale_factor == -1.0 else float(scale_factor)
+    return AutoencoderFirstStage(params=params, model=model, scale_factor=scale, shift_factor=float(shift_factor),
+                                 tile_size=int(tile_size), tile_overlap=int(tile_overlap), name=label)

@@ -19,12 +19,10 @@ import jax.numpy as jnp
 
 from cfm_jax import flow, sampling
 from cfm_jax.coupling import Coupling, resize_bilinear
+from cfm_jax.dtypes import DTYPES
 from cfm_jax.first_stage import build_first_stage, scale_latents
 from cfm_jax.models.unet import EfficientUNet
 from cfm_jax.sharding import BATCH_AXES
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
 
 def _dtype(name: str):
     if name not in DTYPES:

@@ -67,7 +67,6 @@ from cfm_jax import flops as flops_lib, sampling, sde, sharding, solvers
 from cfm_jax.ema import EMAConfig
 from cfm_jax.evaluation import image_scores
 from cfm_jax.model import CFMUpsampler
-from cfm_jax.models.autoencoder import AutoencoderKL, abstract_params
 from cfm_jax.optim import make_optimizer
 from cfm_jax.solvers import SolverSpec
 from cfm_jax.trainer import abstract_train_state, make_train_step
@@ -216,27 +215,6 @@ class Layout:
 
 
 # --------------------------------------------------------------------------- programs
-def _abstract_first_stage(config):
-    """The config's first stage with abstract weights (nothing read from disk but, for a
-    converted folder, its config.json): the SD KL-f8 architecture for checkpoint files."""
-    fs = config.first_stage
-    if fs.name == "identity":
-        return fs_lib.build_first_stage(config)
-    if fs.name != "autoencoder":
-        raise PlanError(f"Unknown first_stage.name={fs.name!r}.")
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[fs.dtype]
-    fields = {}
-    path = os.path.expanduser(fs.path or "")
-    if path and os.path.isdir(path) and fs_lib.is_converted_dir(path):
-        with open(os.path.join(path, "config.json")) as f:
-            fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in json.load(f)["model"].items()}
-    model = AutoencoderKL(**fields, dtype=dtype)
-    scale = fs.scale_factor if fs.scale_factor != -1.0 else fs_lib.SD_SCALE_FACTOR
-    return fs_lib.AutoencoderFirstStage(params=abstract_params(model), model=model, scale_factor=float(scale),
-                                        shift_factor=float(fs.shift_factor), tile_size=int(fs.tile_size),
-                                        tile_overlap=int(fs.tile_overlap), name="abstract")
-
-
 def _with_sharding(tree, sharding_fn):
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding_fn(s)), tree)
 
@@ -248,7 +226,7 @@ def lower_program(program: str, config, devices) -> tuple[Any, dict]:
     n = len(devices)
     bs = int(config.data.batch_size)
     sharding.check_batch_size(bs, mesh)
-    fs = _abstract_first_stage(config)
+    fs = fs_lib.build_first_stage(config, abstract=True)
     ups = CFMUpsampler(config, first_stage=fs)
     latent = ups.latent_size(config.data.image_size)
     lowres_latent = ups.latent_size(config.data.lowres_size)

@@ -147,17 +147,11 @@ def open_source(src: str | Sequence[str], tar_base: str | Sequence[str] | None =
 def load_first_stage(path: str = "identity", *, scale_factor: float = -1.0, dtype: str = "float32",
                      tile_size: int = 0, tile_overlap: int = 8):
     """``IdentityFirstStage`` for ``'identity'``, else the autoencoder at ``path`` (any format
-    ``first_stage.load_autoencoder`` reads); ``scale_factor=-1``: the checkpoint's."""
-    if path in ("identity", "", None):
-        return fs_lib.IdentityFirstStage()
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    if dtype not in dtypes:
-        raise ValueError(f"first stage dtype {dtype!r}; choose one of {sorted(dtypes)}.")
-    model, params, file_scale = fs_lib.load_autoencoder(path, dtype=dtypes[dtype])
-    return fs_lib.AutoencoderFirstStage(
-        params=jax.tree.map(jnp.asarray, params), model=model,
-        scale_factor=file_scale if scale_factor == -1.0 else float(scale_factor),
-        tile_size=int(tile_size), tile_overlap=int(tile_overlap), name=os.path.basename(path.rstrip("/")))
+    ``first_stage.load_autoencoder`` reads); ``scale_factor=-1``: the checkpoint's
+    (``first_stage.make_first_stage``)."""
+    name = "identity" if path in ("identity", "", None) else "autoencoder"
+    return fs_lib.make_first_stage(name, path or "", scale_factor=scale_factor, dtype=dtype, tile_size=tile_size,
+                                   tile_overlap=tile_overlap)
 
 
 def first_stage_info(fs) -> dict:
