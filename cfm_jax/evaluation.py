@@ -302,7 +302,7 @@ class Evaluator:
             stats.scores.setdefault(k, []).append(np.asarray(v))
         have = sum(len(g) for g in stats.grid)
         if have < self.num_grid:  # kept as uint8, as the grid shows them (a quarter of float32)
-            stats.grid.append(to_uint8(images[:self.num_grid - have]))
+            stats.grid.append(image_ops.to_uint8(np.asarray(images[:self.num_grid - have])))
 
     def _sample(self, solver, params, latents: dict, keys, timing: dict) -> np.ndarray:
         """The solver's prediction of one sharded batch, gathered to host [B, H, W, 3]."""
@@ -383,9 +383,9 @@ class Evaluator:
                 low_up = np.asarray(image_ops.upsample_bilinear(batch["image_lowres"], self.image_size), np.float32)
                 bicubic = np.asarray(image_ops.upsample_bicubic(batch["image_lowres"], self.image_size), np.float32)
             if have < self.num_grid:
-                grid_high.append(to_uint8(target[:self.num_grid - have]))
-                grid_low.append(to_uint8(low_up[:self.num_grid - have]))
-                grid_bicubic.append(to_uint8(bicubic[:self.num_grid - have]))
+                grid_high.append(image_ops.to_uint8(np.asarray(target[:self.num_grid - have])))
+                grid_low.append(image_ops.to_uint8(np.asarray(low_up[:self.num_grid - have])))
+                grid_bicubic.append(image_ops.to_uint8(np.asarray(bicubic[:self.num_grid - have])))
             self._add(real, target, None, anchors)
             if fresh_baselines:
                 self._add(methods["bicubic"], bicubic, target, anchors)
@@ -491,18 +491,10 @@ def _crop_stats_path(path: str) -> str:
 
 
 # --------------------------------------------------------------------------- reports
-def to_uint8(images) -> np.ndarray:
-    """Images in [-1, 1] -> uint8 (rounded, clipped); uint8 images unchanged."""
-    images = np.asarray(images)
-    if images.dtype == np.uint8:
-        return images
-    return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def image_grid(columns: Sequence[np.ndarray]) -> np.ndarray:
     """uint8 grid: one row per image, one column per array of [N, H, W, 3] images in [-1, 1]
     (or uint8)."""
-    rows = np.concatenate([to_uint8(c) for c in columns], axis=2)
+    rows = np.concatenate([image_ops.to_uint8(np.asarray(c)) for c in columns], axis=2)
     return rows.reshape((-1,) + rows.shape[2:])
 
 

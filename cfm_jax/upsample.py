@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from cfm_jax import checkpointing, cli, compile_options, sampling, sde
 from cfm_jax.coupling import resize_bilinear
+from cfm_jax.data import image_ops
 from cfm_jax.data.image_io import IMAGE_EXTENSIONS, list_images, load_image
 from cfm_jax.first_stage import build_first_stage, scale_latents
 from cfm_jax.model import CFMUpsampler
@@ -339,7 +340,7 @@ def load_item(item: InputItem, *, latent_layout: str = "auto", channels: int = 4
         loaded = load_image(item.path)
         if not loaded.ok:
             raise UpsampleError(f"{item.path}: {loaded.skip_reason} ({loaded.detail}).")
-        return loaded.image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+        return image_ops.to_unit_range(loaded.image)
     arr, err = _to_nhwc(np.asarray(_latent_array(item.path)), latent_layout, channels, item.path)
     if err:
         raise UpsampleError(err)
@@ -523,10 +524,9 @@ class CascadeRunner:
         """``(jitted (decoder, z) -> uint8 images, decoder)`` of ``size``² latents."""
         dec = self.decoder(size)
 
-        def to_uint8(fs, z):
-            img = jnp.clip(fs.decode(z), -1.0, 1.0)
-            return jnp.round((img + 1.0) * 127.5).astype(jnp.uint8)
-        return self._fn(f"decode{size}-{getattr(dec, 'tile_size', 0)}", lambda: jax.jit(to_uint8)), dec
+        def decode(fs, z):
+            return image_ops.to_uint8(jnp.clip(fs.decode(z), -1.0, 1.0))
+        return self._fn(f"decode{size}-{getattr(dec, 'tile_size', 0)}", lambda: jax.jit(decode)), dec
 
     def encode(self, kind: str, batch: np.ndarray, entry: int):
         fn = self._encode_fn(kind, entry)

@@ -210,3 +210,14 @@ def test_upsample_bicubic_conventions():
     assert np.abs(ref_t - ref_j).max() > 1e-3
     with pytest.raises(ValueError):
         upsample_bicubic(x, (6, 4))
+
+
+def test_to_uint8_inverts_to_unit_range_on_host_and_in_jit():
+    from cfm_jax.data.image_ops import to_uint8, to_unit_range
+    u8 = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+    unit = to_unit_range(u8)
+    assert unit.dtype == np.float32 and unit.min() == -1.0 and unit.max() == 1.0
+    np.testing.assert_array_equal(to_uint8(unit), u8)
+    np.testing.assert_array_equal(jax.jit(to_uint8)(jnp.asarray(unit)), u8)
+    np.testing.assert_array_equal(to_uint8(np.array([-1.5, -1.0, 0.0, 1.0, 2.0])), [0, 0, 128, 255, 255])
+    assert to_uint8(u8) is u8

@@ -48,7 +48,7 @@ from PIL import Image
 __all__ = [
     "LOWRES_FILTERS", "RESIZE_METHODS", "check_lowres_filter", "downsample", "downsample_antialiased",
     "lowres_filters_agree", "lowres_method", "make_crops", "make_lowres", "resize", "resize_short_side",
-    "to_unit_range", "upsample_bicubic", "upsample_bilinear",
+    "to_uint8", "to_unit_range", "upsample_bicubic", "upsample_bilinear",
 ]
 
 # How the low-res image is made from the high-res one (config.data.lowres_filter).
@@ -372,6 +372,17 @@ def lowres_method(lowres_filter: str, image_size: int, lowres_size: int) -> str:
 
 
 def to_unit_range(images_uint8: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 in [-1, 1], the formula of ``photos.PhotoCrops`` (computed on the host
-    so that pixel-space records equal it bit for bit)."""
+    """uint8 -> float32 in [-1, 1] (computed on the host, so that the training photos, records,
+    evaluation crops and upsample's inputs are the same numbers bit for bit); :func:`to_uint8`
+    is the way back."""
     return images_uint8.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def to_uint8(images):
+    """Images in [-1, 1] -> uint8, ``(x + 1) * 127.5`` rounded (half to even) and clipped to
+    [0, 255]; uint8 images unchanged. numpy in -> numpy out, jax in -> jax out (jittable)."""
+    xp = np if _is_numpy(images) else jnp
+    images = xp.asarray(images)
+    if images.dtype == xp.uint8:
+        return images
+    return xp.clip(xp.round((images + 1.0) * 127.5), 0, 255).astype(xp.uint8)

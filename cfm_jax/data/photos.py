@@ -275,7 +275,7 @@ class PhotoCrops:
             rotations = rng.integers(0, 4, size=b)
             perms = np.stack([rng.permutation(3) for _ in range(b)])
             crops = np.stack([np.rot90(c, k)[:, :, p] for c, k, p in zip(crops, rotations, perms)])
-        image = crops.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+        image = image_ops.to_unit_range(crops)
         lowres = image_ops.make_lowres(image, self.lowres_size, self.lowres_filter)
         latent_lowres = np.clip(image_ops.upsample_bilinear(lowres, self.image_size), -1.0, 1.0)
         return {

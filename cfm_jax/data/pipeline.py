@@ -72,7 +72,7 @@ import numpy as np
 from absl import flags
 
 from cfm_jax.data import records
-from cfm_jax.data.image_ops import check_lowres_filter, lowres_filters_agree, make_lowres
+from cfm_jax.data.image_ops import check_lowres_filter, lowres_filters_agree, make_lowres, to_unit_range
 
 SPATIAL_FLOAT_KEYS = ("latent", "latent_lowres", "moments", "moments_lowres")
 METADATA_KEYS = ("file_name", "original_size", "crop_index", "crop_offset")
@@ -94,7 +94,7 @@ class RecordToExample(grain.transforms.Map):
             image = np.asarray(record["image"])
             if image.dtype != np.uint8:
                 raise ValueError(f"record image must be uint8, got {image.dtype}")
-            image = image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+            image = to_unit_range(image)
             lowres = make_lowres(image, self.lowres_size, self.lowres_filter)
             out = {"image": image, "image_lowres": np.asarray(lowres, np.float32)}
         for key in SPATIAL_FLOAT_KEYS:
