@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -164,10 +164,6 @@ class InceptionFeatures:
         if not out:
             return np.zeros((0, FEATURE_DIM), np.float32)
         return np.concatenate([np.asarray(f)[:m] for f, m in out], axis=0)
-
-    def from_batches(self, batches: Iterable) -> np.ndarray:
-        """Features of every image in an iterable of [B, H, W, 3] batches, concatenated."""
-        return np.concatenate([self(b) for b in batches], axis=0)
 
 
 # ----------------------------------------------------------------------------------

@@ -172,8 +172,8 @@ def _time_dtype(x0) -> jnp.dtype:
 
 
 def _promote(x0, dtype):
-    # diffrax promotes the state to the time dtype; do it up front (and in the
-    # reference) so that both paths see the same dtypes.
+    # diffrax promotes the state to the time dtype; do it up front (tests/test_sampling.py's
+    # Euler reference does the same) so that both paths see the same dtypes.
     return jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.result_type(leaf, dtype)), x0)
 
 
@@ -341,35 +341,10 @@ def raise_if_failed(result: SampleResult, *, what: str = "ODE sampling", remedy:
     raise RuntimeError(where + cause + (f" {remedy}" if remedy else ""))
 
 
-# ----------------------------------------------------------------------------- reference
-
-
-def euler_scan_reference(velocity_fn: VelocityFn, x0, args, num_steps: int, *,
-                         reverse: bool = False):
-    """Plain ``lax.scan`` Euler on the same grid: ``x += (t_{i+1} - t_i) * v(t_i, x)``.
-
-    Kept as the reference that ``solve_flow(method='euler')`` must match bit for bit.
-    """
-    if not isinstance(num_steps, (int, np.integer)) or num_steps < 2:
-        raise ValueError(f"num_steps must be an int >= 2, got {num_steps!r}.")
-    tdtype = _time_dtype(x0)
-    x0 = _promote(x0, tdtype)
-    ts = time_grid(num_steps, reverse=reverse, dtype=tdtype)
-
-    def step(x, t_pair):
-        t0, t1 = t_pair
-        dt = t1 - t0
-        v = velocity_fn(t0, x, args)
-        return jax.tree.map(lambda xi, vi: xi + dt * vi.astype(xi.dtype), x, v), None
-
-    x, _ = jax.lax.scan(step, x0, (ts[:-1], ts[1:]))
-    return x
-
-
 __all__ = [
     "ADAPTIVE_METHODS", "DEFAULT_ATOL", "DEFAULT_MAX_STEPS", "DEFAULT_RTOL", "FIXED_METHODS",
     "FIXED_STAGES", "METHODS", "RK4_38_TABLEAU", "RK4ThreeEighths", "STATUS_MAX_STEPS",
     "STATUS_NONFINITE", "STATUS_OK", "STATUS_SOLVER_FAILED", "SampleResult",
-    "euler_scan_reference", "example_keys", "fixed_step_nfe", "raise_if_failed", "solve_flow",
+    "example_keys", "fixed_step_nfe", "raise_if_failed", "solve_flow",
     "time_grid",
 ]

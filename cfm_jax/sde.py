@@ -47,9 +47,8 @@ Steps (``StepSDE``), ``w ~ N(0, I)`` one draw per step, ``dw = w * sqrt(dt)``:
 
 Noise layout: step ``i`` (0-based, ``i < num_steps - 1``) uses
 ``jax.random.normal(jax.random.fold_in(key, i), x.shape, state_dtype)``, generated inside
-the loop (no ``[num_steps - 1, *x.shape]`` buffer); ``step_noises`` returns the same
-arrays stacked, so that a reference implementation can be fed the identical noise. The
-last step draws nothing. (Torch's ``randn`` stream cannot be reproduced; only the law is.)
+the loop (no ``[num_steps - 1, *x.shape]`` buffer); tests/test_sde.py stacks the same
+arrays to feed a reference implementation the identical noise. The last step draws nothing. (Torch's ``randn`` stream cannot be reproduced; only the law is.)
 
 NFE accounting (``SampleResult.nfe``, ``sde_nfe``): drift and score are both functions of
 the same velocity ``v(t, x)``, so we evaluate the network **once** per point and reuse it:
@@ -232,16 +231,6 @@ def sde_interval(diffusion_form: str = DEFAULT_DIFFUSION_FORM, *, last_step: str
     return float(t0), float(t1)
 
 
-def sde_time_grid(num_steps: int, diffusion_form: str = DEFAULT_DIFFUSION_FORM, *, last_step: str | None = DEFAULT_LAST_STEP,
-                  last_step_size: float = DEFAULT_LAST_STEP_SIZE, sample_eps: float = 0.0,
-                  dtype=jnp.float32) -> jax.Array:
-    """The original's ``torch.linspace(t0, t1, num_steps)`` (``num_steps`` grid points)."""
-    _check_num_steps(num_steps)
-    t0, t1 = sde_interval(diffusion_form, last_step=last_step, last_step_size=last_step_size,
-                          sample_eps=sample_eps)
-    return jnp.asarray(torch_linspace(t0, t1, num_steps, np.dtype(dtype)))
-
-
 def sde_nfe(method: str, num_steps: int, last_step: str | None = DEFAULT_LAST_STEP, *,
             original: bool = False) -> int:
     """Velocity evaluations of ``solve_sde`` (or, ``original=True``, the original's network calls).
@@ -258,18 +247,6 @@ def sde_nfe(method: str, num_steps: int, last_step: str | None = DEFAULT_LAST_ST
     return stages * (num_steps - 1) + (0 if last_step is None else 1)
 
 
-def step_noises(key: jax.Array, num_steps: int, shape, dtype=jnp.float32) -> jax.Array:
-    """The standard normal draws ``solve_sde`` uses: ``[num_steps - 1, *shape]``.
-
-    Row ``i`` is ``jax.random.normal(jax.random.fold_in(key, i), shape, dtype)``; ``dtype``
-    must be the sampler's state dtype (x0's dtype promoted to >= float32).
-    """
-    _check_num_steps(num_steps)
-    shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
-    return jnp.stack([_step_noise_jit(key, jnp.int32(i), shape, dtype)
-                      for i in range(num_steps - 1)])
-
-
 def _is_key_batch(key: jax.Array) -> bool:
     """One key per example: ``[B]`` typed keys or ``[B, 2]`` raw ``uint32`` keys."""
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -278,7 +255,7 @@ def _is_key_batch(key: jax.Array) -> bool:
 
 
 def _step_noise(key: jax.Array, step: jax.Array, shape: tuple, dtype) -> jax.Array:
-    """The standard normal noise of step ``step`` (shared by the sampler and ``step_noises``).
+    """The standard normal noise of step ``step``.
 
     With one key per example (``key`` [B] typed or [B, 2] raw), example ``b`` draws
     ``normal(fold_in(key[b], step), shape[1:])``: its noise does not depend on the batch."""
@@ -287,9 +264,6 @@ def _step_noise(key: jax.Array, step: jax.Array, shape: tuple, dtype) -> jax.Arr
             raise ValueError(f"{key.shape[0]} keys for a batch of {shape[0]} examples.")
         return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), shape[1:], dtype))(key)
     return jax.random.normal(jax.random.fold_in(key, step), shape, dtype)
-
-
-_step_noise_jit = jax.jit(_step_noise, static_argnums=(2, 3))
 
 
 def d_alpha_alpha_ratio(t: jax.Array, *, schedule: str = "linear") -> jax.Array:
@@ -348,8 +322,8 @@ def solve_sde(velocity_fn: VelocityFn, x0: jax.Array, args: Any, key: jax.Array,
     Pure and jittable; ``schedule``, ``method``, ``num_steps``, ``diffusion_form``,
     ``last_step``, ``last_step_size`` and ``sample_eps`` must be static (they fix the time
     grid and the program); ``x0``, ``args``, ``key`` and ``diffusion_norm`` may be traced.
-    ``key`` is a JAX PRNG key; step ``i`` draws its noise from ``fold_in(key, i)``
-    (``step_noises``), or one key per example (``[B]`` typed / ``[B, 2]`` raw), example ``b``
+    ``key`` is a JAX PRNG key; step ``i`` draws its noise from ``fold_in(key, i)``,
+    or one key per example (``[B]`` typed / ``[B, 2]`` raw), example ``b``
     then drawing from ``fold_in(key[b], i)`` alone. Never raises on a non-finite sample: see
     ``SampleResult.status``.
 
@@ -424,5 +398,5 @@ __all__ = [
     "DEFAULT_DIFFUSION_FORM", "DEFAULT_DIFFUSION_NORM", "DEFAULT_LAST_STEP", "DEFAULT_LAST_STEP_SIZE",
     "DIFFUSION_FORMS", "LAST_STEPS", "SDE_METHODS", "SDE_STAGES",
     "d_alpha_alpha_ratio", "diffusion_coefficient", "score_from_velocity", "sde_interval",
-    "sde_nfe", "sde_time_grid", "solve_sde", "step_noises", "torch_linspace",
+    "sde_nfe", "solve_sde", "torch_linspace",
 ]

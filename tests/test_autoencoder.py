@@ -13,9 +13,10 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from cfm_jax.convert.vae import (config_from_diffusers_json, detect_format, infer_ldm_config,
                                  load_pretrained, load_state_dict, vae_params_from_diffusers,
-                                 vae_params_from_ldm, vae_params_to_ldm)
+                                 vae_params_from_ldm)
 from cfm_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian, abstract_params
 from tests.random_weights import random_params
+from tests.torch_layouts import vae_params_to_ldm
 
 # fp32 parity tolerance: XLA and ATen sum convolutions, GroupNorm statistics and the
 # attention products in different orders.
@@ -356,8 +357,6 @@ def test_posterior():
     np.testing.assert_array_equal(post.logvar, clamped)
     np.testing.assert_allclose(post.std, np.exp(0.5 * clamped), rtol=1e-6)
     np.testing.assert_allclose(post.var, np.exp(clamped), rtol=1e-6)
-    kl = 0.5 * np.sum(mean.astype(np.float64) ** 2 + np.exp(clamped) - 1.0 - clamped, axis=(1, 2, 3))
-    np.testing.assert_allclose(post.kl(), kl, rtol=1e-5)
 
     big = DiagonalGaussian(mean=jnp.full((4000, 2, 2, 2), 1.5), logvar=jnp.full((4000, 2, 2, 2), np.log(0.25)))
     draws = np.asarray(big.sample(jax.random.PRNGKey(0)))

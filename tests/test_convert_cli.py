@@ -10,15 +10,14 @@ import pytest
 import torch
 
 from cfm_jax import checkpointing
-from cfm_jax.convert.fmboost_checkpoint import params_from_fmboost
-from cfm_jax.convert.fmboost_unet import unet_params_to_torch
-from cfm_jax.convert.vae import vae_params_to_ldm
+from cfm_jax.convert.fmboost_checkpoint import load_fmboost
 from cfm_jax.ema import EMAConfig, ema_decay
 from cfm_jax.first_stage import load_autoencoder
 from cfm_jax.models.autoencoder import AutoencoderKL, abstract_params
 from cfm_jax.model import build_unet
 from configs.quickstart import get_config
 from tests.random_weights import random_params
+from tests.torch_layouts import unet_params_to_torch, vae_params_to_ldm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,15 +75,15 @@ def test_fmboost_checkpoint_errors(quickstart_unet):
     model, target, online, ema = quickstart_unet
     sd = lightning_checkpoint(online, ema)["state_dict"]
     with pytest.raises(ValueError, match="Unexpected keys.*optimizer_junk"):
-        params_from_fmboost({**sd, "optimizer_junk.weight": torch.zeros(1)}, target)
+        load_fmboost({**sd, "optimizer_junk.weight": torch.zeros(1)}, target)
     with pytest.raises(ValueError, match="not an fm-boosting CFM checkpoint"):
-        params_from_fmboost({"encoder.conv_in.weight": np.zeros((1,))}, target)
+        load_fmboost({"encoder.conv_in.weight": np.zeros((1,))}, target)
     broken = dict(sd)
     del broken["model.net.out.2.weight"]
     broken["ema_model.ema_model.net.input_blocks.0.0.weight"] = np.zeros((1, 2, 3, 3), np.float32)
     with pytest.raises(ValueError, match=r"(?s)\[model.net\].*missing: out.2.weight.*\[ema_model.ema_model.net\]"
                                          r".*wrong shape: input_blocks.0.0.weight"):
-        params_from_fmboost(broken, target)
+        load_fmboost(broken, target)
 
 
 def test_load_weights_accepts_an_original_checkpoint_file(quickstart_unet, tmp_path):

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cfm_jax import fid
-from cfm_jax.convert.inception import (inception_variables_from_torch, inception_variables_to_torch,
-                                       load_fid_inception, save_converted)
+from cfm_jax.convert.inception import inception_variables_from_torch, load_fid_inception, save_converted
 from cfm_jax.models.inception import FIDInceptionV3, abstract_variables, resize_bilinear
+from tests.torch_layouts import inception_variables_to_torch
 
 # fp32 parity: XLA and ATen sum the ~94 convolutions in different orders.
 FEATURE_RTOL = 1e-4

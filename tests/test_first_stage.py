@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfm_jax.convert.vae import vae_params_to_ldm
 from cfm_jax.coupling import resize_bilinear, upsample_latent
 from cfm_jax.data import photos
 from cfm_jax.first_stage import (AutoencoderFirstStage, build_first_stage, load_autoencoder, save_converted,
                                  tiled_map)
 from cfm_jax.models.autoencoder import AutoencoderKL, abstract_params
 from tests.random_weights import random_params
+from tests.torch_layouts import vae_params_to_ldm
 
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4)
 

@@ -20,6 +20,14 @@ from tests.test_sampling import counted
 ARGS = dict(a=0.3, b=0.5)
 
 
+def step_noises(key, num_steps: int, shape, dtype=np.float32) -> jax.Array:
+    """The standard normal draws of ``solve_sde``'s steps stacked, ``[num_steps - 1, *shape]``
+    (row ``i``: ``normal(fold_in(key, i), shape, dtype)``), to feed a reference the same noise."""
+    draw = jax.jit(sde._step_noise, static_argnums=(2, 3))  # as the sampler draws it, inside a jit
+    return jnp.stack([draw(key, jnp.int32(i), tuple(int(d) for d in shape), np.dtype(dtype))
+                      for i in range(num_steps - 1)])
+
+
 def velocity(t, x, args):
     """Nonlinear, time-dependent elementwise field; its parameters come through args."""
     return (args["a"] + t) * jnp.tanh(x) - args["b"] * x + 0.7 * t - 0.4
@@ -145,7 +153,7 @@ def test_interval_follows_check_interval():
     assert sde.sde_interval("SBDM", last_step=None, sample_eps=0.02) == (0.02, 0.98)
     assert sde.sde_interval("linear", last_step="Euler", last_step_size=0.0,
                             sample_eps=0.05) == (0.0, 0.95)
-    np.testing.assert_array_equal(np.asarray(sde.sde_time_grid(25)),
+    np.testing.assert_array_equal(sde.torch_linspace(*sde.sde_interval(), 25, np.dtype(np.float32)),
                                   torch.linspace(0, 0.96, 25).numpy())
 
 
@@ -206,7 +214,7 @@ def _run_parity(case, dtype):
     # NFE: our counter, the reported value and sde_nfe agree.
     assert read() == int(res.nfe) == sde.sde_nfe(method, n, last_step)
 
-    noises = torch.from_numpy(np.array(sde.step_noises(key, n, x0.shape, dtype)))
+    noises = torch.from_numpy(np.array(step_noises(key, n, x0.shape, dtype)))
     ref = TorchFlowSDE(torch_velocity, schedule, sample_eps=eps)
     grid_dtype = torch.float32 if dtype == np.float32 else torch.float64
     want, ts = ref.sample(torch.from_numpy(x0), noises, method=method, form=form, norm=0.8,
@@ -346,9 +354,9 @@ def test_jit_is_deterministic_per_key():
     assert np.max(np.abs(np.asarray(a.x) - np.asarray(d.x))) > 1e-2
     # Typed keys draw the same noise as raw keys; steps draw independent noise.
     raw = jax.random.PRNGKey(0)
-    noise = np.asarray(sde.step_noises(raw, 8, (4, 3)))
+    noise = np.asarray(step_noises(raw, 8, (4, 3)))
     np.testing.assert_array_equal(
-        np.asarray(sde.step_noises(jax.random.wrap_key_data(raw), 8, (4, 3))), noise)
+        np.asarray(step_noises(jax.random.wrap_key_data(raw), 8, (4, 3))), noise)
     assert noise.shape == (7, 4, 3)
     assert abs(np.corrcoef(noise[0].ravel(), noise[1].ravel())[0, 1]) < 0.9
 
@@ -417,7 +425,7 @@ def test_helpers_validate_too():
     with pytest.raises(ValueError, match="never implemented"):
         sde.sde_nfe("euler", 10, "Tweedie")
     with pytest.raises(ValueError, match="got 0"):
-        sde.step_noises(jax.random.PRNGKey(0), 0, (2,))
+        sde.sde_nfe("euler", 0, "Mean")
     with pytest.raises(ValueError, match="Unknown SDE diffusion form 'cosine'"):
         sde.diffusion_coefficient(0.5, form="cosine")
 

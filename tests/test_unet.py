@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn as tnn
 
-from cfm_jax.convert import unet_params_from_torch, unet_params_to_torch
+from cfm_jax.convert import unet_params_from_torch
 from cfm_jax.models import EfficientUNet, count_params, timestep_embedding
+from tests.torch_layouts import unet_params_to_torch
 
 PAPER = dict(in_channels=8, model_channels=128, out_channels=4, num_res_blocks=3,
              channel_mult=(1, 2, 4, 8), attention_resolutions=(8, 16), num_heads=4, dim_head=64,

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn as tnn
 
-from cfm_jax.convert import unet_params_to_torch
 from cfm_jax.models import EfficientUNet
 from cfm_jax.model import build_unet
 from configs.common import base_config
+from tests.torch_layouts import unet_params_to_torch
 
 # Covers every layer type: Linear (time_embed, emb_layers), Conv2d 3x3 (incl. the stride-2
 # `op` and the upsample `conv`), 1x1 Conv2d (skip_connection), Conv1d (qkv, proj_out of the

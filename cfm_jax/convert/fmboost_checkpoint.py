@@ -80,12 +80,6 @@ def load_fmboost(source: str | Mapping[str, Any], target) -> FmboostWeights:
     return FmboostWeights(params, ema_params, ema_step)
 
 
-def params_from_fmboost(source: str | Mapping[str, Any], target) -> tuple[dict, dict]:
-    """``(params, ema_params)`` of :func:`load_fmboost`."""
-    weights = load_fmboost(source, target)
-    return weights.params, weights.ema_params
-
-
 def write_run_dir(out_dir: str, config, params, ema_params, *, source: str, step: int = 0,
                   ema_step: int = 0) -> str:
     """Writes a cfm-jax run folder (``config.json``, ``checkpoints/<step>/``) holding the weights,

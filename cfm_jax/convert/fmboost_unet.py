@@ -110,14 +110,3 @@ def unet_params_from_torch(state_dict: Mapping[str, Any], target: Mapping) -> Di
                                wrong_shape)
         raise ValueError("\n".join(lines))
     return _unflatten(out)
-
-
-def unet_params_to_torch(params: Mapping) -> Dict[str, np.ndarray]:
-    """Original EfficientUNet state dict (numpy arrays, PyTorch layouts) from our params."""
-    state_dict = {}
-    for path, leaf in _flatten(params).items():
-        modules, name = _strip_collection(path)[:-1], path[-1]
-        a = np.asarray(leaf)
-        kind = _kind(modules, name, a.ndim)
-        state_dict[_torch_key(modules, name)] = np.ascontiguousarray(_to_torch_layout(kind, a))
-    return state_dict

@@ -135,16 +135,6 @@ def inception_variables_from_torch(state_dict: Mapping[str, Any], target: Option
     return _unflatten(out)
 
 
-def inception_variables_to_torch(variables: Mapping) -> Dict[str, np.ndarray]:
-    """The inverse: a torchvision-named state dict (numpy, PyTorch layouts, no `fc`)."""
-    state_dict = {}
-    for path, leaf in _flatten(variables).items():
-        key, kind = _torch_key(path)
-        a = np.asarray(leaf, np.float32)
-        state_dict[key] = np.ascontiguousarray(np.transpose(a, (3, 2, 0, 1)) if kind == "conv" else a)
-    return state_dict
-
-
 # ----------------------------------------------------------------------------------
 # Files and folders
 # ----------------------------------------------------------------------------------
@@ -191,5 +181,5 @@ def load_fid_inception(path, *, dtype=None, param_dtype=None):
                    "batch_stats": jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), variables["batch_stats"])}
 
 
-__all__ = ["inception_variables_from_torch", "inception_variables_to_torch", "load_fid_inception",
+__all__ = ["inception_variables_from_torch", "load_fid_inception",
            "save_converted", "is_converted_dir", "CONVERTED_KIND", "WEIGHTS_FILE"]

@@ -248,21 +248,6 @@ def vae_params_from_diffusers(state_dict: Mapping[str, Any], target: Mapping) ->
                     "diffusers state dict")
 
 
-def vae_params_to_ldm(params: Mapping) -> Dict[str, np.ndarray]:
-    """LDM-format state dict (numpy, PyTorch layouts; attention as 1x1 convs) from our params."""
-    state_dict = {}
-    for path, leaf in _flatten(params).items():
-        modules, name = _strip_collection(path)[:-1], path[-1]
-        a = np.asarray(leaf)
-        kind = _kind(modules, name, a.ndim)
-        if kind == "conv":  # HWIO -> OIHW
-            a = np.transpose(a, (3, 2, 0, 1))
-        elif kind == "attn":  # (I, O) -> (O, I, 1, 1)
-            a = np.transpose(a)[:, :, None, None]
-        state_dict[f"{_ldm_module(modules)}.{_torch_leaf(name)}"] = np.ascontiguousarray(a)
-    return state_dict
-
-
 # ----------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------
@@ -388,6 +373,6 @@ def load_pretrained(path, *, dtype=None, param_dtype=None, resolution: int = 256
     return model, params, scale
 
 
-__all__ = ["detect_format", "vae_params_from_ldm", "vae_params_from_diffusers", "vae_params_to_ldm",
+__all__ = ["detect_format", "vae_params_from_ldm", "vae_params_from_diffusers",
            "infer_ldm_config", "config_from_diffusers_json", "load_state_dict", "load_pretrained",
            "LDM_PREFIXES", "SD_SCALE_FACTOR"]

@@ -295,11 +295,6 @@ class PhotoCrops:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self.iter_from(self.start_step)
 
-    def validation_batches(self, num_batches: int) -> list[dict[str, np.ndarray]]:
-        """``[batch_at(0), ..., batch_at(num_batches - 1)]`` -- for the validation split
-        a fixed set of crops (same for every run)."""
-        return [self.batch_at(i) for i in range(int(num_batches))]
-
     def __repr__(self) -> str:
         return (
             f"PhotoCrops(split={self.split!r}, image_size={self.image_size}, "

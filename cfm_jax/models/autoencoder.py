@@ -79,11 +79,6 @@ class DiagonalGaussian:
         eps = jax.random.normal(rng, self.mean.shape, self.mean.dtype)
         return self.mean + self.std * eps
 
-    def kl(self) -> jax.Array:
-        """KL(q || N(0, I)) per example [B]: 0.5 * sum(mean^2 + var - 1 - logvar)."""
-        axes = tuple(range(1, self.mean.ndim))
-        return 0.5 * jnp.sum(jnp.square(self.mean) + self.var - 1.0 - self.logvar, axis=axes)
-
 
 # ----------------------------------------------------------------------------------
 # Layers
