@@ -89,15 +89,6 @@ def locate(path: str, step: int | None = None) -> tuple[str, int]:
     return path, chosen
 
 
-def saved_state_keys(directory: str, step: int) -> set[str]:
-    """The top-level keys of the train state saved at ``step`` (e.g. to detect older layouts)."""
-    # (orbax warns that the item folder has no _CHECKPOINT_METADATA: that file is the step folder's)
-    with _orbax_warnings_off(), ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(os.path.join(directory, str(step), "state"))
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-    return set(tree)
-
-
 ITEMS = ("state", "meta", "data")
 
 
@@ -179,14 +170,13 @@ def read_params(path: str, *, use_ema: bool = True, step: int | None = None) -> 
 def read_weights(path: str, *, step: int | None = None) -> tuple[dict, dict, int]:
     """``(params, ema_params, ema_step)`` of a checkpoint as host arrays (see :func:`read_params`).
 
-    ``ema_step`` is the EMA's update counter: the state's ``ema_step``, or its ``step`` for
-    checkpoints written before the EMA had its own counter (the two were equal then)."""
+    ``ema_step`` is the EMA's update counter (the state's ``ema_step``)."""
     tree, state_dir = _read_state_tree(path, step)
-    if "params" not in tree or "ema_params" not in tree:
-        raise ValueError(f"{state_dir} holds no 'params' and 'ema_params'; is it a cfm-jax train state?")
-    ema_step = tree.get("ema_step", tree.get("step", 0))
+    if "params" not in tree or "ema_params" not in tree or "ema_step" not in tree:
+        raise ValueError(f"{state_dir} holds no 'params', 'ema_params' and 'ema_step'; is it a cfm-jax train "
+                         "state?")
     return (jax.tree.map(np.asarray, tree["params"]), jax.tree.map(np.asarray, tree["ema_params"]),
-            int(np.asarray(ema_step)))
+            int(np.asarray(tree["ema_step"])))
 
 
 def merge_weights(target: dict, source: dict) -> tuple[dict, list[str], list[str], list[str]]:

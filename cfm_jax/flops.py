@@ -124,15 +124,11 @@ class _Counter:
         self.ew("add", L * c)
 
 
-_REQUIRED = object()
-
-
-def _field(cfg, name, default=_REQUIRED):
-    """``cfg.name`` of a dict, ConfigDict or module; ``default`` for an optional key that an older
-    config.json lacks."""
+def _field(cfg, name):
+    """``cfg.name`` of a dict, ConfigDict or module."""
     if isinstance(cfg, dict) or hasattr(cfg, "get"):
-        return cfg[name] if default is _REQUIRED else cfg.get(name, default)
-    return getattr(cfg, name) if default is _REQUIRED else getattr(cfg, name, default)
+        return cfg[name]
+    return getattr(cfg, name)
 
 
 def _count(model_cfg, latent_size: int, count_padding: bool) -> _Counter:
@@ -154,8 +150,8 @@ def _count(model_cfg, latent_size: int, count_padding: bool) -> _Counter:
                          f"the {len(mult) - 1} downsamplings of channel_mult {mult}")
 
     # reflect/replicate padding: the taps on the padding multiply real values, model FLOPs too
-    padded = _field(model_cfg, "padding_mode", "zeros") != "zeros"
-    k = _Counter(count_padding or padded, norm=_field(model_cfg, "norm", "group") != "none")
+    padded = _field(model_cfg, "padding_mode") != "zeros"
+    k = _Counter(count_padding or padded, norm=_field(model_cfg, "norm") != "none")
     emb = 4 * mc
     # Time embedding: sinusoids, Dense(mc -> 4mc), SiLU, Dense(4mc -> 4mc).
     k.ew("silu", mc)  # cos/sin of the sinusoidal embedding, about as costly

@@ -36,7 +36,7 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
         raise ValueError(f"optim.schedule='cosine' needs optim.total_steps ({total}) > "
                          f"optim.warmup_steps ({warmup}).")
     floor = float(cfg.min_lr_ratio)
-    cycles = float(cfg.get("num_cycles", 0.5))  # absent from the config.json of older runs
+    cycles = float(cfg.num_cycles)
     if cycles <= 0:
         raise ValueError(f"optim.num_cycles must be > 0, got {cycles}.")
 

@@ -181,7 +181,7 @@ class Layout:
     @classmethod
     def of(cls, config, n_chips: int) -> "Layout":
         data, fsdp = sharding.mesh_shape(n_chips, config.mesh.data, config.mesh.fsdp)
-        return cls(data=data, fsdp=fsdp, remat=config.model.get("remat", "none"),
+        return cls(data=data, fsdp=fsdp, remat=config.model.remat,
                    param_dtype=config.model.param_dtype, grad_accum=int(config.optim.grad_accum_steps),
                    batch_size=int(config.data.batch_size))
 

@@ -836,15 +836,10 @@ def _supersede_newer(workdir: str, resume_from: tuple[str, int]) -> None:
 
 
 def _restore_state(manager, abstract: TrainState, step: int, config) -> TrainState:
-    """The train state of checkpoint ``step``; checkpoints written before the EMA had its own
-    counter (no ``ema_step``) restore with ``ema_step = step``, which is what it was then. A
-    checkpoint of another model or optimizer is rejected naming the config keys that differ."""
-    keys = checkpointing.saved_state_keys(str(manager.directory), step)
+    """The train state of checkpoint ``step``; a checkpoint of another model or optimizer is
+    rejected naming the config keys that differ."""
     try:
-        if "ema_step" in keys:
-            return checkpointing.restore(manager, abstract, step)[0]
-        fields = [f.name for f in dataclasses.fields(TrainState) if f.name != "ema_step"]
-        tree, _ = checkpointing.restore(manager, {k: getattr(abstract, k) for k in fields}, step)
+        return checkpointing.restore(manager, abstract, step)[0]
     except ValueError as e:
         changes = _config_changes(checkpointing.read_meta(manager, step).get("config"), config.to_dict())
         if not changes:
@@ -853,7 +848,6 @@ def _restore_state(manager, abstract: TrainState, step: int, config) -> TrainSta
                          f"changed): it differs from the checkpoint's config in {changes}. Resume with the "
                          f"checkpoint's settings, use a fresh --workdir, or start a new run from its weights "
                          f"with --load_weights={manager.directory}.") from e
-    return TrainState(**tree, ema_step=jnp.copy(tree["step"]))  # a buffer of its own (donated)
 
 
 def _load_weights(state: TrainState, path: str, mesh) -> TrainState:

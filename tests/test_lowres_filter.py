@@ -140,12 +140,6 @@ def test_unknown_filter_is_a_clear_error(bad, tmp_path):
     assert not os.path.exists(tmp_path / "out")  # nothing written
 
 
-def test_a_config_json_without_the_key_means_box():
-    config = base_config()
-    del config.data["lowres_filter"]
-    assert train_data.lowres_filter_of(config) == "box"
-
-
 @pytest.fixture(scope="module")
 def bilinear_records(tmp_path_factory):
     """Pixel-space records of the two validation photos, 32 -> 8 px with the bilinear filter."""

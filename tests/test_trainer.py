@@ -227,20 +227,6 @@ def test_rerunning_a_finished_run_keeps_its_summary(straight_run, tmp_path):
     assert losses(copy) == losses(straight_run[0])
 
 
-def test_checkpoint_without_an_ema_counter_resumes(straight_run, tmp_path):
-    """Checkpoints written before TrainState had ema_step restore with ema_step = step."""
-    workdir_a, _ = straight_run
-    legacy = read_state(workdir_a, 3)
-    assert int(legacy.pop("ema_step")) == 3
-    old = str(tmp_path / "old")
-    manager = checkpointing.make_manager(old)
-    checkpointing.save(manager, 3, legacy, {"step": 3})
-    manager.close()
-    out = train(tiny_config(num_steps=6), old)
-    assert out["start_step"] == 3
-    jax.tree.map(np.testing.assert_array_equal, read_state(old, 6), read_state(workdir_a, 6))
-
-
 def test_stop_signals_include_slurms_sigusr1():
     import signal
     from cfm_jax.trainer import _StopSignal

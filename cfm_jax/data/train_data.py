@@ -117,8 +117,8 @@ class RecordTrainData(TrainData):
 
 # --------------------------------------------------------------------------- records
 def lowres_filter_of(config) -> str:
-    """``config.data.lowres_filter``, checked; 'box' for the config.json of a run older than the key."""
-    return image_ops.check_lowres_filter(config.data.get("lowres_filter", "box"))
+    """``config.data.lowres_filter``, checked."""
+    return image_ops.check_lowres_filter(config.data.lowres_filter)
 
 
 def records_path(config) -> str:
