@@ -33,9 +33,8 @@ from tqdm import tqdm
 from cfm_jax import checkpointing, cli, distributed, evaluation, sharding
 from cfm_jax.data import eval_data
 from cfm_jax.data.train_data import make_data
-from cfm_jax.model import CFMUpsampler, check_channelwise, check_dihedral_average
+from cfm_jax.model import CFMUpsampler, check_channelwise, check_dihedral_average, check_params_fit_config
 from cfm_jax.solvers import SolverSpec
-from cfm_jax.upsample import check_params_fit_config
 
 
 def define_flags(fl: flags.FlagValues) -> None:
@@ -235,7 +234,7 @@ def make_evaluator(fl: flags.FlagValues, config, params, mesh, s: dict):
     or the records' split) and the :class:`~cfm_jax.evaluation.Evaluator` over them."""
     upsampler = CFMUpsampler(config)
     # the weights must have the shapes config.json builds (the same check as the upsampling CLI's)
-    check_params_fit_config(fl.workdir, upsampler, params, config)
+    check_params_fit_config(fl.workdir, upsampler, params)
     d = config.data
     if fl.images:
         eval_set = eval_data.image_folder_set(

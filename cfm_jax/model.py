@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cfm_jax import flow, sampling
 from cfm_jax.coupling import Coupling, resize_bilinear
@@ -288,3 +289,18 @@ class CFMUpsampler:
 
         jitted = jax.jit(add_latents)
         return lambda batch: jitted(self.first_stage, batch)
+
+
+def check_params_fit_config(path: str, ups: CFMUpsampler, params) -> None:
+    """The weights of the checkpoint at ``path`` must have the shapes its config (``ups.config``)
+    builds; a ValueError listing the mismatches otherwise (``eval.py`` and upsample check this
+    before any compute)."""
+    size = max(ups.config.data.image_size // ups.first_stage.downsample_factor, 8)
+    expected = jax.eval_shape(lambda: ups.init(jax.random.PRNGKey(0), size))
+    flat_e = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    flat_p = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    bad = [f"{k}: checkpoint {flat_p.get(k)} vs config {v}" for k, v in flat_e.items() if flat_p.get(k) != v]
+    bad += [f"{k}: in the checkpoint, not in the config's model" for k in flat_p if k not in flat_e]
+    if bad:
+        raise ValueError(f"{path}: the weights do not fit its config.json ({len(bad)} mismatches, e.g. "
+                         f"{bad[:3]}); was config.json edited or copied from another run?")

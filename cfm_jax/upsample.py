@@ -62,7 +62,7 @@ from cfm_jax.coupling import resize_bilinear
 from cfm_jax.data import image_ops
 from cfm_jax.data.image_io import IMAGE_EXTENSIONS, list_images, load_image
 from cfm_jax.first_stage import build_first_stage, scale_latents
-from cfm_jax.model import CFMUpsampler
+from cfm_jax.model import CFMUpsampler, check_params_fit_config
 from cfm_jax.solvers import ALL_METHODS, SolverSpec
 
 LATENT_EXTENSIONS = (".npy", ".npz")
@@ -173,20 +173,10 @@ def read_stage_weights(stages: Sequence[Stage], *, use_ema: bool = True, step: i
             st.params = checkpointing.read_params(st.path, use_ema=use_ema, step=step)
         except (FileNotFoundError, ValueError) as e:
             raise UpsampleError(f"{st.path}: {e}") from None
-        check_params_fit_config(st.path, st.upsampler, st.params, st.config)
-
-
-def check_params_fit_config(path: str, ups, params, cfg) -> None:
-    """The checkpoint's weights must have the shapes its config builds."""
-    expected = jax.eval_shape(lambda: ups.init(jax.random.PRNGKey(0), max(cfg.data.image_size
-                                                                          // ups.first_stage.downsample_factor, 8)))
-    flat_e = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-    flat_p = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
-    bad = [f"{k}: checkpoint {flat_p.get(k)} vs config {v}" for k, v in flat_e.items() if flat_p.get(k) != v]
-    bad += [f"{k}: in the checkpoint, not in the config's model" for k in flat_p if k not in flat_e]
-    if bad:
-        raise UpsampleError(f"{path}: the weights do not fit its config.json ({len(bad)} mismatches, e.g. "
-                            f"{bad[:3]}); was config.json edited or copied from another run?")
+        try:
+            check_params_fit_config(st.path, st.upsampler, st.params)
+        except ValueError as e:
+            raise UpsampleError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- inputs
