@@ -141,15 +141,17 @@ def _group_sums(v, groups: int):
     """[B, ..., C] -> [B, G]: summed over the spatial axes per channel first, then per group.
     The per-channel sums are a product with a ones vector: XLA:CPU's dot kernels are
     vectorised, its reductions over the non-minor (spatial) axes of a channels-last array are
-    not (2-4x slower at the paper UNet's shapes; docs/benchmarks.md). float32 products and sums
-    (``HIGHEST``: no reduced-precision passes on accelerators)."""
+    not (docs/benchmarks.md). The batch is the product's batch dimension, so that ``v`` is
+    already in the [batch, contracted, kept] layout a dot wants; with the batch among the kept
+    dimensions XLA transposed every activation first. float32 products and sums (``HIGHEST``:
+    no reduced-precision passes on accelerators)."""
     b, c = v.shape[0], v.shape[-1]
     flat = v.reshape(b, -1, c)
-    ones = jnp.ones((1, flat.shape[1]), v.dtype)
+    ones = jnp.ones((b, 1, flat.shape[1]), v.dtype)
     with jax.named_scope(GROUP_SUMS_SCOPE):  # not a model FLOP (flops.py counts convs and matmuls)
-        per_channel = jax.lax.dot_general(ones, flat, (((1,), (1,)), ((), ())),
-                                          precision=jax.lax.Precision.HIGHEST)  # [1, B, C]
-    return per_channel[0].reshape(b, groups, c // groups).sum(-1)
+        per_channel = jax.lax.dot_general(ones, flat, (((2,), (1,)), ((0,), (0,))),
+                                          precision=jax.lax.Precision.HIGHEST)  # [B, 1, C]
+    return per_channel[:, 0].reshape(b, groups, c // groups).sum(-1)
 
 
 def _per_channel(g, like):
