@@ -2,14 +2,15 @@
 ``.data.prepare``, ``.convert``, ``.plan``): one style, absl flags. Every option is a ``--flag``
 (``--name value`` or ``--name=value``; a boolean ``--name`` / ``--noname``; an option taking
 several values is repeated, ``--src a --src b``; there are no positional arguments, except
-``convert``'s command). ``eval.py``, ``upsample``, ``prepare`` and ``convert`` define their flags
-on a fresh ``FlagValues`` per ``main(argv)`` call (``argv[0]`` the program), so tests run
-``main`` in-process as often as they like, and parse them with :func:`parse_flags` (``--help``:
-the usage, a description and the flags); ``train.py`` defines them on absl's global ``FLAGS``
-(``app.run``). A user error is one line on stderr, ``error: <problem and fix>``, and exit code 2
-(:func:`fail`; :func:`require_flags`, :func:`check_at_least` and :func:`reject_positional` for
-required flags, bounds and stray arguments); an unexpected error keeps its traceback; and JAX
-does not probe for a TPU on a machine that has none (:func:`skip_tpu_probe_without_accelerator`).
+``convert``'s command). ``eval.py``, ``upsample``, ``prepare``, ``convert`` and ``plan`` define
+their flags on a fresh ``FlagValues`` per ``main(argv)`` call (``argv[0]`` the program), so tests
+run ``main`` in-process as often as they like, and parse them with :func:`parse_flags`
+(``--help``: the usage, a description and the flags); ``train.py`` defines them on absl's global
+``FLAGS`` (``app.run``). A user error is one line on stderr, ``error: <problem and fix>``, and
+exit code 2 (:func:`fail`; :func:`require_flags`, :func:`check_at_least` and
+:func:`reject_positional` for required flags, bounds and stray arguments; :func:`config_error`
+for a ``--config`` file or override); an unexpected error keeps its traceback; and JAX does not
+probe for a TPU on a machine that has none (:func:`skip_tpu_probe_without_accelerator`).
 """
 from __future__ import annotations
 
@@ -75,6 +76,43 @@ def check_at_least(fl, checks: Iterable[tuple[str, int, str]], *, fix: str | Non
             default = fl[name].default
             hint = fix or f"pass an integer >= {low}" + ("" if default is None else f" or omit it (default {default})")
             fail(f"--{name}={value}: it is {meaning} and must be >= {low}; {hint}.")
+
+
+def config_error(e: BaseException, argv: Sequence[str] = ()) -> str | None:
+    """The one-line message of an ml_collections config error the user made (``train.py`` and
+    ``plan`` take ``--config FILE`` with ``--config.section.key=value`` overrides): an override of a
+    key the config lacks, named with the override of ``argv`` it came from and ml_collections'
+    "did you mean", or a config file that does not load; ``None`` for any other error (a missing
+    key no override names is a bug, which keeps its traceback)."""
+    if isinstance(e, (KeyError, AttributeError)):
+        key, hint = _missing_key(e)
+        for arg in argv:
+            path = arg.lstrip("-").split("=", 1)[0].split(".")
+            if path[0] == "config" and key in path[1:]:
+                where = ".".join(path[:path.index(key, 1)])
+                return f"{key!r} not found in {where} ({arg}){'; ' + hint if hint else ''}"
+        return None
+    if isinstance(e, OSError) and ("Failed loading config file" in str(e) or "failure to load" in str(e)):
+        text = one_line(e)  # ml_collections: "... Attempted [Relative path]: nope.py [Errno 2] No such file ..."
+        return f"cannot load the config file: {text[text.rfind('[Errno'):] if '[Errno' in text else text}"
+    return None
+
+
+def _missing_key(e: BaseException) -> tuple[str | None, str]:
+    """``(key, 'did you mean ...')`` of ml_collections' KeyError for an unknown config field."""
+    key, hint = None, ""
+    while e is not None:
+        if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str):
+            first, _, rest = e.args[0].partition("\n")
+            key = first.strip("'\"")
+            hint = hint or rest.strip().replace("Did you mean", "did you mean")
+        e = e.__cause__ or e.__context__
+    return key, hint
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line."""
+    return " ".join(str(e).split())
 
 
 # --------------------------------------------------------------------------- the TPU probe

@@ -55,14 +55,14 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from absl import flags
 from ml_collections import config_flags
 
-from cfm_jax import first_stage as fs_lib
+from cfm_jax import cli, first_stage as fs_lib
 from cfm_jax import flops as flops_lib, sampling, sde, sharding, solvers
 from cfm_jax.ema import EMAConfig
 from cfm_jax.evaluation import image_scores
@@ -617,60 +617,89 @@ def default_cache_dir() -> str:
     return os.environ.get("CFM_JAX_PLAN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cfm_jax", "plan")
 
 
-def main(argv=None) -> int:
-    """``python -m cfm_jax.plan``: plans a config (with ``--config.*`` overrides) on topologies."""
-    argv = list(sys.argv if argv is None else argv)
+PROG = "python -m cfm_jax.plan"
+_REQUIRED = {"topology": "a TPU topology or accelerator type, e.g. v5e:4x4 or v4-32"}
+
+
+def define_flags(fl: flags.FlagValues, argv: Sequence[str]) -> None:
+    """The command line's flags, on ``fl`` (a fresh ``FlagValues`` per :func:`main` call); the
+    ``--config.*`` overrides are read from ``argv``, not the process's ``sys.argv``."""
+    config_flags.DEFINE_config_file("config", "configs/flow400_64-128/unet_base_psu.py",
+                                    "Config file (ml_collections), with --config.section.key=value overrides.",
+                                    lock_config=True, flag_values=fl, sys_argv=list(argv))
+    flags.DEFINE_list("topology", None, "TPU topologies or accelerator types, e.g. v5e:4x4, v4-32, "
+                      "v5litepod-16, v5p-8 (comma-separated: one plan each; required).", flag_values=fl)
+    flags.DEFINE_list("programs", list(PROGRAMS), f"Programs to compile, from {PROGRAMS}.", flag_values=fl)
+    flags.DEFINE_integer("search", 4, "At most this many more compiles of the train step for the layout "
+                         "search (0: only the config as given).", flag_values=fl)
+    flags.DEFINE_float("margin", 0.0, "Fraction of HBM to keep free (fits = peak <= (1 - margin) * HBM).",
+                       flag_values=fl)
+    flags.DEFINE_string("cache_dir", None, "Result cache (default $CFM_JAX_PLAN_CACHE or "
+                        "~/.cache/cfm_jax/plan).", flag_values=fl)
+    flags.DEFINE_bool("no_cache", False, "Compile everything again.", flag_values=fl)
+    flags.DEFINE_string("json", None, "Write the full report (a list, one per topology) here.", flag_values=fl)
+
+
+def parse(argv: Sequence[str]) -> tuple[flags.FlagValues, Any]:
+    """The flags of ``argv`` (``argv[0]`` the program) and the config with its overrides: a bad
+    flag, value, config file or override is one line and exit code 2."""
     fl = flags.FlagValues()
-    # sys_argv: the --config.* overrides are read from this argv, not the process's.
-    cfg = config_flags.DEFINE_config_file("config", "configs/flow400_64-128/unet_base_psu.py",
-                                          "Config file (ml_collections), with --config.section.key=value overrides.",
-                                          lock_config=True, flag_values=fl, sys_argv=argv)
-    topo = flags.DEFINE_list("topology", None, "TPU topologies or accelerator types, e.g. v5e:4x4, v4-32, "
-                             "v5litepod-16, v5p-8 (comma-separated: one plan each).", flag_values=fl)
-    progs = flags.DEFINE_list("programs", list(PROGRAMS), f"Programs to compile, from {PROGRAMS}.",
-                              flag_values=fl)
-    search = flags.DEFINE_integer("search", 4, "At most this many more compiles of the train step for the layout "
-                                  "search (0: only the config as given).", flag_values=fl)
-    margin = flags.DEFINE_float("margin", 0.0, "Fraction of HBM to keep free (fits = peak <= (1 - margin) * HBM).",
-                                flag_values=fl)
-    cache = flags.DEFINE_string("cache_dir", None, "Result cache (default $CFM_JAX_PLAN_CACHE or "
-                                "~/.cache/cfm_jax/plan).", flag_values=fl)
-    no_cache = flags.DEFINE_bool("no_cache", False, "Compile everything again.", flag_values=fl)
-    out = flags.DEFINE_string("json", None, "Write the full report (a list, one per topology) here.",
-                              flag_values=fl)
-    # The plan needs no local accelerator: keep JAX on the CPU (on a TPU VM it must not grab the
-    # chips), and out of the persistent compilation cache, which cannot hold compile-only programs.
+    try:  # a --config.* override of no key raises where the config is loaded: the define, parse or first use
+        define_flags(fl, argv)
+        rest = cli.parse_flags(fl, argv, prog=PROG, usage="--topology T[,T...] [--config FILE] [flags]",
+                               doc=__doc__.split("\n\n")[0],
+                               epilog=f"Exit status: 0 fits, {EXIT_DOES_NOT_FIT} does not fit, 2 usage error. "
+                                      "See the module docstring (python -c 'import cfm_jax.plan as p; "
+                                      "print(p.__doc__)') for the programs, the estimates and the search.")
+        cli.reject_positional(rest, PROG, "; give several topologies as --topology a,b")
+        cli.require_flags(fl, _REQUIRED, PROG)
+        if not 0.0 <= fl.margin < 1.0:
+            cli.fail(f"--margin={fl.margin}: it is the fraction of HBM to keep free and must be in [0, 1).")
+        config = fl.config
+        config.keys()  # a config file that failed to load raises on first use: here
+    except (KeyError, AttributeError, OSError) as e:
+        message = cli.config_error(e, argv)
+        if message is None:
+            raise
+        cli.fail(message)
+    except ValueError as e:  # a config file's own checks, an override of the wrong type
+        cli.fail(cli.one_line(e))
+    return fl, config
+
+
+def _cpu_only() -> None:
+    """The plan compiles for TPU topologies from descriptions and needs no local accelerator: JAX
+    stays on the CPU (on a TPU VM it must not grab the chips, which
+    :func:`cli.skip_tpu_probe_without_accelerator` would leave to it) unless the user chose
+    platforms; JAX, imported already, read the variable at import, hence the config update too.
+    Compile-only programs cannot go into the persistent compilation cache: it is off."""
     if "JAX_PLATFORMS" not in os.environ:
         os.environ["JAX_PLATFORMS"] = "cpu"
-        jax.config.update("jax_platforms", "cpu")  # JAX, imported above, read the variable then
+        jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_enable_compilation_cache", False)
-    try:
-        fl(argv)
-        if not topo.value:
-            raise PlanError("--topology is required, e.g. --topology v5e:4x4 or --topology v4-32.")
-        if not 0.0 <= margin.value < 1.0:
-            raise PlanError(f"--margin={margin.value} must be in [0, 1).")
-        config = cfg.value
-    except (flags.Error, PlanError, ValueError, KeyError, AttributeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    cache_dir = None if no_cache.value else (cache.value or default_cache_dir())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m cfm_jax.plan``: plans a config (with ``--config.*`` overrides) on topologies.
+    ``argv[0]`` the program (default ``sys.argv``); returns the exit code."""
+    fl, config = parse(list(sys.argv if argv is None else argv))
+    _cpu_only()  # before JAX makes a backend
+    cache_dir = None if fl.no_cache else (fl.cache_dir or default_cache_dir())
     reports = []
     status = 0
-    for t in topo.value:
+    for t in fl.topology:
         try:
-            report = plan(config, t, programs=progs.value, search=search.value, cache_dir=cache_dir,
-                          margin=margin.value, log=lambda s: print(s, flush=True))
+            report = plan(config, t, programs=fl.programs, search=fl.search, cache_dir=cache_dir,
+                          margin=fl.margin, log=lambda s: print(s, flush=True))
         except PlanError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            cli.fail(str(e))
         print(format_report(report), flush=True)
         reports.append(report)
         if not report["fits"]:
             status = EXIT_DOES_NOT_FIT
-    if out.value:
-        os.makedirs(os.path.dirname(os.path.abspath(out.value)), exist_ok=True)
-        with open(out.value, "w") as f:
+    if fl.json:
+        os.makedirs(os.path.dirname(os.path.abspath(fl.json)), exist_ok=True)
+        with open(fl.json, "w") as f:
             json.dump(reports, f, indent=1, default=str)
     return status
 
