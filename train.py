@@ -31,7 +31,7 @@ from ml_collections import config_flags
 from cfm_jax import cli, distributed
 from cfm_jax.trainer import OutOfSpace, TrainingDiverged, train
 
-EXIT_DIVERGED, EXIT_USAGE, EXIT_OUT_OF_SPACE, EXIT_STOPPED = 1, 2, 74, 75
+EXIT_DIVERGED, EXIT_OUT_OF_SPACE, EXIT_STOPPED = 1, 74, 75  # a user error: cli.EXIT_USAGE (2)
 DEFAULT_CONFIG = "configs/quickstart.py"
 
 # No default here: ml_collections would load a default config while the flag is defined, at import,
@@ -66,40 +66,18 @@ def user_error(e: BaseException, argv: list[str] = ()) -> str | None:
     if isinstance(e, (TrainingDiverged, OutOfSpace)):
         return None
     if isinstance(e, flags.Error):  # unknown flag, bad value, --config.x before --config
-        return _one_line(e)
-    if isinstance(e, (KeyError, AttributeError)):  # a config key typo in --config.a.b=...
-        key, hint = _missing_key(e)
-        for arg in argv:
-            path = arg.lstrip("-").split("=", 1)[0].split(".")
-            if path[0] == "config" and key in path[1:]:
-                where = ".".join(path[:path.index(key, 1)])
-                return f"{key!r} not found in {where} ({arg}){'; ' + hint if hint else ''}"
-        return None
-    if isinstance(e, OSError) and ("Failed loading config file" in str(e) or "failure to load" in str(e)):
-        text = _one_line(e)  # ml_collections: "... Attempted [Relative path]: nope.py [Errno 2] No such file ..."
-        return f"cannot load the config file: {text[text.rfind('[Errno'):] if '[Errno' in text else text}"
+        return cli.one_line(e)
+    if isinstance(e, (KeyError, AttributeError)):  # a config key typo in --config.a.b=..., else a bug
+        return cli.config_error(e, argv)
+    message = cli.config_error(e)  # a config file that does not load
+    if message is not None:
+        return message
     if isinstance(e, (FileNotFoundError, ValueError, ImportError)):  # bad config, missing file or checkpoint
-        return _one_line(e)
+        return cli.one_line(e)
     if isinstance(e, (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)) or \
             (isinstance(e, OSError) and e.errno == errno.EROFS):  # an unusable --workdir
-        return f"{e.strerror}: {e.filename}" if e.filename else _one_line(e)
+        return f"{e.strerror}: {e.filename}" if e.filename else cli.one_line(e)
     return None
-
-
-def _missing_key(e: BaseException) -> tuple[str | None, str]:
-    """``(key, 'did you mean ...')`` of ml_collections' KeyError for an unknown config field."""
-    key, hint = None, ""
-    while e is not None:
-        if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str):
-            first, _, rest = e.args[0].partition("\n")
-            key = first.strip("'\"")
-            hint = hint or rest.strip().replace("Did you mean", "did you mean")
-        e = e.__cause__ or e.__context__
-    return key, hint
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -115,8 +93,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
         message = user_error(e, argv)
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        cli.fail(message)
 
 
 def main(argv):
@@ -130,8 +107,7 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
                                timeout_s=_DIST_TIMEOUT.value)
     except (RuntimeError, ValueError) as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        cli.fail(str(e))
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join(
@@ -148,8 +124,7 @@ def main(argv):
         message = user_error(e)
         if message is None:
             raise
-        print(f"\nerror: {message}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        cli.fail(message)
     if summary.get("stopped_by"):  # every process: the scheduler reads any of them
         if jax.process_index() == 0:
             print(f"\nstopped at step {summary['final_step']} of {summary['num_steps']} "
