@@ -188,6 +188,19 @@ class _MethodStats:
         return means
 
 
+@dataclasses.dataclass
+class _Pass:
+    """What one :meth:`Evaluator.run` keeps while it streams the set."""
+
+    solvers: list
+    params: Any  # placed on the mesh when there are solvers
+    fresh_baselines: bool  # the baselines are scored in this pass (not kept from an earlier one)
+    methods: dict[str, _MethodStats]  # per label: the solvers', and the fresh baselines'
+    real: _MethodStats | None  # the real images' features, when the FID reference is made in this pass
+    timing: dict[str, dict]  # per solver: run and compile seconds, NFE
+    columns: dict[str, list[np.ndarray]]  # the grid's shared columns: high-res, bilinear, bicubic (uint8)
+
+
 # --------------------------------------------------------------------------- the evaluator
 class Evaluator:
     """Scores solvers of a checkpoint and the baselines on an evaluation set, streaming it
@@ -361,56 +374,64 @@ class Evaluator:
             raise ValueError(f"Solvers repeat: {[s.label for s in solvers]}.")
         with_fid = self.fid is not None
         fresh_baselines = baselines and self._baselines is None
-        real = _MethodStats(with_fid) if with_fid and self._real is None else None  # reference in this pass
         methods = {s.label: _MethodStats(with_fid) for s in solvers}
         if fresh_baselines:
             methods.update({name: _MethodStats(with_fid) for name in BASELINES})
-        timing = {s.label: {"run": 0.0, "compile": 0.0, "nfe": 0} for s in solvers}
-        if solvers:
-            params = self._params(params)
-        grid_high, grid_low, grid_bicubic = [], [], []
+        p = _Pass(solvers=solvers, params=self._params(params) if solvers else params,
+                  fresh_baselines=fresh_baselines, methods=methods,
+                  real=_MethodStats(with_fid) if with_fid and self._real is None else None,  # reference in this pass
+                  timing={s.label: {"run": 0.0, "compile": 0.0, "nfe": 0} for s in solvers},
+                  columns={"high-res": [], "bilinear": [], "bicubic": []})
         start, total = 0, self.eval_set.num_batches
         for b, batch in enumerate(self.eval_set):
-            target = np.asarray(batch["image"], np.float32)  # [B, H, W, 3]
-            n = len(target)
-            if n % self.mesh.devices.size:
-                raise ValueError(f"Evaluation batch {b} has {n} images, not a multiple of the "
-                                 f"{self.mesh.devices.size} devices.")
-            anchors = self._anchors(start, n) if with_fid else None
-            have = sum(len(g) for g in grid_high)
-            low_up = bicubic = None
-            if fresh_baselines or have < self.num_grid:
-                low_up = np.asarray(image_ops.upsample_bilinear(batch["image_lowres"], self.image_size), np.float32)
-                bicubic = np.asarray(image_ops.upsample_bicubic(batch["image_lowres"], self.image_size), np.float32)
-            if have < self.num_grid:
-                grid_high.append(image_ops.to_uint8(np.asarray(target[:self.num_grid - have])))
-                grid_low.append(image_ops.to_uint8(np.asarray(low_up[:self.num_grid - have])))
-                grid_bicubic.append(image_ops.to_uint8(np.asarray(bicubic[:self.num_grid - have])))
-            self._add(real, target, None, anchors)
-            if fresh_baselines:
-                self._add(methods["bicubic"], bicubic, target, anchors)
-                self._add(methods["bilinear"], low_up, target, anchors)
-            del low_up, bicubic
-            if solvers:
-                latents = self._latents(batch)  # encoded once per batch for every solver of the pass
-                keys = self._shard({"k": self._keys(start, n)})["k"]  # example i's noise: fold_in(rng, i)
-                for s in solvers:
-                    self._add(methods[s.label], self._sample(s, params, latents, keys, timing[s.label]), target,
-                              anchors)
-            start += n
+            start += self._run_batch(p, b, batch, start)
             if progress:
                 progress(b + 1, total)
-        if real is not None:
-            self._real = (real.features.reference(), real.crop_features.reference())
+        if p.real is not None:
+            self._real = (p.real.features.reference(), p.real.crop_features.reference())
             self._write_reference()
+        return self._results(p, baselines=baselines)
 
-        columns = {"high-res": np.concatenate(grid_high), "bilinear": np.concatenate(grid_low),
-                   "bicubic": np.concatenate(grid_bicubic)}
+    def _run_batch(self, p: _Pass, b: int, batch: dict, start: int) -> int:
+        """Batch ``b`` (examples ``start ..``) of a pass: the grid's shared columns, the real
+        images' features, the baselines' and every solver's scores; returns its size."""
+        target = np.asarray(batch["image"], np.float32)  # [B, H, W, 3]
+        n = len(target)
+        if n % self.mesh.devices.size:
+            raise ValueError(f"Evaluation batch {b} has {n} images, not a multiple of the "
+                             f"{self.mesh.devices.size} devices.")
+        anchors = self._anchors(start, n) if self.fid is not None else None
+        have = sum(len(g) for g in p.columns["high-res"])
+        low_up = bicubic = None
+        if p.fresh_baselines or have < self.num_grid:
+            low_up = np.asarray(image_ops.upsample_bilinear(batch["image_lowres"], self.image_size), np.float32)
+            bicubic = np.asarray(image_ops.upsample_bicubic(batch["image_lowres"], self.image_size), np.float32)
+        if have < self.num_grid:
+            p.columns["high-res"].append(image_ops.to_uint8(np.asarray(target[:self.num_grid - have])))
+            p.columns["bilinear"].append(image_ops.to_uint8(np.asarray(low_up[:self.num_grid - have])))
+            p.columns["bicubic"].append(image_ops.to_uint8(np.asarray(bicubic[:self.num_grid - have])))
+        self._add(p.real, target, None, anchors)
+        if p.fresh_baselines:
+            self._add(p.methods["bicubic"], bicubic, target, anchors)
+            self._add(p.methods["bilinear"], low_up, target, anchors)
+        del low_up, bicubic
+        if p.solvers:
+            latents = self._latents(batch)  # encoded once per batch for every solver of the pass
+            keys = self._shard({"k": self._keys(start, n)})["k"]  # example i's noise: fold_in(rng, i)
+            for s in p.solvers:
+                self._add(p.methods[s.label], self._sample(s, p.params, latents, keys, p.timing[s.label]), target,
+                          anchors)
+        return n
+
+    def _results(self, p: _Pass, *, baselines: bool) -> tuple[list[MethodResult], dict[str, np.ndarray]]:
+        """The results and grids of a finished pass (:meth:`run`'s return value); the baselines'
+        are kept for later passes."""
+        columns = {k: np.concatenate(v) for k, v in p.columns.items()}
 
         def finish(label: str, method: str, **fields) -> tuple[MethodResult, np.ndarray]:
-            stats = methods[label]
+            stats = p.methods[label]
             fid_v = patch = None
-            if with_fid:
+            if self.fid is not None:
                 fid_v = _fid(self._real[0], stats.features.reference())
                 patch = _fid(self._real[1], stats.crop_features.reference())
             result = MethodResult(label=label, method=method, fid=fid_v, patch_fid=patch, rim=self.rim, **fields,
@@ -420,12 +441,12 @@ class Evaluator:
             return result, labelled_grid(columns)
 
         results, grids = [], {}
-        for s in solvers:
-            t = timing[s.label]
+        for s in p.solvers:
+            t = p.timing[s.label]
             r, grids[s.label] = finish(s.label, method="cfm", solver=s.as_dict(), nfe=t["nfe"],
                                        seconds_per_image=t["run"] / self.num_images, compile_seconds=t["compile"])
             results.append(r)
-        if fresh_baselines:
+        if p.fresh_baselines:
             base = [finish(name, method=name, solver=None, nfe=0) for name in BASELINES]
             self._baselines = ([r for r, _ in base], {r.label: g for r, g in base})
         if baselines:
