@@ -355,41 +355,13 @@ def prepare(src: str | Sequence[str], out: str, *, image_size: int, lowres_size:
                          crops_per_image=crops_per_image, min_scale=float(min_scale), seed=int(seed))
     _check_settings(cropping, lowres_size=lowres_size, split=split, name=name, images_per_shard=images_per_shard,
                     batch_size=batch_size, num_processes=num_processes, process_index=process_index)
-    source = open_source(src, tar_base)
-    if not source.names:
-        raise ValueError(f"No images ({', '.join(image_io.IMAGE_EXTENSIONS)}) in {src!r}"
-                         f"{f' (ignored: {list(source.ignored)[:10]})' if source.ignored else ''}.")
-    fs = load_first_stage(first_stage) if isinstance(first_stage, str) else first_stage
-    if with_moments and not hasattr(fs, "params"):
-        raise ValueError("with_moments needs an autoencoder first stage (pixel space has no posterior).")
-    wds_latents = _webdataset_latents(source, webdataset_latents)
+    source, fs, wds_latents = _open_inputs(src, tar_base, first_stage, cropping, webdataset_latents=webdataset_latents,
+                                           with_moments=with_moments)
     stored = wds_latents == "stored"
-    if stored and (with_moments or crop != "center" or crops_per_image != 1 or cropping.min_scale != 1.0):
-        raise ValueError("The tar shards hold latents, which are written as they are (with their images, "
-                         "uncropped): with_moments, random or several crops and min_scale < 1 need the images "
-                         "re-encoded; pass webdataset_latents='encode' for that.")
     f = fs.downsample_factor
-    if image_size % f:
-        raise ValueError(f"image_size={image_size} is not divisible by the first stage's factor {f}.")
-
-    # The plan: the dataset-level settings and this split's file list and shards, pinned in
-    # _prepare/<split>/plan.json (a re-run with other settings fails instead of mixing them).
-    factor = image_size / lowres_size
-    dataset = {"name": name, "image_size": image_size, "lowres_size": lowres_size,
-               "downsample_factor": int(factor) if factor.is_integer() else factor,
-               "lowres_method": image_ops.lowres_method(lowres_filter, image_size, lowres_size),
-               "latent_size": image_size // f, "latent_channels": int(fs.latent_channels),
-               "scale_factor": float(fs.scale_factor), "shift_factor": float(getattr(fs, "shift_factor", 0.0)),
-               "with_moments": bool(with_moments), "first_stage": first_stage_info(fs)}
-    # Tar shards: one output shard per tar (its samples are only known once it is read).
-    shards = ([range(k, k + 1) for k in range(len(source.names))] if wds_latents
-              else _shard_ranges(len(source.names), images_per_shard))
-    split_plan = {"source": source.description, "files": list(source.names), "short_side": short_side,
-                  "max_short_side": cropping.max_short_side, "min_scale": cropping.min_scale,
-                  "min_size": cropping.min_size, "crop": crop, "crops_per_image": crops_per_image, "seed": int(seed),
-                  "images_per_shard": images_per_shard, "num_shards": len(shards)}
-    if wds_latents:
-        split_plan.update(images_per_shard=None, webdataset_latents=wds_latents)
+    dataset, split_plan, shards = _make_plan(source, fs, cropping, wds_latents, name=name, lowres_size=lowres_size,
+                                             lowres_filter=lowres_filter, with_moments=with_moments,
+                                             images_per_shard=images_per_shard)
     os.makedirs(out, exist_ok=True)
     _check_or_write_plan(out, split, {"format_version": FORMAT_VERSION, "dataset": dataset, "split": split_plan})
 
@@ -488,6 +460,54 @@ def _check_settings(c: _Cropping, *, lowres_size: int, split: str, name: str, im
         raise ValueError(f"split={split!r}: use lower-case letters, digits and '_' (e.g. 'train', 'validation').")
     if not name.isidentifier() or name != name.lower():
         raise ValueError(f"name={name!r}: TFDS dataset names are lower-case snake_case identifiers.")
+
+
+def _open_inputs(src, tar_base, first_stage, cropping: _Cropping, *, webdataset_latents: str,
+                 with_moments: bool) -> tuple[Source, Any, str | None]:
+    """The source, the first stage and what to do with tar shards' latents, rejecting
+    combinations that cannot work (after :func:`_check_settings`, before the plan)."""
+    source = open_source(src, tar_base)
+    if not source.names:
+        raise ValueError(f"No images ({', '.join(image_io.IMAGE_EXTENSIONS)}) in {src!r}"
+                         f"{f' (ignored: {list(source.ignored)[:10]})' if source.ignored else ''}.")
+    fs = load_first_stage(first_stage) if isinstance(first_stage, str) else first_stage
+    if with_moments and not hasattr(fs, "params"):
+        raise ValueError("with_moments needs an autoencoder first stage (pixel space has no posterior).")
+    wds_latents = _webdataset_latents(source, webdataset_latents)
+    if wds_latents == "stored" and (with_moments or cropping.crop != "center" or cropping.crops_per_image != 1
+                                    or cropping.min_scale != 1.0):
+        raise ValueError("The tar shards hold latents, which are written as they are (with their images, "
+                         "uncropped): with_moments, random or several crops and min_scale < 1 need the images "
+                         "re-encoded; pass webdataset_latents='encode' for that.")
+    f = fs.downsample_factor
+    if cropping.image_size % f:
+        raise ValueError(f"image_size={cropping.image_size} is not divisible by the first stage's factor {f}.")
+    return source, fs, wds_latents
+
+
+def _make_plan(source: Source, fs, cropping: _Cropping, wds_latents: str | None, *, name: str, lowres_size: int,
+               lowres_filter: str, with_moments: bool, images_per_shard: int) -> tuple[dict, dict, list[range]]:
+    """The plan: the dataset-level settings and this split's file list and shards, pinned in
+    _prepare/<split>/plan.json (a re-run with other settings fails instead of mixing them);
+    returns ``(dataset, split plan, shards)``."""
+    image_size, f = cropping.image_size, fs.downsample_factor
+    factor = image_size / lowres_size
+    dataset = {"name": name, "image_size": image_size, "lowres_size": lowres_size,
+               "downsample_factor": int(factor) if factor.is_integer() else factor,
+               "lowres_method": image_ops.lowres_method(lowres_filter, image_size, lowres_size),
+               "latent_size": image_size // f, "latent_channels": int(fs.latent_channels),
+               "scale_factor": float(fs.scale_factor), "shift_factor": float(getattr(fs, "shift_factor", 0.0)),
+               "with_moments": bool(with_moments), "first_stage": first_stage_info(fs)}
+    # Tar shards: one output shard per tar (its samples are only known once it is read).
+    shards = ([range(k, k + 1) for k in range(len(source.names))] if wds_latents
+              else _shard_ranges(len(source.names), images_per_shard))
+    split_plan = {"source": source.description, "files": list(source.names), "short_side": cropping.short_side,
+                  "max_short_side": cropping.max_short_side, "min_scale": cropping.min_scale,
+                  "min_size": cropping.min_size, "crop": cropping.crop, "crops_per_image": cropping.crops_per_image,
+                  "seed": cropping.seed, "images_per_shard": images_per_shard, "num_shards": len(shards)}
+    if wds_latents:
+        split_plan.update(images_per_shard=None, webdataset_latents=wds_latents)
+    return dataset, split_plan, shards
 
 
 class _ShardLoader:
