@@ -29,10 +29,13 @@ BEGIN, END = "<!-- quickstart-results -->", "<!-- /quickstart-results -->"
 _ROWS = (("cfm", "CFM ({solver}, {nfe} network evaluations per image)"), ("bicubic", "bicubic"),
          ("bilinear", "bilinear (the flow's source)"))
 
-_WORKDIR = flags.DEFINE_string("workdir", os.path.join(ROOT, "runs", "bench_make_quickstart"),
-                               "Run folder (emptied first); the records are prepared inside it.")
-_README = flags.DEFINE_string("readme", None, "Rewrite the quick-start table of this file.")
-_METRICS = flags.DEFINE_string("metrics", None, "Write the table from this eval/metrics.json instead of running.")
+
+def define_flags() -> None:
+    """The command line's flags (defined when run, not on import: tests import the module)."""
+    flags.DEFINE_string("workdir", os.path.join(ROOT, "runs", "bench_make_quickstart"),
+                        "Run folder (emptied first); the records are prepared inside it.")
+    flags.DEFINE_string("readme", None, "Rewrite the quick-start table of this file.")
+    flags.DEFINE_string("metrics", None, "Write the table from this eval/metrics.json instead of running.")
 
 
 def cpu_name() -> str:
@@ -110,22 +113,24 @@ def run_quickstart(workdir: str) -> tuple[dict, dict]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if _METRICS.value:
-        with open(_METRICS.value) as f:
+    fl = flags.FLAGS
+    if fl.metrics:
+        with open(fl.metrics) as f:
             metrics, seconds = json.load(f), None
     else:
-        metrics, seconds = run_quickstart(_WORKDIR.value)
+        metrics, seconds = run_quickstart(fl.workdir)
     date, commit_, cpu = datetime.date.today().isoformat(), commit(), cpu_name()
     block = table(metrics, seconds=seconds, date=date, commit_=commit_, cpu=cpu)
     print("RESULT " + json.dumps({"benchmark": "make_quickstart", "date": date, "commit": commit_, "cpu": cpu,
                                   "seconds": seconds, "results": metrics["results"]}))
-    if _README.value:
-        with open(_README.value) as f:
+    if fl.readme:
+        with open(fl.readme) as f:
             text = rewrite(f.read(), block)
-        with open(_README.value, "w") as f:
+        with open(fl.readme, "w") as f:
             f.write(text)
-        print(f"Rewrote the quick-start table of {_README.value}.")
+        print(f"Rewrote the quick-start table of {fl.readme}.")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
