@@ -9,6 +9,8 @@ TensorBoard event file with a purge marker (``SessionLog.START`` at ``resume_ste
 tensorboardX's ``purge_step``), on which TensorBoard hides the older files' events from that
 step on, so each step is shown once. W&B (``resume="allow"``) ignores steps lower than ones it
 already holds instead.
+
+A work directory in a bucket gets its metric files through :class:`LogMirror`.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import time
 
 import jax
 import numpy as np
+from etils import epath
 
 
 class _EventFile:
@@ -174,3 +177,59 @@ class MetricWriter:
             tb.close()
         if wandb is not None:
             wandb.finish()
+
+
+class LogMirror:
+    """The metric files (``metrics.csv``, ``tensorboard/``) of a bucket work directory.
+
+    The writers append to local files, which a bucket cannot do, so a run whose work directory is
+    a bucket URL writes them in a local folder (:meth:`local_dir`), pushes them to the bucket at
+    every checkpoint and at the end, and on resuming fetches the bucket's copies that the local
+    folder lacks (a resumed run on a new machine continues the same files).
+
+    ``remote``: an ``etils.epath.Path`` (``gs://...``; any path works, which the tests use);
+    ``log_dir``: the local folder.
+    """
+
+    def __init__(self, remote, log_dir: str):
+        self.remote = remote
+        self.log_dir = log_dir
+
+    @staticmethod
+    def local_dir(workdir: str, root: str = os.path.join("runs", "_logs")) -> str:
+        """The local folder of a bucket work directory: ``runs/_logs/<bucket>/<path>``."""
+        return os.path.abspath(os.path.join(root, str(workdir).split("://", 1)[-1].strip("/")))
+
+    def fetch(self) -> None:
+        """Copies the bucket's metric files into the local folder where it lacks them (local
+        files are never overwritten)."""
+        for src in _log_files(self.remote / "tensorboard") + [self.remote / "metrics.csv"]:
+            if not src.exists():
+                continue
+            dst = os.path.join(self.log_dir, os.path.relpath(str(src), str(self.remote)))
+            if not os.path.exists(dst):
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                with open(dst, "wb") as f:
+                    f.write(src.read_bytes())
+
+    def push(self) -> None:
+        """Copies the local metric files to the bucket (replacing the bucket's copies)."""
+        local = epath.Path(self.log_dir)
+        for src in _log_files(local):
+            dst = self.remote / os.path.relpath(str(src), self.log_dir)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(src.read_bytes())
+
+
+def _log_files(root) -> list:
+    """Files in ``root`` and its direct sub-folders (metrics.csv, tensorboard/events...): no
+    recursive glob, which bucket file systems do not offer."""
+    if not root.exists():
+        return []
+    out = []
+    for p in root.iterdir():
+        if p.is_dir():
+            out.extend(q for q in p.iterdir() if not q.is_dir())
+        else:
+            out.append(p)
+    return out

@@ -44,7 +44,7 @@ from cfm_jax.convert.fmboost_checkpoint import load_fmboost
 from cfm_jax.data.train_data import make_data
 from cfm_jax.ema import EMAConfig, ema_update
 from cfm_jax.evaluation import Evaluator, FIDConfig, finite_json, resolve_rim
-from cfm_jax.metric_writers import MetricWriter
+from cfm_jax.metric_writers import LogMirror, MetricWriter
 from cfm_jax.optim import make_optimizer
 from cfm_jax.solvers import SolverSpec
 from cfm_jax.model import CFMUpsampler
@@ -103,8 +103,7 @@ def create_train_state(upsampler: CFMUpsampler, tx: optax.GradientTransformation
 def abstract_train_state(upsampler, tx, latent_size: int, mesh, fsdp_min_size: int | None = None) -> TrainState:
     """Shapes, dtypes and shardings of the state, without allocating it."""
     shapes = _state_shapes(upsampler, tx, latent_size)
-    min_size = sharding.DEFAULT_FSDP_MIN_SIZE if fsdp_min_size is None else fsdp_min_size
-    shardings = sharding.state_shardings(shapes, mesh, min_size)
+    shardings = train_state_shardings(upsampler, tx, latent_size, mesh, fsdp_min_size)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
@@ -575,9 +574,11 @@ class _RunFiles:
             with self.writing("config.json", self.wd):
                 self.wd.mkdir(parents=True, exist_ok=True)
                 (self.wd / "config.json").write_text(config.to_json_best_effort(indent=2))
-        self.log_dir = _local_log_dir(workdir) if self.remote else workdir
-        if self.remote and self.is_main:
-            _fetch_logs(self.wd, self.log_dir)
+        # metric files of a bucket work directory are written locally and copied there
+        self.mirror = LogMirror(self.wd, LogMirror.local_dir(str(workdir))) if self.remote else None
+        self.log_dir = self.mirror.log_dir if self.mirror else workdir
+        if self.mirror and self.is_main:
+            self.mirror.fetch()
         if supersede_after is not None and self.is_main:
             _supersede_newer(workdir, supersede_after)
         distributed.barrier("cfm_jax.train.resume")
@@ -594,9 +595,9 @@ class _RunFiles:
     def save(self, step: int, state: TrainState, data) -> None:
         with self.writing(f"checkpoint {step}", self.checkpoints):
             checkpointing.save(self.manager, step, state, {"step": step, "config": self.config.to_dict()}, data=data)
-            if self.remote and self.is_main:
+            if self.mirror and self.is_main:
                 self.writer.flush()
-                _push_logs(self.log_dir, self.wd)
+                self.mirror.push()
 
     def write_metrics(self, step: int, metrics: dict) -> None:
         with self.writing(f"the metrics of step {step}", self.log_dir):
@@ -636,8 +637,8 @@ class _RunFiles:
                 if non_finite:
                     clean["non_finite"] = {"fields": non_finite, "note": "not finite (NaN or infinite); written as null"}
                 (self.wd / "train_summary.json").write_text(json.dumps(clean, indent=2, allow_nan=False))
-                if self.remote:
-                    _push_logs(self.log_dir, self.wd)
+                if self.mirror:
+                    self.mirror.push()
         return summary
 
 
@@ -755,47 +756,6 @@ def _validate(run: _Run, params, step: int, files: _RunFiles, summary: dict) -> 
     summary["validation"] = results
     summary["validation_step"] = step
     return results
-
-
-def _local_log_dir(workdir: str) -> str:
-    """Local mirror of a bucket work directory's metric files: runs/_logs/<bucket path>."""
-    return os.path.abspath(os.path.join("runs", "_logs", str(workdir).split("://", 1)[1].strip("/")))
-
-
-def _log_files(root) -> list:
-    """Files in ``root`` and its direct sub-folders (metrics.csv, tensorboard/events...): no
-    recursive glob, which bucket file systems do not offer."""
-    if not root.exists():
-        return []
-    out = []
-    for p in root.iterdir():
-        if p.is_dir():
-            out.extend(q for q in p.iterdir() if not q.is_dir())
-        else:
-            out.append(p)
-    return out
-
-
-def _fetch_logs(wd, log_dir: str) -> None:
-    """Copies the bucket's metrics.csv and TensorBoard files into the local mirror if missing
-    there (a resumed run on a new machine continues the same files)."""
-    for src in _log_files(wd / "tensorboard") + [wd / "metrics.csv"]:
-        if not src.exists():
-            continue
-        dst = os.path.join(log_dir, os.path.relpath(str(src), str(wd)))
-        if not os.path.exists(dst):
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            with open(dst, "wb") as f:
-                f.write(src.read_bytes())
-
-
-def _push_logs(log_dir: str, wd) -> None:
-    """Copies the local metric files (metrics.csv, tensorboard/) to the bucket work directory."""
-    local = epath.Path(log_dir)
-    for src in _log_files(local):
-        dst = wd / os.path.relpath(str(src), log_dir)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_bytes(src.read_bytes())
 
 
 def _resume_source(resume: str, workdir: str) -> tuple[str, int]:

@@ -40,17 +40,17 @@ def test_paper_state_is_sharded_about_evenly():
     """The 306M-parameter paper model's train state (params, Adam moments, EMA) over fsdp=8,
     from shapes only: per-device bytes within 1% of total / 8."""
     from cfm_jax.optim import make_optimizer
-    from cfm_jax.trainer import _state_shapes
+    from cfm_jax.trainer import abstract_train_state
     from cfm_jax.first_stage import IdentityFirstStage
     from cfm_jax.model import CFMUpsampler
 
     c = load_config("configs/flow400_64-128/unet_base_psu.py")
     up = CFMUpsampler(c, first_stage=IdentityFirstStage(latent_channels=4, downsample_factor=8))
     tx, _ = make_optimizer(c.optim)
-    shapes = _state_shapes(up, tx, 128)
     devices = np.asarray([jax.devices()[0]] * 8)  # sharding arithmetic only: any 8 "devices"
     mesh = jax.sharding.Mesh(devices.reshape(1, 8), sharding.MESH_AXES)
-    info = sharding.describe(shapes, sharding.state_shardings(shapes, mesh))
+    state = abstract_train_state(up, tx, 128, mesh)
+    info = sharding.describe(state, jax.tree.map(lambda x: x.sharding, state))
     assert info["bytes"] > 3 * 305_806_340 * 4  # params + 2 Adam moments + EMA, fp32
     assert info["bytes_per_device"] == pytest.approx(info["bytes"] / 8, rel=0.01)
     assert info["replicated_leaves"] > 0 and info["sharded_leaves"] > 0

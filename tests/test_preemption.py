@@ -55,20 +55,20 @@ def test_metric_files_mirror_to_and_from_a_work_directory(tmp_path):
     machine that lacks them, without overwriting local ones."""
     from etils import epath
 
-    from cfm_jax.trainer import _fetch_logs, _local_log_dir, _push_logs
+    from cfm_jax.metric_writers import LogMirror
 
-    assert _local_log_dir("gs://bucket/runs/a").endswith(os.path.join("runs", "_logs", "bucket", "runs", "a"))
+    assert LogMirror.local_dir("gs://bucket/runs/a").endswith(os.path.join("runs", "_logs", "bucket", "runs", "a"))
     local, remote = tmp_path / "local", epath.Path(tmp_path / "remote")
     (local / "tensorboard").mkdir(parents=True)
     (local / "metrics.csv").write_text("step,loss\n1,0.5\n")
     (local / "tensorboard" / "events.out").write_bytes(b"\x00\x01")
-    _push_logs(str(local), remote)
+    LogMirror(remote, str(local)).push()
     assert (remote / "metrics.csv").read_text() == "step,loss\n1,0.5\n"
     assert (remote / "tensorboard" / "events.out").read_bytes() == b"\x00\x01"
     fresh = tmp_path / "fresh"
-    _fetch_logs(remote, str(fresh))
+    LogMirror(remote, str(fresh)).fetch()
     assert (fresh / "metrics.csv").read_text() == "step,loss\n1,0.5\n"
     assert (fresh / "tensorboard" / "events.out").read_bytes() == b"\x00\x01"
     (fresh / "metrics.csv").write_text("newer\n")
-    _fetch_logs(remote, str(fresh))
+    LogMirror(remote, str(fresh)).fetch()
     assert (fresh / "metrics.csv").read_text() == "newer\n"
