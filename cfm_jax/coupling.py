@@ -66,13 +66,6 @@ def forward_diffuse(x: jax.Array, noise: jax.Array, *, step: int,
     return jnp.sqrt(ab) * x + jnp.sqrt(1.0 - ab) * noise
 
 
-def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Bilinear resize of NHWC ``x`` like PyTorch ``F.interpolate(align_corners=False)``
-    (half-pixel centres, no antialiasing, also when shrinking)."""
-    b, _, _, c = x.shape
-    return jax.image.resize(x, (b, size[0], size[1], c), method="bilinear", antialias=False)
-
-
 def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     """Nearest resize of NHWC ``x`` with PyTorch's ``mode='nearest'`` index rule
     ``src = floor(dst * in / out)`` (differs from half-pixel rules for non-integer ratios)."""
@@ -83,8 +76,6 @@ def resize(x: jax.Array, size: tuple[int, int], mode: str) -> jax.Array:
     """NHWC ``x`` resized to ``size`` like PyTorch ``F.interpolate(x, size, mode=mode)``
     (``align_corners=False``, no antialiasing), for ``mode`` in :data:`INTERPOLATION_MODES`;
     up or down, jittable."""
-    if mode == "bilinear":
-        return resize_bilinear(x, size)
     if mode not in INTERPOLATION_MODES:
         raise ValueError(f"Unknown interpolation mode {mode!r}; choose one of {INTERPOLATION_MODES}.")
     return image_ops.resize(x, tuple(size), mode)
@@ -117,7 +108,7 @@ def upsample_latent(lowres: jax.Array, *, size: int, mode: str, first_stage: Any
             return lowres
         f = first_stage.downsample_factor
         images = first_stage.decode(lowres)
-        return first_stage.encode(resize_bilinear(images, (size * f, size * f)))
+        return first_stage.encode(image_ops.resize(images, (size * f, size * f), "bilinear"))
     if mode in INTERPOLATION_MODES:
         return resize(lowres, (size, size), mode)
     if mode == "noise_upsampling":
@@ -194,5 +185,5 @@ class Coupling:
 
 
 __all__ = ["Coupling", "INTERPOLATION_MODES", "UPSAMPLING_MODES", "forward_diffuse",
-           "noise_upsample", "resize", "resize_bilinear", "resize_nearest", "shifted_cosine_alpha_bar",
+           "noise_upsample", "resize", "resize_nearest", "shifted_cosine_alpha_bar",
            "upsample_latent"]

@@ -243,9 +243,9 @@ class Evaluator:
             feats = self.fid.features
             # one Inception batch size for whole images and crops: one compiled Inception
             self._feature_batch = -(-min(FEATURE_BATCH, eval_set.batch_size * self.fid.num_crops) // n_dev) * n_dev
-            self._to_299 = jax.jit(lambda x: inception_lib.resize_bilinear(
+            self._to_299 = jax.jit(lambda x: image_ops.resize(
                 fid_lib.to_unit_range(x, value_range=feats.value_range, clip=feats.clip, quantize=feats.quantize),
-                (inception_lib.INPUT_SIZE, inception_lib.INPUT_SIZE)))
+                inception_lib.INPUT_SIZE, "bilinear"))
             self._inception = jax.jit(feats.model.apply, out_shardings=rep)
             self._inception_vars = jax.device_put(feats.variables, rep)  # sent once, not with every call
             crop = self.crop_size

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfm_jax import flow, sampling
-from cfm_jax.coupling import Coupling, resize_bilinear
+from cfm_jax.coupling import Coupling
+from cfm_jax.data import image_ops
 from cfm_jax.dtypes import DTYPES
 from cfm_jax.first_stage import build_first_stage, scale_latents
 from cfm_jax.models.unet import EfficientUNet
@@ -284,7 +285,7 @@ class CFMUpsampler:
         latent of the low-res image (bilinear to the high-res size in pixels, then encode)."""
         def add_latents(fs, batch):
             image = batch["image"]
-            up = resize_bilinear(batch["image_lowres"], image.shape[1:3])
+            up = image_ops.resize(batch["image_lowres"], image.shape[1:3], "bilinear")
             return {**batch, "latent": fs.encode_unscaled(image), "latent_lowres": fs.encode_unscaled(up)}
 
         jitted = jax.jit(add_latents)

@@ -3,7 +3,7 @@
     python -m cfm_jax.upsample --checkpoint runs/quickstart --input photo.png --out upsampled/
     python -m cfm_jax.upsample --checkpoint runs/cfm_64-128 --input sd15_latents.npz --out hires/ \\
         --first_stage checkpoints/sd_ae.ckpt --solver euler:40 --batch_size 4
-    python -m cfm_jax.upsample --checkpoint runs/a,runs/b --input lowres/ --out out/   # a cascade
+    python -m cfm_jax.upsample --checkpoint runs/a --checkpoint runs/b --input lowres/ --out out/  # a cascade
 
 Inputs (files or folders, mixed):
 
@@ -58,7 +58,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from cfm_jax import checkpointing, cli, compile_options, sampling, sde
-from cfm_jax.coupling import resize_bilinear
 from cfm_jax.data import image_ops
 from cfm_jax.data.image_io import IMAGE_EXTENSIONS, list_images, load_image
 from cfm_jax.first_stage import build_first_stage, scale_latents
@@ -495,7 +494,7 @@ class CascadeRunner:
 
         def enc(fs, x):
             if x.shape[1] != entry * f:
-                x = resize_bilinear(x, (entry * f, entry * f))
+                x = image_ops.resize(x, (entry * f, entry * f), "bilinear")
             return fs.encode(x)
         return self._fn(f"image{entry}", lambda: jax.jit(enc))
 
@@ -684,8 +683,8 @@ def define_flags(fl: flags.FlagValues) -> None:
         getattr(flags, f"DEFINE_{kind}")(name, default, help=help_, flag_values=fl, **kw)
 
     define("multi_string", "checkpoint", None,
-           "Run directory (train.py or `convert fmboost`); repeat it or separate with commas for a cascade, "
-           "lowest resolution first (required).")
+           "Run directory (train.py or `convert fmboost`); repeat it for a cascade, lowest resolution "
+           "first (required).")
     define("multi_string", "input", None, "Image or latent file, or folder (required).")
     define("string", "out", None, "Output folder for the PNGs (created if missing; required).")
     define("string", "solver", "euler:40",
@@ -744,7 +743,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax metadata chatter
 
-    checkpoints = [c for arg in args.checkpoint for c in arg.split(",") if c]
+    checkpoints = list(args.checkpoint)
     try:
         _check_options(args)
         try:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cfm_jax.coupling import (INTERPOLATION_MODES, Coupling, forward_diffuse,
-                              resize, resize_bilinear, resize_nearest, shifted_cosine_alpha_bar, upsample_latent)
+                              resize, resize_nearest, shifted_cosine_alpha_bar, upsample_latent)
 from cfm_jax.first_stage import IdentityFirstStage
 
 
@@ -43,7 +43,7 @@ def test_forward_diffuse_formula(lowres):
 @pytest.mark.parametrize("size", [16, 24, 5])
 def test_bilinear_matches_torch(lowres, size):
     ref = torch.nn.functional.interpolate(nchw(lowres), size=size, mode="bilinear", align_corners=False)
-    np.testing.assert_allclose(resize_bilinear(lowres, (size, size)), nhwc(ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(resize(lowres, (size, size), "bilinear"), nhwc(ref), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("size", [16, 24, 5, 13])
@@ -98,7 +98,7 @@ def test_noise_upsampling_keeps_grid_and_fills_noise(lowres):
 def test_psu_in_pixel_space_is_bilinear_and_precomputed_latents_pass_through(lowres):
     fs = IdentityFirstStage(latent_channels=4)
     np.testing.assert_array_equal(upsample_latent(lowres, size=16, mode="psu", first_stage=fs),
-                                  resize_bilinear(lowres, (16, 16)))
+                                  resize(lowres, (16, 16), "bilinear"))
     on_grid = jnp.ones((2, 16, 16, 4))
     assert upsample_latent(on_grid, size=16, mode="psu", first_stage=fs) is on_grid
 
@@ -117,14 +117,14 @@ def test_psu_decodes_upsamples_in_pixels_and_encodes():
     fs = ScaledF2()
     z = jax.random.normal(jax.random.PRNGKey(2), (1, 4, 4, 3))
     out = upsample_latent(z, size=8, mode="psu", first_stage=fs)
-    expected = fs.encode(resize_bilinear(fs.decode(z), (16, 16)))
+    expected = fs.encode(resize(fs.decode(z), (16, 16), "bilinear"))
     np.testing.assert_allclose(out, expected, rtol=1e-6)
 
 
 def test_source_and_context_variants(lowres):
     fs = IdentityFirstStage(latent_channels=4)
     rng = jax.random.PRNGKey(5)
-    up = resize_bilinear(lowres, (16, 16))
+    up = resize(lowres, (16, 16), "bilinear")
 
     x0, ctx = Coupling(upsampling_mode="bilinear", noising_step=-1).source_and_context(
         lowres, size=16, first_stage=fs, rng=rng)

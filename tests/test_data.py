@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cfm_jax.data import image_ops
 from cfm_jax.data.image_ops import downsample, upsample_bicubic, upsample_bilinear
 from cfm_jax.data.photos import PhotoCrops, load_photos, photo_names
 
@@ -185,17 +186,25 @@ def test_downsample_is_box_filter():
         downsample(x, 5)
 
 
-@pytest.mark.parametrize("size", [(24, 16), (37, 29), (12, 8)])
-def test_upsample_bilinear_matches_torch_and_jax(size):
-    x = np.random.default_rng(1).uniform(-1, 1, (2, 12, 8, 3)).astype(np.float32)
-    ref = _torch_resize(x, size, "bilinear", align_corners=False)
-    out_np = upsample_bilinear(x, size)
-    assert isinstance(out_np, np.ndarray) and out_np.dtype == np.float32
-    np.testing.assert_allclose(out_np, ref, rtol=0, atol=1e-5)
-    up = jax.jit(upsample_bilinear, static_argnums=1)
-    np.testing.assert_allclose(np.asarray(up(jnp.asarray(x), size)), ref, rtol=0, atol=1e-5)
-    j = jax.image.resize(jnp.asarray(x), (2, *size, 3), "bilinear")
-    np.testing.assert_allclose(out_np, np.asarray(j), rtol=0, atol=1e-5)
+@pytest.mark.parametrize("in_hw,out_hw", [((12, 8), (24, 16)), ((12, 8), (37, 29)), ((12, 8), (12, 8)),
+                                          ((72, 88), (299, 299)), ((512, 384), (299, 299)),
+                                          ((37, 53), (299, 299)), ((10, 7), (4, 13)), ((1, 5), (3, 2))])
+def test_bilinear_resize_matches_torch(in_hw, out_hw):
+    """The project's one bilinear resize (PSU, Inception input, baselines) against PyTorch's
+    F.interpolate, up and down, on numpy (host) and jitted jax inputs."""
+    x = np.random.default_rng(1).uniform(-1, 1, (2, *in_hw, 3)).astype(np.float32)
+    ref = _torch_resize(x, out_hw, "bilinear", align_corners=False)
+    out_np = image_ops.resize(x, out_hw, "bilinear")
+    assert isinstance(out_np, np.ndarray) and out_np.dtype == np.float32 and out_np.shape == ref.shape
+    out_jax = np.asarray(jax.jit(image_ops.resize, static_argnums=(1, 2))(jnp.asarray(x), out_hw, "bilinear"))
+    # torch's weights bit for bit; its kernel may fuse a multiply-add: at most a few float32 ulps
+    for out in (out_np, out_jax):
+        np.testing.assert_allclose(out, ref, rtol=0, atol=4e-7)
+    if out_hw[0] >= in_hw[0] and out_hw[1] >= in_hw[1]:
+        np.testing.assert_array_equal(upsample_bilinear(x, out_hw), out_np)
+        # for up-sampling jax.image.resize is the same filter (its weights differ in rounding)
+        j = jax.image.resize(jnp.asarray(x), (2, *out_hw, 3), "bilinear")
+        np.testing.assert_allclose(out_np, np.asarray(j), rtol=0, atol=1e-5)
 
 
 def test_upsample_bicubic_conventions():

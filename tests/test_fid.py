@@ -28,7 +28,7 @@ from torch import nn
 
 from cfm_jax import fid
 from cfm_jax.convert.inception import inception_variables_from_torch, load_fid_inception, save_converted
-from cfm_jax.models.inception import FIDInceptionV3, abstract_variables, resize_bilinear
+from cfm_jax.models.inception import FIDInceptionV3, abstract_variables
 from tests.torch_layouts import inception_variables_to_torch
 
 # fp32 parity: XLA and ATen sum the ~94 convolutions in different orders.
@@ -258,18 +258,6 @@ def test_bfloat16_compute_stays_close(converted, features_and_reference):
     rel = np.abs(bf16 - ours).max() / np.abs(ours).max()
     print(f"bf16 compute vs fp32: max error relative to max|fp32| {rel:.2e}")
     assert rel < 3e-2
-
-
-@pytest.mark.parametrize("in_hw,out_hw", [((72, 88), (299, 299)), ((512, 384), (299, 299)),
-                                          ((37, 53), (299, 299)), ((299, 299), (299, 299)),
-                                          ((10, 7), (4, 13)), ((1, 5), (3, 2))])
-def test_resize_matches_f_interpolate(in_hw, out_hw):
-    x = np.random.default_rng(1).uniform(0.0, 1.0, (2, *in_hw, 3)).astype(np.float32)
-    ref = F.interpolate(torch.from_numpy(np.transpose(x, (0, 3, 1, 2))), size=out_hw, mode="bilinear",
-                        align_corners=False).numpy().transpose(0, 2, 3, 1)
-    ours = np.asarray(resize_bilinear(jnp.asarray(x), out_hw))
-    assert ours.shape == ref.shape
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-6)
 
 
 # ----------------------------------------------------------------------------------

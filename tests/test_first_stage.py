@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfm_jax.coupling import resize_bilinear, upsample_latent
+from cfm_jax.coupling import resize, upsample_latent
 from cfm_jax.data import photos
 from cfm_jax.first_stage import (AutoencoderFirstStage, build_first_stage, load_autoencoder, save_converted,
                                  tiled_map)
@@ -47,7 +47,7 @@ def test_psu_in_latent_space_is_one_jitted_function(tiny_ae, photo_batch):
     z = fs.encode(jnp.asarray(photo_batch["image_lowres"]))  # [2, 8, 8, 4]
     psu = jax.jit(lambda fs, z: upsample_latent(z, size=16, mode="psu", first_stage=fs))
     out = psu(fs, z)  # the weights enter as an argument of the jitted function
-    expected = fs.encode(resize_bilinear(fs.decode(z), (32, 32)))
+    expected = fs.encode(resize(fs.decode(z), (32, 32), "bilinear"))
     assert out.shape == (2, 16, 16, 4)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 

@@ -58,9 +58,16 @@ def test_box_at_integer_factors_is_todays_block_mean_bit_for_bit(images, factor)
                                image_ops.resize(images, size, "area"), rtol=0, atol=1e-6)
 
 
+def _box_weights(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] weights of the 'box' filter along the height, read off ``make_lowres`` of
+    one-hot images (image k is 1 at row k): output o of image k is the weight of row k in o."""
+    one_hot = np.eye(n_in, dtype=np.float32).reshape(n_in, n_in, 1, 1)
+    return image_ops.make_lowres(one_hot, (n_out, 1), "box")[:, :, 0, 0].T
+
+
 @pytest.mark.parametrize("n_in, n_out", [(3, 2), (5, 2), (40, 16), (40, 24), (1024, 683), (7, 7), (12, 3)])
 def test_area_weights_sum_to_one_per_output(n_in, n_out):
-    w = image_ops._interp_matrix(n_in, n_out, "box")
+    w = _box_weights(n_in, n_out)
     assert w.shape == (n_out, n_in) and w.dtype == np.float32 and (w >= 0).all()
     np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=0, atol=1e-6)
     # every input pixel counts as much as any other: n_out / n_in of it in all
@@ -69,10 +76,10 @@ def test_area_weights_sum_to_one_per_output(n_in, n_out):
 
 def test_area_weights_by_hand():
     # x1.5: output 0 covers [0, 1.5) = all of pixel 0 and half of pixel 1, over a length of 1.5
-    np.testing.assert_allclose(image_ops._interp_matrix(3, 2, "box"), [[2 / 3, 1 / 3, 0], [0, 1 / 3, 2 / 3]],
+    np.testing.assert_allclose(_box_weights(3, 2), [[2 / 3, 1 / 3, 0], [0, 1 / 3, 2 / 3]],
                                rtol=0, atol=1e-7)
     # x2.5: [0, 2.5) and [2.5, 5)
-    np.testing.assert_allclose(image_ops._interp_matrix(5, 2, "box"), [[0.4, 0.4, 0.2, 0, 0], [0, 0, 0.2, 0.4, 0.4]],
+    np.testing.assert_allclose(_box_weights(5, 2), [[0.4, 0.4, 0.2, 0, 0], [0, 0, 0.2, 0.4, 0.4]],
                                rtol=0, atol=1e-7)
     image = np.arange(9, dtype=np.float32).reshape(1, 3, 3, 1)  # rows [0 1 2], [3 4 5], [6 7 8]
     # low-res pixel (0, 0) covers [0, 1.5)^2 (area 2.25): pixel 0 whole, 1 and 3 half, 4 a quarter

@@ -65,7 +65,7 @@ def _manual_chain(stages, x, index, seed, solver):
 def test_cascade_cli_matches_the_library_chain(pixel_cascade, inputs, tmp_path):
     png, npy, lat = inputs
     out = tmp_path / "out"
-    proc = run_cli(["-m", "cfm_jax.upsample", "--checkpoint", ",".join(pixel_cascade), "--input", png, "--input", npy,
+    proc = run_cli(["-m", "cfm_jax.upsample", *[a for c in pixel_cascade for a in ("--checkpoint", c)], "--input", png, "--input", npy,
                     "--out", str(out), "--solver", "euler:3", "--batch_size", "2", "--seed", "3", "--no_progress"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "NFE per stage [2, 2]" in proc.stdout

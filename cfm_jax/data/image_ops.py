@@ -4,7 +4,9 @@ Resampling with the semantics of PyTorch's ``F.interpolate`` (what the original 
 image (box or the original's bilinear filter), the PSU up-sampling, the short-side resize and
 crops of photos. Functions of arrays work on numpy arrays (computed with numpy: host-side data
 preparation never touches an accelerator) and on jax arrays (computed with jnp, jittable); both
-go through the same separable weight matrices (nearest modes: the same index gathers).
+go through the same code: separable weight matrices, two-tap blends for bilinear (PyTorch's
+arithmetic, its weights bit for bit) and index gathers for the nearest modes. This module is the
+one bilinear resize of the project: the PSU coupling, the Inception input and the baselines use it.
 
 Low-res version and PSU
 -----------------------
@@ -27,8 +29,8 @@ high-res image, hence the default (at non-integer factors the two nearly tie, se
 
 ``latent_lowres = upsample_bilinear(image_lowres, H)`` (identity first stage,
 pixel-space up-sampling = PSU), with the semantics of PyTorch
-``F.interpolate(mode='bilinear', align_corners=False)`` -- which for up-sampling
-is also ``jax.image.resize(method='bilinear')``.
+``F.interpolate(mode='bilinear', align_corners=False)`` (``jax.image.resize(method='bilinear')``
+is the same filter for up-sampling, with weights that differ in float rounding).
 
 :func:`resize` is the general resize with ``F.interpolate`` semantics (``bilinear``,
 ``bicubic``, ``area``, ``nearest``, ``nearest-exact``; up or down), also used by the
@@ -107,10 +109,6 @@ def _keys_cubic(a: float):
     return kernel
 
 
-def _triangle(d):
-    return np.maximum(0.0, 1.0 - np.abs(d))
-
-
 def _torch_scale(n_in: int, n_out: int) -> np.float32:
     """PyTorch's ``input_size / output_size``, computed in float32 as its CPU kernels do."""
     return np.float32(n_in) / np.float32(n_out)
@@ -118,12 +116,10 @@ def _torch_scale(n_in: int, n_out: int) -> np.float32:
 
 @functools.lru_cache(maxsize=256)
 def _interp_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
-    """[n_out, n_in] float32 weights of a 1-D resize with half-pixel centres.
+    """[n_out, n_in] float32 weights of a 1-D resize with half-pixel centres (bilinear is
+    not here: it has two taps, :func:`_linear_taps`).
 
     method:
-      * ``bilinear``     triangle kernel, taps clamped to the border
-                         (== torch bilinear, align_corners=False, antialias=False, up or
-                         down; for up-sampling also == jax.image.resize 'bilinear').
       * ``bicubic_torch`` Keys a=-0.75, taps clamped to the border
                          (== torch bicubic, align_corners=False, antialias=False, up or down).
       * ``bicubic_jax``  Keys a=-0.5, out-of-image taps dropped and the rest
@@ -160,14 +156,56 @@ def _interp_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
         # moves the taps by ~1e-7 * n_in at non-integer ratios: ~1e-5 differences in the output)
         half = np.float32(0.5)
         src = (_torch_scale(n_in, n_out) * (np.arange(n_out, dtype=np.float32) + half) - half).astype(np.float64)
-        kernel, radius = {"bilinear": (_triangle, 1), "bicubic_torch": (_keys_cubic(-0.75), 2)}[method]
+        if method != "bicubic_torch":
+            raise ValueError(f"no weight matrix for {method!r}")
+        kernel = _keys_cubic(-0.75)
         base = np.floor(src).astype(np.int64)
-        for k in range(1 - radius, radius + 1):
+        for k in range(-1, 3):
             j = base + k
             np.add.at(w, (rows, np.clip(j, 0, n_in - 1)), kernel(src - j))
     w = w.astype(np.float32)
     w.setflags(write=False)
     return w
+
+
+@functools.lru_cache(maxsize=256)
+def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source rows ``i0, i1`` and weights ``w0, w1`` (each [n_out]) of PyTorch's bilinear resize
+    along one axis (``align_corners=False``, no antialiasing), computed as its CPU kernel does.
+
+    The source coordinate is ``(dst + 0.5) * s - 0.5`` with the float32 ``s = n_in / n_out``,
+    rounded to float32 once (ATen's fused multiply-add), clamped below at 0 (so the edge rows
+    are copied when up-sampling); ``i1 = min(i0 + 1, n_in - 1)``, ``w1 = src - i0`` and
+    ``w0 = 1 - w1`` in float32. The weights then equal PyTorch's bit for bit.
+    """
+    scale = np.float64(_torch_scale(n_in, n_out))
+    dst = np.arange(n_out, dtype=np.float64) + 0.5  # exact
+    src = (dst * scale - 0.5).astype(np.float32)  # the float32 product is exact in float64: one rounding
+    src = np.maximum(src, np.float32(0.0))
+    i0 = np.minimum(src.astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = (src - i0.astype(np.float32)).astype(np.float32)
+    w0 = (np.float32(1.0) - w1).astype(np.float32)
+    for a in (i0, i1, w0, w1):
+        a.setflags(write=False)
+    return i0, i1, w0, w1
+
+
+def _resize_bilinear(x, out_h: int, out_w: int):
+    """Bilinear resize of float [..., H, W, C] as PyTorch's kernel computes it: along the width,
+    then along the height, each output the blend ``w0 * x[i0] + w1 * x[i1]`` of two gathered
+    inputs (cheaper than a weight matrix for large images, and PyTorch's arithmetic)."""
+    xp = np if _is_numpy(x) else jnp
+    in_h, in_w = x.shape[-3], x.shape[-2]
+    if in_w != out_w:
+        i0, i1, w0, w1 = _linear_taps(in_w, out_w)
+        w0, w1 = xp.asarray(w0[:, None], x.dtype), xp.asarray(w1[:, None], x.dtype)
+        x = x[..., i0, :] * w0 + x[..., i1, :] * w1
+    if in_h != out_h:
+        i0, i1, w0, w1 = _linear_taps(in_h, out_h)
+        w0, w1 = xp.asarray(w0[:, None, None], x.dtype), xp.asarray(w1[:, None, None], x.dtype)
+        x = x[..., i0, :, :] * w0 + x[..., i1, :, :] * w1
+    return x
 
 
 @functools.lru_cache(maxsize=256)
@@ -200,6 +238,8 @@ def _resize_separable(images, size, method: str, *, up_only: bool = True):
     in_h, in_w = x.shape[-3], x.shape[-2]
     if up_only and (out_h < in_h or out_w < in_w):
         raise ValueError(f"up-sampling only: {(in_h, in_w)} -> {(out_h, out_w)}")
+    if method == "bilinear":
+        return _resize_bilinear(x, out_h, out_w)
     wh = _interp_matrix(in_h, out_h, method)
     ww = _interp_matrix(in_w, out_w, method)
     if _is_numpy(x):
@@ -281,8 +321,8 @@ def lowres_filters_agree(image_size: int, lowres_size: int) -> bool:
 def upsample_bilinear(images, size):
     """Bilinear up-sampling of [..., h, w, C] to ``size`` (int or (H, W)).
 
-    Same result as PyTorch ``F.interpolate(mode='bilinear', align_corners=False)``
-    and, for up-sampling, ``jax.image.resize(method='bilinear')``. numpy in ->
+    PyTorch ``F.interpolate(mode='bilinear', align_corners=False)``, computed as its CPU kernel
+    does (``jax.image.resize(method='bilinear')`` to float rounding). numpy in ->
     numpy out (host), jax in -> jax out (jittable; ``size`` must be static).
     """
     return _resize_separable(images, size, "bilinear")

@@ -42,7 +42,8 @@ from typing import Any, Tuple, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from cfm_jax.data import image_ops
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
@@ -53,53 +54,6 @@ _Pair = Union[int, Tuple[int, int]]
 
 def _pair(v: _Pair) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
-
-
-# ----------------------------------------------------------------------------------
-# Input handling
-# ----------------------------------------------------------------------------------
-
-
-def _linear_taps(in_size: int, out_size: int):
-    """Source indices (i0, i1) and weights (w0, w1), each [out_size], of PyTorch's
-    bilinear resize along one axis with `align_corners=False` and no antialiasing.
-
-    Source coordinate `(dst + 0.5) * in/out - 0.5`, clamped below at 0 (PyTorch's
-    clamp; it makes the first/last output rows copies of the edge rows when
-    up-sampling); `i1 = min(i0 + 1, in - 1)`. The scale `in/out` is a float32 and the
-    coordinate is rounded to float32 once, after the multiply-add, as ATen's compiled
-    kernel does (a fused multiply-add): the weights then equal PyTorch's (CPU) bit for
-    bit; rounding the product separately moves them by up to 1 float32 ulp of the
-    coordinate (4e-6 at 300 pixels).
-    """
-    scale = np.float64(np.float32(in_size) / np.float32(out_size))
-    dst = np.arange(out_size, dtype=np.float64) + 0.5  # exact
-    src = (dst * scale - 0.5).astype(np.float32)  # float32 * float32 is exact in float64: one rounding
-    src = np.maximum(src, np.float32(0.0))
-    i0 = np.minimum(src.astype(np.int64), in_size - 1)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    w1 = (src - i0.astype(np.float32)).astype(np.float32)
-    w0 = (np.float32(1.0) - w1).astype(np.float32)
-    return i0, i1, w0, w1
-
-
-def resize_bilinear(x: jax.Array, size: _Pair) -> jax.Array:
-    """Bilinear resize of NHWC `x` [B, H, W, C] to [B, *size, C] in float32, matching
-    `torch.nn.functional.interpolate(x, size, mode="bilinear", align_corners=False)`
-    (no antialiasing, also when down-sampling; this is what pytorch-fid does).
-
-    Separable: rows first, then columns, each output a two-tap blend of gathered
-    inputs (cheaper than a resize matrix for large inputs). Same size: returned as is.
-    """
-    out_h, out_w = _pair(size)
-    x = jnp.asarray(x, jnp.float32)
-    _, h, w, _ = x.shape
-    if (h, w) != (out_h, out_w):
-        i0, i1, w0, w1 = _linear_taps(h, out_h)
-        x = x[:, i0] * w0[None, :, None, None] + x[:, i1] * w1[None, :, None, None]  # [B, out_h, W, C]
-        i0, i1, w0, w1 = _linear_taps(w, out_w)
-        x = x[:, :, i0] * w0[None, None, :, None] + x[:, :, i1] * w1[None, None, :, None]  # [B, out_h, out_w, C]
-    return x
 
 
 # ----------------------------------------------------------------------------------
@@ -286,7 +240,7 @@ class FIDInceptionV3(nn.Module):
             raise ValueError(f"FIDInceptionV3 expects NHWC RGB images [B, H, W, 3], got shape {x.shape}")
         x = jnp.asarray(x, jnp.float32)
         if self.resize_input:
-            x = resize_bilinear(x, INPUT_SIZE)  # [B, 299, 299, 3]
+            x = image_ops.resize(x, INPUT_SIZE, "bilinear")  # [B, 299, 299, 3]
         if self.normalize_input:
             x = 2.0 * x - 1.0
         x = x.astype(self.dtype)
@@ -326,4 +280,4 @@ def abstract_variables(model: FIDInceptionV3):
 
 
 __all__ = ["FIDInceptionV3", "BasicConv2d", "InceptionA", "InceptionB", "InceptionC", "InceptionD",
-           "InceptionE", "resize_bilinear", "abstract_variables", "INPUT_SIZE", "FEATURE_DIM"]
+           "InceptionE", "abstract_variables", "INPUT_SIZE", "FEATURE_DIM"]
