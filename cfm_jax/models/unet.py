@@ -449,7 +449,42 @@ class EfficientUNet(nn.Module):
         `context` [B, H, W, Cc] is concatenated to `x` on channels (so C + Cc must
         equal `in_channels`). Dropout, when `train` and `dropout > 0`, draws from
         the 'dropout' rng. The output is float32 whatever the compute dtype.
+
+        The layout is the original's: time embedding, optional pooling, encoder (`input_blocks`),
+        middle block, decoder (`output_blocks`, each consuming one encoder skip), output head.
         """
+        x = self._check_inputs(x, context)
+        emb = self._time_embedding(t, x.shape[0])
+        h = x.astype(self.dtype)
+        if self.pool_factor > 1:
+            p = self.pool_factor
+            h = nn.Conv(self.model_channels, (p, p), strides=(p, p), padding="VALID", name="pool",
+                        **_layer_inits(self.param_init, (p, p, h.shape[-1], self.model_channels)), **self._kw)(h)
+        h, skips = self._encoder(h, emb, train)
+        h = self._middle(h, emb, train)
+        h = self._decoder(h, skips, emb, train)
+        return self._head(h).astype(jnp.float32)
+
+    # The parts of __call__, in order. Submodules are named as the original's state dict
+    # (`input_blocks_{i}_{j}` is torch's `input_blocks.i.j`), so checkpoints convert one to one.
+
+    @property
+    def _kw(self) -> dict:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def _blocks(self):
+        """The res-block and attention classes (rematerialised per ``remat``; lifted transforms
+        keep the module names) and their keyword arguments."""
+        init, pad, kw = self.param_init, self.padding_mode, self._kw
+        res_kw = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
+                      param_init=init, padding_mode=pad, norm=self.norm, **kw)
+        attn_kw = dict(num_heads=self.num_heads, dim_head=self.dim_head, param_init=init, norm=self.norm, **kw)
+        res_block = functools.partial(_remat(ResBlock, self.remat, static_argnums=(3,)), **res_kw)  # (self, x, emb, train)
+        attention = functools.partial(_remat(SpatialSelfAttention, self.remat), **attn_kw)
+        return res_block, attention, dict(param_init=init, padding_mode=pad, **kw)
+
+    def _check_inputs(self, x, context):
+        """Checks the options and shapes; returns `x` with `context` concatenated on channels."""
         if self.pool_factor > 1 and self.pool_factor not in _POOL_FACTORS:
             raise ValueError(f"pool_factor must be <= 1 or one of {_POOL_FACTORS}, got {self.pool_factor}")
         _check_init(self.param_init)
@@ -465,84 +500,88 @@ class EfficientUNet(nn.Module):
                 f"EfficientUNet expects in_channels={self.in_channels} channels (x and context "
                 f"concatenated, NHWC), got {x.shape[-1]} (x {x.shape}, context "
                 f"{None if context is None else context.shape})")
+        return x
 
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    def _time_embedding(self, t, batch: int):
+        """[B, 4 * model_channels]: sinusoidal embedding of `t`, then Linear, SiLU, Linear."""
         mc, init = self.model_channels, self.param_init
-        b = x.shape[0]
-        pad = self.padding_mode
-        res_kw = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-                      param_init=init, padding_mode=pad, norm=self.norm, **kw)
-        attn_kw = dict(num_heads=self.num_heads, dim_head=self.dim_head, param_init=init, norm=self.norm, **kw)
-        resample_kw = dict(param_init=init, padding_mode=pad, **kw)
-        # Same parameter names with or without remat (lifted transforms keep module names).
-        ResBlock_ = _remat(ResBlock, self.remat, static_argnums=(3,))  # (self, x, emb, train)
-        Attention_ = _remat(SpatialSelfAttention, self.remat)
-        axes = tuple(self.activation_axes)
-
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
         emb = timestep_embedding(t, mc)  # [B, mc], float32
-        emb = _dense(4 * mc, mc, init, "time_embed_0", **kw)(emb)
-        emb = _dense(4 * mc, 4 * mc, init, "time_embed_2", **kw)(nn.silu(emb))  # [B, 4*mc]
+        emb = _dense(4 * mc, mc, init, "time_embed_0", **self._kw)(emb)
+        return _dense(4 * mc, 4 * mc, init, "time_embed_2", **self._kw)(nn.silu(emb))
 
-        h = x.astype(self.dtype)
-        if self.pool_factor > 1:
-            p = self.pool_factor
-            h = nn.Conv(mc, (p, p), strides=(p, p), padding="VALID", name="pool",
-                        **_layer_inits(init, (p, p, h.shape[-1], mc)), **kw)(h)
-
-        # Encoder. Block i of torch's `input_blocks` is named `input_blocks_{i}_{j}`.
-        h = _conv3x3(mc, h.shape[-1], init, name="input_blocks_0_0", padding_mode=pad, **kw)(h)
-        hs = [h]
+    def _encoder(self, h, emb, train):
+        """`input_blocks`: a 3x3 conv, then per level `num_res_blocks` res blocks (with attention
+        at `attention_resolutions`) and a downsampling. Returns `h` and every block's output
+        (the decoder's skips)."""
+        res_block, attention, resample_kw = self._blocks()
+        axes = tuple(self.activation_axes)
+        mc = self.model_channels
+        h = _conv3x3(mc, h.shape[-1], self.param_init, name="input_blocks_0_0", padding_mode=self.padding_mode,
+                     **self._kw)(h)
+        skips = [h]
         block, ds = 1, 1
         for level, mult in enumerate(self.channel_mult):
             for _ in range(self.num_res_blocks):
-                h = ResBlock_(mult * mc, name=f"input_blocks_{block}_0", **res_kw)(h, emb, train)
+                h = res_block(mult * mc, name=f"input_blocks_{block}_0")(h, emb, train)
                 if ds in self.attention_resolutions:
-                    h = Attention_(use_linear=self.use_linear_attn,
-                                   name=f"input_blocks_{block}_1", **attn_kw)(h)
+                    h = attention(use_linear=self.use_linear_attn, name=f"input_blocks_{block}_1")(h)
                 h = _constrain(h, axes)
-                hs.append(h)
+                skips.append(h)
                 block += 1
             if level != len(self.channel_mult) - 1:
                 h = Downsample(self.conv_resample, name=f"input_blocks_{block}_0", **resample_kw)(h)
-                hs.append(h)
+                skips.append(h)
                 block += 1
                 ds *= 2
+        return h, skips
 
+    def _middle(self, h, emb, train):
+        """`middle_block`: res block, full (softmax) attention, res block."""
+        res_block, attention, _ = self._blocks()
         ch = h.shape[-1]
-        h = ResBlock_(ch, name="middle_block_0", **res_kw)(h, emb, train)
-        h = Attention_(use_linear=False, name="middle_block_1", **attn_kw)(h)
-        h = ResBlock_(ch, name="middle_block_2", **res_kw)(h, emb, train)
-        h = _constrain(h, axes)
+        h = res_block(ch, name="middle_block_0")(h, emb, train)
+        h = attention(use_linear=False, name="middle_block_1")(h)
+        h = res_block(ch, name="middle_block_2")(h, emb, train)
+        return _constrain(h, tuple(self.activation_axes))
 
-        # Decoder: each block consumes one skip, concatenated after h (torch.cat([h, skip])).
+    def _decoder(self, h, skips, emb, train):
+        """`output_blocks`: per level, from the lowest resolution, `num_res_blocks + 1` res
+        blocks, each on `h` concatenated with the last skip (torch.cat([h, skip])), with
+        attention where the encoder had it and an upsampling after the level's last block."""
+        res_block, attention, resample_kw = self._blocks()
+        axes = tuple(self.activation_axes)
+        skips = list(skips)
+        ds = 2 ** (len(self.channel_mult) - 1)
         block = 0
         for level, mult in list(enumerate(self.channel_mult))[::-1]:
             for i in range(self.num_res_blocks + 1):
-                h = jnp.concatenate([h, hs.pop()], axis=-1)
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
                 j = 0
-                h = ResBlock_(mult * mc, name=f"output_blocks_{block}_{j}", **res_kw)(h, emb, train)
+                h = res_block(mult * self.model_channels, name=f"output_blocks_{block}_{j}")(h, emb, train)
                 if ds in self.attention_resolutions:
                     j += 1
-                    h = Attention_(use_linear=self.use_linear_attn,
-                                   name=f"output_blocks_{block}_{j}", **attn_kw)(h)
+                    h = attention(use_linear=self.use_linear_attn, name=f"output_blocks_{block}_{j}")(h)
                 if level and i == self.num_res_blocks:
                     j += 1
                     h = Upsample(self.conv_resample, name=f"output_blocks_{block}_{j}", **resample_kw)(h)
                     ds //= 2
                 h = _constrain(h, axes)
                 block += 1
+        return h
 
+    def _head(self, h):
+        """`out`: GroupNorm, SiLU and a zero-initialised 3x3 conv to `out_channels` (with
+        pooling: a 3x3 conv and the transposed-conv un-pooling)."""
+        mc, init, pad, kw = self.model_channels, self.param_init, self.padding_mode, self._kw
         h = nn.silu(_norm_layer(self.dtype, self.param_dtype, "out_0", self.norm)(h))
         if self.pool_factor > 1:
             p = self.pool_factor
             h = _conv3x3(mc, h.shape[-1], init, name="out_2", padding_mode=pad, **kw)(h)  # no zero-init: as the original
             un_pool_kernel = (p, p, mc, self.out_channels)  # torch ConvTranspose2d: fan_in = out * p * p
-            h = nn.ConvTranspose(self.out_channels, (p, p), strides=(p, p), padding="VALID", name="un_pool",
-                                 **_layer_inits(init, un_pool_kernel, transposed=True), **kw)(h)
-        else:
-            h = _conv3x3(self.out_channels, h.shape[-1], init, name="out_2", zero=True, padding_mode=pad, **kw)(h)
-        return h.astype(jnp.float32)
+            return nn.ConvTranspose(self.out_channels, (p, p), strides=(p, p), padding="VALID", name="un_pool",
+                                    **_layer_inits(init, un_pool_kernel, transposed=True), **kw)(h)
+        return _conv3x3(self.out_channels, h.shape[-1], init, name="out_2", zero=True, padding_mode=pad, **kw)(h)
 
 
 def count_params(model: nn.Module, input_hw: Sequence[int] = (16, 16)) -> int:
