@@ -66,10 +66,23 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from bench import bench_upsample  # noqa: E402  (its flags --small, --batches, --num_steps, ... are shared)
 from bench.timing import timed  # noqa: E402
+from cfm_jax import flops as flops_lib, sharding  # noqa: E402
+from cfm_jax.ema import EMAConfig, ema_update  # noqa: E402
+from cfm_jax.first_stage import IdentityFirstStage  # noqa: E402
+from cfm_jax.model import CFMUpsampler  # noqa: E402
+from cfm_jax.models.unet import count_params  # noqa: E402
+from cfm_jax.optim import make_optimizer  # noqa: E402
+from cfm_jax.solvers import SolverSpec  # noqa: E402
+from cfm_jax.trainer import abstract_train_state, create_train_state, make_train_step  # noqa: E402
+from configs import load_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_CONFIG = os.path.join(ROOT, "configs/flow400_64-128/unet_base_psu.py")
@@ -185,9 +198,6 @@ def predict_memory(points: list[tuple[int, int]], batch: int, fixed_bytes: int) 
 def residual_bytes_per_example(up, size: int, abstract_params) -> int:
     """Bytes per example of the residuals ``jax.vjp`` of the training loss keeps for the
     backward pass (traced with ``jax.eval_shape`` at batch 1 and 2: no compile, no memory)."""
-    import jax
-    import jax.numpy as jnp
-
     def residual_bytes(b):
         batch = {k: jax.ShapeDtypeStruct((b, size, size, up.first_stage.latent_channels), jnp.float32)
                  for k in ("latent", "latent_lowres")}
@@ -302,8 +312,6 @@ class Reporter:
 
 def paper_config(small: bool, latent_size: int):
     """The paper's config (a tiny UNet with ``small``) for ``latent_size``² latents."""
-    from configs import load_config
-
     config = load_config(PAPER_CONFIG)
     if small:
         # one level, one res block, attention at full resolution: every kind of block, compiled fast
@@ -314,8 +322,6 @@ def paper_config(small: bool, latent_size: int):
 
 
 def device_memory_limit(override_gib: float) -> tuple[int, str]:
-    import jax
-
     if override_gib > 0:
         return int(override_gib * GIB), "--memory_limit_gib"
     try:
@@ -331,17 +337,6 @@ def device_memory_limit(override_gib: float) -> tuple[int, str]:
 def train_section(config, size, candidates, limit, report, budget, steps, peak, profile_dir, profile_steps):
     """Batch search, then the timed train step at the largest fitting batch. Returns the
     pieces the breakdown reuses (or None when nothing fits)."""
-    import jax
-    import numpy as np
-
-    from cfm_jax import flops as flops_lib, sharding
-    from cfm_jax.ema import EMAConfig
-    from cfm_jax.first_stage import IdentityFirstStage
-    from cfm_jax.models.unet import count_params
-    from cfm_jax.optim import make_optimizer
-    from cfm_jax.trainer import abstract_train_state, create_train_state, make_train_step
-    from cfm_jax.model import CFMUpsampler
-
     # Latent records carry latent_lowres on the high-res grid: the loss never calls the first
     # stage, so a shape-only stand-in serves (as in bench_train.py).
     fs = IdentityFirstStage(latent_channels=config.model.out_channels, downsample_factor=8,
@@ -457,14 +452,6 @@ def train_section(config, size, candidates, limit, report, budget, steps, peak, 
 
 def breakdown_section(config, size, pieces, peak, report, repeats):
     """Forward alone, forward without the level attention blocks, optimizer + EMA alone."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from cfm_jax import flops as flops_lib
-    from cfm_jax.ema import ema_update
-    from cfm_jax.model import CFMUpsampler
-
     up, state, batch = pieces["up"], pieces["state"], pieces["batch"]
     b = pieces["per_device_batch"]
     x1, lowres = up.scaled_latents(batch)
@@ -513,10 +500,6 @@ def breakdown_section(config, size, pieces, peak, report, repeats):
 def upsample_section(small, batches, num_steps, vae_dtype, report, budget, repeats, first_need: float):
     """``bench_upsample.measure`` per batch; a batch is skipped when less budget is left than
     ``first_need`` seconds (the first) or 1.2 x the previous batch's time."""
-    import jax
-
-    from cfm_jax.solvers import SolverSpec
-
     ups, params, config = bench_upsample.build(small, vae_dtype)
     solver = SolverSpec(method=bench_upsample._METHOD.value, num_steps=num_steps)
     last = None
@@ -542,7 +525,6 @@ def main(argv):
     del argv
     t_start = time.perf_counter()
     small = _SMALL.value
-    import jax
 
     report = Reporter(_OUT.value)
     budget = Budget(_BUDGET.value if _BUDGET.value is not None else (300.0 if small else 450.0))

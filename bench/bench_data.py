@@ -34,7 +34,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+
+from cfm_jax import sharding  # noqa: E402
+from cfm_jax.data import photos, pipeline, records  # noqa: E402
 
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "Loader worker counts to time.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Loader batch size (per process).")
@@ -49,8 +54,6 @@ _TMP = flags.DEFINE_string("tmp", "", "Scratch folder (default: a temporary fold
 
 
 def _loader_rate(path: str, workers: int, batch_size: int, num_batches: int, with_pixels: bool) -> dict:
-    from cfm_jax.data import pipeline
-
     loader = pipeline.make_record_loader(path, batch_size=batch_size, seed=0, flip=True, worker_count=workers,
                                          worker_buffer_size=4, with_pixels=with_pixels)
     it = iter(loader)
@@ -69,10 +72,6 @@ def _loader_rate(path: str, workers: int, batch_size: int, num_batches: int, wit
 
 def _write_paper_shaped(path: str, n: int) -> None:
     """Synthetic records with the paper's shapes, written like the preparation command does."""
-    import numpy as np
-
-    from cfm_jax.data import records
-
     features = records.features_dict(image_size=1024, latent_size=128, latent_channels=4, with_moments=False)
     rng = np.random.default_rng(0)
     shard_lengths, num_bytes = [], 0
@@ -101,16 +100,13 @@ def _write_paper_shaped(path: str, n: int) -> None:
 
 
 def _train_rate(steps: int) -> dict:
-    import jax
-    import numpy as np
-
-    from cfm_jax import sharding
-    from cfm_jax.data import photos
-    from cfm_jax.ema import EMAConfig
-    from cfm_jax.optim import make_optimizer
-    from cfm_jax.trainer import create_train_state, make_train_step
-    from cfm_jax.model import CFMUpsampler
-    from configs.quickstart import get_config
+    # Not at the top: grain's loader workers are spawned processes that run this script's top level
+    # again (as __mp_main__), so what sits there is imported by every worker, in its timed start-up.
+    from cfm_jax.ema import EMAConfig  # lazy: kept out of grain's loader workers (see above)
+    from cfm_jax.model import CFMUpsampler  # lazy: kept out of the loader workers
+    from cfm_jax.optim import make_optimizer  # lazy: kept out of the loader workers
+    from cfm_jax.trainer import create_train_state, make_train_step  # lazy: kept out of the loader workers
+    from configs.quickstart import get_config  # lazy: kept out of the loader workers
 
     config = get_config()
     mesh = sharding.make_data_mesh()
@@ -136,9 +132,7 @@ def _train_rate(steps: int) -> dict:
 
 def main(argv):
     del argv
-    import jax
-
-    from cfm_jax.data import prepare
+    from cfm_jax.data import prepare  # lazy: kept out of grain's loader workers (see _train_rate)
 
     workers = [int(w) for w in _WORKERS.value]
     tmp = _TMP.value or tempfile.mkdtemp(prefix="cfm_bench_data_")

@@ -24,14 +24,20 @@ import json
 import os
 import sys
 
+import dm_pix
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cfm_jax import metrics  # noqa: E402
+from cfm_jax.data import image_ops, photos  # noqa: E402
+from cfm_jax.ema import EMAConfig, ema_decay  # noqa: E402
+from cfm_jax.optim import learning_rate_schedule  # noqa: E402
+from configs.common import base_config  # noqa: E402
+
 
 def _crops(size: int) -> np.ndarray:
-    from cfm_jax.data import photos
     out = []
     for split in ("train", "validation"):
         for img in photos.load_photos(split):
@@ -44,9 +50,6 @@ def _crops(size: int) -> np.ndarray:
 
 
 def ssim_and_mse(size: int) -> dict:
-    import dm_pix
-    from cfm_jax import metrics
-    from cfm_jax.data import image_ops
     hr = _crops(size)
     out = {"num_images": int(hr.shape[0]), "crop": size}
     for factor in (2, 4):
@@ -94,9 +97,6 @@ def fid_resize() -> dict:
 
 
 def accumulation(n: int) -> dict:
-    from cfm_jax.ema import EMAConfig, ema_decay
-    from cfm_jax.optim import learning_rate_schedule
-    from configs.common import base_config
     c = base_config()
     sched = learning_rate_schedule(c.optim)
     ema = EMAConfig.from_config(c.ema)

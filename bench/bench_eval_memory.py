@@ -37,7 +37,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a host-memory benchmark: the run and eval.py on the CPU
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from cfm_jax import checkpointing, sharding  # noqa: E402
+from cfm_jax.data import photos, prepare  # noqa: E402
+from cfm_jax.model import CFMUpsampler  # noqa: E402
+from cfm_jax.optim import make_optimizer  # noqa: E402
+from cfm_jax.trainer import create_train_state  # noqa: E402
+from configs.quickstart import get_config  # noqa: E402
 
 _SIZES = flags.DEFINE_list("sizes", ["64", "512", "2048"], "Numbers of evaluated images.")
 _SOURCE = flags.DEFINE_enum("source", "records", ["records", "images"], "Evaluation set: prepared records or an "
@@ -58,8 +68,6 @@ _WRAPPER = ("import resource, subprocess, sys\n"
 
 
 def _config(records: str, image_size: int):
-    from configs.quickstart import get_config
-
     c = get_config()
     c.data.update(name="records", path=records, prepare_photos=False, image_size=image_size,
                   lowres_size=image_size // 2)
@@ -69,13 +77,6 @@ def _config(records: str, image_size: int):
 
 def _make_run(workdir: str, config) -> None:
     """config.json and a step-0 checkpoint of a randomly initialised model (what eval.py reads)."""
-    import jax
-
-    from cfm_jax import checkpointing, sharding
-    from cfm_jax.optim import make_optimizer
-    from cfm_jax.trainer import create_train_state
-    from cfm_jax.model import CFMUpsampler
-
     up = CFMUpsampler(config)
     tx, _ = make_optimizer(config.optim)
     state = create_train_state(up, tx, jax.random.PRNGKey(0), up.latent_size(config.data.image_size),
@@ -90,8 +91,6 @@ def _make_run(workdir: str, config) -> None:
 
 def _make_records(out: str, num: int, image_size: int) -> None:
     """``num`` random crops of the two validation photos as pixel-space records (split validation)."""
-    from cfm_jax.data import prepare
-
     prepare.prepare("photos:validation", out, split="validation", image_size=image_size,
                     lowres_size=image_size // 2, first_stage="identity", short_side=0, crop="random",
                     crops_per_image=-(-num // 2), images_per_shard=1, progress=False)
@@ -100,11 +99,6 @@ def _make_records(out: str, num: int, image_size: int) -> None:
 
 def _make_images(out: str, num: int, image_size: int) -> None:
     """``num`` validation crops of the bundled photos as PNG files."""
-    import numpy as np
-    from PIL import Image
-
-    from cfm_jax.data import photos
-
     os.makedirs(out, exist_ok=True)
     crops = photos.PhotoCrops("validation", image_size, image_size // 2, 64)
     for b in range(-(-num // 64)):

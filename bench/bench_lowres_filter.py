@@ -50,6 +50,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+from skimage.metrics import structural_similarity  # noqa: E402
+
+from cfm_jax.data import image_ops, photos  # noqa: E402
 
 TILE = 240  # divisible by 2, 3, 4, 8, 1.5 (240 / 1.5 = 160) and 2.5 (96)
 METRICS = ("aliasing_psnr", "bicubic_psnr", "bicubic_ssim", "bilinear_psnr", "bilinear_ssim")
@@ -85,8 +88,6 @@ def psnr(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 def ssim(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Per-image SSIM, the settings of ``cfm_jax.metrics.ssim`` (see its module docstring)."""
-    from skimage.metrics import structural_similarity
-
     return np.array([structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
                                            data_range=1.0, channel_axis=-1)
                      for a, b in zip(to_unit(pred), to_unit(target))])
@@ -97,8 +98,6 @@ def main(argv=None) -> dict:
     p.add_argument("--factors", default="2,3,4,8,1.5,2.5", help="down-sampling factors (image / low-res side)")
     p.add_argument("--tiles", type=int, default=2, help="at most tiles x tiles 240-px tiles per photo")
     args = p.parse_args(argv)
-
-    from cfm_jax.data import image_ops, photos
 
     start = time.time()
     factors = [float(f) for f in args.factors.split(",")]

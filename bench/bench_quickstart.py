@@ -22,11 +22,20 @@ import shutil
 import sys
 import time
 
+import jax
+import ml_collections
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from cfm_jax import checkpointing, evaluation, sampling, sharding, trainer  # noqa: E402
+from cfm_jax.data import image_ops, records, train_data  # noqa: E402
+from cfm_jax.data.train_data import make_data  # noqa: E402
+from cfm_jax.model import CFMUpsampler  # noqa: E402
+from cfm_jax.solvers import SolverSpec  # noqa: E402
 
 
 def border_profile(ups, params, eval_set, solver, depth: int = 8) -> dict:
@@ -34,12 +43,6 @@ def border_profile(ups, params, eval_set, solver, depth: int = 8) -> dict:
     solver's prediction and for bicubic, and the mean signed error (prediction - truth, in
     [0, 1] units) at d = 0: how much of the error sits in a frame, and whether it is light or
     dark."""
-    import jax
-    import numpy as np
-
-    from cfm_jax import sampling
-    from cfm_jax.data import image_ops
-
     predict = jax.jit(lambda p, b, k: ups.predict(p, b, k, solver=solver)[0])
     latents = ups.make_latents_fn()
     sq = {"cfm": [], "bicubic": []}
@@ -68,10 +71,6 @@ def linear_reference(records_path: str, *, taps: int = 6, num_train: int = 1500,
     ``taps x taps`` filter on the low-res image (edge-padded), fitted on ``num_train`` training
     crops of the records and scored on the validation crops (PSNR of the mean MSE, full and
     interior), beside bicubic. Also the oracle fitted on the validation crops themselves."""
-    import numpy as np
-
-    from cfm_jax.data import image_ops, records
-
     def load(split, n):
         src = records.data_source(records_path, split)
         idx = np.linspace(0, len(src) - 1, min(n, len(src))).astype(int)
@@ -141,10 +140,6 @@ def main(argv) -> dict:
     if not _NAME.value:
         raise app.UsageError("--name is required")
 
-    import ml_collections
-
-    from cfm_jax.data import train_data
-
     crops = _TRAIN_CROPS.value or train_data.PHOTO_TRAIN_CROPS
     train_data.PHOTO_TRAIN_CROPS = crops  # ensure_photo_records reads it when it prepares
     c = _CONFIG.value
@@ -156,16 +151,10 @@ def main(argv) -> dict:
     if not _EVALUATE_ONLY.value:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    from cfm_jax import checkpointing, evaluation, sharding
-    from cfm_jax.data.train_data import make_data
-    from cfm_jax.solvers import SolverSpec
-    from cfm_jax.trainer import train
-    from cfm_jax.model import CFMUpsampler
-
     overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
     t0 = time.time()
     if not _EVALUATE_ONLY.value:
-        train(c, workdir)
+        trainer.train(c, workdir)
     out = {"name": _NAME.value, "train_crops": crops, "overrides": overrides, "online": _ONLINE.value,
            "train_seconds": round(time.time() - t0, 1), "rim": _RIM.value, "scores": {}}
     params = checkpointing.read_params(workdir, use_ema=not _ONLINE.value)

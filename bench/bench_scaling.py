@@ -48,8 +48,17 @@ from importlib import metadata
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import jax  # noqa: E402  (a --worker run has its XLA_FLAGS device count from the parent's env, set before it started)
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from cfm_jax import sharding  # noqa: E402
+from cfm_jax.ema import EMAConfig  # noqa: E402
+from cfm_jax.model import CFMUpsampler  # noqa: E402
+from cfm_jax.models.unet import count_params  # noqa: E402
+from cfm_jax.optim import make_optimizer  # noqa: E402
+from cfm_jax.trainer import abstract_train_state, create_train_state, make_train_step  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs/quickstart.py"), "Config file.",
                                           lock_config=True)
@@ -80,16 +89,6 @@ def _mesh_sizes(n: int, mode: str) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------- worker: one run
 def _worker(n: int, mode: str) -> dict:
-    import jax
-    import numpy as np
-
-    from cfm_jax import sharding
-    from cfm_jax.ema import EMAConfig
-    from cfm_jax.models.unet import count_params
-    from cfm_jax.optim import make_optimizer
-    from cfm_jax.trainer import abstract_train_state, create_train_state, make_train_step
-    from cfm_jax.model import CFMUpsampler
-
     if jax.device_count() != n:
         raise RuntimeError(f"Expected {n} devices, JAX sees {jax.device_count()} (XLA_FLAGS not honoured?).")
     config = _CONFIG.value

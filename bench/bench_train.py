@@ -19,8 +19,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from cfm_jax import compile_options, sharding  # noqa: E402
+from cfm_jax.ema import EMAConfig  # noqa: E402
+from cfm_jax.first_stage import IdentityFirstStage, build_first_stage, scale_latents  # noqa: E402
+from cfm_jax.model import CFMUpsampler  # noqa: E402
+from cfm_jax.models.unet import count_params  # noqa: E402
+from cfm_jax.optim import make_optimizer  # noqa: E402
+from cfm_jax.solvers import SolverSpec  # noqa: E402
+from cfm_jax.trainer import abstract_train_state, create_train_state, make_train_step  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file.", lock_config=True)
 _LATENT = flags.DEFINE_integer("latent_size", None, "High-res latent size (default: from data.image_size).")
@@ -40,18 +51,6 @@ def _median_time(fn, n):
 
 def main(argv):
     del argv
-    import jax
-    import numpy as np
-
-    from cfm_jax import compile_options, sharding
-    from cfm_jax.ema import EMAConfig
-    from cfm_jax.first_stage import IdentityFirstStage, build_first_stage, scale_latents
-    from cfm_jax.models.unet import count_params
-    from cfm_jax.optim import make_optimizer
-    from cfm_jax.solvers import SolverSpec
-    from cfm_jax.trainer import abstract_train_state, create_train_state, make_train_step
-    from cfm_jax.model import CFMUpsampler
-
     config = _CONFIG.value
     try:
         first_stage = build_first_stage(config)

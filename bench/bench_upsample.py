@@ -25,9 +25,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from bench.timing import timed  # noqa: E402
+from cfm_jax.first_stage import SD_SCALE_FACTOR, AutoencoderFirstStage  # noqa: E402
+from cfm_jax.model import CFMUpsampler  # noqa: E402
+from cfm_jax.models.autoencoder import AutoencoderKL, abstract_params  # noqa: E402
+from cfm_jax.solvers import SolverSpec  # noqa: E402
+from configs import load_config  # noqa: E402
 
 _BATCHES = flags.DEFINE_list("batches", ["1", "4"], "Batch sizes.")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 41, "Grid points of the solver (41 = 40 Euler steps).")
@@ -41,17 +49,6 @@ _SMALL = flags.DEFINE_bool("small", False, "Tiny UNet and autoencoder, 32² -> 6
 
 def build(small: bool, vae_dtype: str):
     """``(upsampler, unet params, lowres_factor)`` of the paper config with random weights."""
-
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from cfm_jax.first_stage import SD_SCALE_FACTOR, AutoencoderFirstStage
-    from cfm_jax.models.autoencoder import AutoencoderKL, abstract_params
-    from cfm_jax.model import CFMUpsampler
-
-    from configs import load_config
-
     config = load_config()
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[vae_dtype]
     vae = AutoencoderKL(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, dtype=dtype) if small else AutoencoderKL(
@@ -74,9 +71,6 @@ def measure(ups, params, config, batch: int, *, solver, repeats: int, lowres_sid
             vae_dtype: str = "float32", small: bool = False) -> dict:
     """One JSON row: PSU, flow and decode of ``batch`` random low-res latents, each compiled
     ahead of time and timed (median of ``repeats`` after a warm-up); see the module docstring."""
-    import jax
-    import jax.numpy as jnp
-
     fs = ups.first_stage
     out_latent = config.data.image_size // fs.downsample_factor
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
@@ -113,8 +107,6 @@ def measure(ups, params, config, batch: int, *, solver, repeats: int, lowres_sid
 
 def main(argv):
     del argv
-    from cfm_jax.solvers import SolverSpec
-
     ups, params, config = build(_SMALL.value, _VAE_DTYPE.value)
     solver = SolverSpec(method=_METHOD.value, num_steps=_NUM_STEPS.value)
     for b in (int(v) for v in _BATCHES.value):

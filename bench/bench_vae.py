@@ -17,9 +17,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from bench.timing import timed as _timed  # noqa: E402
+from cfm_jax.first_stage import AutoencoderFirstStage, load_autoencoder  # noqa: E402
+from cfm_jax.models.autoencoder import AutoencoderKL, abstract_params  # noqa: E402
 
 _VAE = flags.DEFINE_string("vae", "", "VAE checkpoint (file, diffusers folder or converted folder); "
                            "empty: SD architecture with random weights.")
@@ -34,13 +39,6 @@ _SMALL = flags.DEFINE_bool("small", False, "A tiny autoencoder instead of SD's (
 
 def main(argv):
     del argv
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from cfm_jax.first_stage import AutoencoderFirstStage, load_autoencoder
-    from cfm_jax.models.autoencoder import AutoencoderKL, abstract_params
-
     dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
     if _VAE.value:
         model, params, scale = load_autoencoder(_VAE.value, dtype=dtype)

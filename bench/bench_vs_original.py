@@ -51,7 +51,7 @@ _OUT = flags.DEFINE_string("out", None, "Append the result line to this file.")
 _SMALL = flags.DEFINE_bool("small", False, "A tiny UNet on both sides (checks the script; the numbers mean nothing).")
 _WORKER = flags.DEFINE_string("worker_spec", None, "Internal: run one cfm-jax measurement (JSON spec).")
 
-from configs import PAPER_CONFIG  # noqa: E402
+from configs import PAPER_CONFIG, load_config  # noqa: E402
 
 # --small: one level, one res block, attention at full resolution (the original's kwarg names)
 SMALL_UNET = dict(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(1,),
@@ -62,19 +62,20 @@ def jax_measurement(spec: dict) -> dict:
     """One cfm-jax measurement in this process: the paper config in fp32, the same shapes as the
     original's worker, the train step of train.py (Adam, EMA, metrics) or the Euler sampler of
     eval.py / upsample (``CFMUpsampler.sample`` with a ``SolverSpec``)."""
-    import jax
-    import numpy as np
+    # Imported here, in the --worker_spec process only: the parent stays free of jax, because a
+    # child's ru_maxrss (the peak RSS both sides report) starts at its parent's RSS when it is spawned.
+    import jax  # lazy: worker only (see above)
+    import numpy as np  # lazy: worker only
 
-    from cfm_jax import compile_options, host_memory, sharding
-    from cfm_jax.ema import EMAConfig
-    from cfm_jax.first_stage import IdentityFirstStage
-    from cfm_jax.models.unet import count_params
-    from cfm_jax.optim import make_optimizer
-    from cfm_jax.solvers import SolverSpec
-    from cfm_jax.trainer import abstract_train_state, create_train_state, make_train_step
-    from cfm_jax.model import CFMUpsampler
-    import xla_profile
-    from configs import load_config
+    from cfm_jax import compile_options, host_memory, sharding  # lazy: worker only
+    from cfm_jax.ema import EMAConfig  # lazy: worker only
+    from cfm_jax.first_stage import IdentityFirstStage  # lazy: worker only
+    from cfm_jax.model import CFMUpsampler  # lazy: worker only
+    from cfm_jax.models.unet import count_params  # lazy: worker only
+    from cfm_jax.optim import make_optimizer  # lazy: worker only
+    from cfm_jax.solvers import SolverSpec  # lazy: worker only
+    from cfm_jax.trainer import abstract_train_state, create_train_state, make_train_step  # lazy: worker only
+    import xla_profile  # lazy: worker only (it imports jax)
 
     config = load_config(PAPER_CONFIG)
     config.model.dtype = "float32"  # the original's fp32 (it trains bf16-mixed on GPUs)

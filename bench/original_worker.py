@@ -10,6 +10,7 @@ default), so it uses only the standard library, torch and the original's own mod
 ``FlowModel.generate`` (torchdiffeq Euler), its ``EMA`` class and ``torch.optim.Adam`` as in
 its ``trainer.py``. Prints one JSON line ``RESULT {...}``.
 """
+import collections
 import json
 import resource
 import statistics
@@ -63,9 +64,7 @@ def _category(event) -> str:
 
 def _profile(fn, calls: int, top: int = 12) -> dict:
     """Self CPU time per category (ms per call) of ``calls`` calls of ``fn`` under torch.profiler."""
-    import collections
-
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile  # lazy: torch is slow to import (see main)
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         t0 = time.perf_counter()
@@ -91,14 +90,14 @@ def _peak_rss_mib() -> float:
 
 
 def main(spec: dict) -> dict:
-    import torch
+    import torch  # lazy: slow to import and optional (requirements-test.txt); the usage error runs without it
 
     torch.set_num_threads(int(spec["threads"]))
     sys.path.insert(0, spec["original"])
     try:
-        from fmboost.ema import EMA
-        from fmboost.flow import FlowModel
-        from fmboost.models.unet.model import EfficientUNet
+        from fmboost.ema import EMA  # here: the original's checkout is on sys.path only from the line above
+        from fmboost.flow import FlowModel  # here: as above
+        from fmboost.models.unet.model import EfficientUNet  # here: as above
     except ImportError as e:
         raise SystemExit(f"cannot import the original's modules from {spec['original']}: {e}. "
                          "Its fmboost/flow.py needs einops, tqdm and torchdiffeq in the interpreter "

@@ -2,6 +2,8 @@
 import statistics
 import time
 
+import jax
+
 
 def memory_bytes(compiled) -> int | None:
     """Arguments + outputs + temporaries of a compiled function (None where the backend does not say)."""
@@ -15,8 +17,6 @@ def memory_bytes(compiled) -> int | None:
 def timed(fn, *args, repeats: int):
     """``(output, compile_seconds, median_seconds, memory_bytes)`` of ``jax.jit(fn)(*args)``:
     lowered and compiled first, one warm-up call, then the median of ``repeats`` timed calls."""
-    import jax
-
     t = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - t

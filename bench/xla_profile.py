@@ -22,6 +22,9 @@ import re
 import tempfile
 import time
 
+import jax
+from jax.profiler import ProfileData
+
 CATEGORIES = ("convolution", "group_norm", "attention", "dense", "elementwise", "transpose/copy",
               "optimizer", "ema", "metrics", "other")
 
@@ -83,9 +86,6 @@ def profile_categories(compiled, run, calls: int = 2, top: int = 12) -> dict:
     """Trace ``calls`` calls of ``run()`` (which runs ``compiled`` and blocks) and sum the thunk
     time per category. Returns wall time per call, per-category milliseconds per call and shares,
     and the ``top`` most expensive instructions."""
-    import jax
-    from jax.profiler import ProfileData
-
     info = parse_hlo(compiled.as_text())
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(tmp)
