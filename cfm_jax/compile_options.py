@@ -3,12 +3,10 @@
 On XLA:CPU, jaxlib 0.10.2 hands convolutions and reductions to YNNPACK fusions by default;
 the option ``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE`` keeps only the
 reductions there, so that one program runs XLA's own Eigen convolutions ("eigen" below).
-Which is faster depends on the program and the CPU; the measurements are in docs/benchmarks.md,
-"Convolution kernels on XLA:CPU, by machine":
-
-* sampling and decoding (the UNet's forward pass): Eigen was faster on every CPU measured;
-* training: YNNPACK was faster on the AVX-512 machine, Eigen on the AVX2-only one. ``auto``
-  therefore keeps YNNPACK for training only where the CPU has AVX-512.
+``auto`` chooses Eigen for both program kinds: it was faster for sampling, decoding and training
+on every CPU measured, AVX2-only and AVX-512 (docs/benchmarks.md, "Convolution kernels on
+XLA:CPU, by machine"); the kinds stay separate so that a CPU where they differ can be told
+apart.
 
 The environment variable ``CFM_CPU_CONVOLUTIONS`` (``auto``, ``eigen`` or ``ynnpack``)
 overrides the choice for both kinds. The options go to single programs
@@ -17,7 +15,6 @@ CPU backend. Both kernels compute the same convolution; results differ by float 
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -32,19 +29,6 @@ CHOICES = ("auto", "eigen", "ynnpack")
 _EIGEN = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read)."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def _choice() -> str:
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if value not in CHOICES:
@@ -53,18 +37,13 @@ def _choice() -> str:
     return value
 
 
-def convolution_kernels(kind: str, flags: frozenset[str] | None = None) -> str:
+def convolution_kernels(kind: str) -> str:
     """``'eigen'`` or ``'ynnpack'``: the kernels a ``kind`` (``'training'`` or ``'inference'``)
-    program uses on XLA:CPU, from ``CFM_CPU_CONVOLUTIONS`` and, for ``auto``, the CPU's flags."""
+    program uses on XLA:CPU, from ``CFM_CPU_CONVOLUTIONS`` (``auto``: Eigen)."""
     if kind not in ("training", "inference"):
         raise ValueError(f"kind={kind!r}; 'training' or 'inference'.")
     choice = _choice()
-    if choice != "auto":
-        return choice
-    if kind == "inference":
-        return "eigen"
-    flags = cpu_flags() if flags is None else flags
-    return "ynnpack" if "avx512f" in flags else "eigen"
+    return "eigen" if choice == "auto" else choice
 
 
 def describe() -> dict[str, str]:

@@ -7,16 +7,16 @@ import pytest
 
 from cfm_jax import compile_options
 
-AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
-AVX512 = AVX2 | {"avx512f", "avx512bw"}
 
-
-def test_auto_picks_by_program_kind_and_cpu(monkeypatch):
-    monkeypatch.delenv(compile_options.ENV_VAR, raising=False)
-    assert compile_options.convolution_kernels("training", AVX512) == "ynnpack"
-    assert compile_options.convolution_kernels("training", AVX2) == "eigen"
-    assert compile_options.convolution_kernels("inference", AVX512) == "eigen"
-    assert compile_options.convolution_kernels("inference", AVX2) == "eigen"
+@pytest.mark.parametrize("value", [None, "auto", ""])
+def test_auto_picks_eigen_for_both_kinds(monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv(compile_options.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(compile_options.ENV_VAR, value)
+    assert compile_options.describe() == {"training": "eigen", "inference": "eigen"}
+    eigen = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+    assert compile_options.training("cpu") == eigen and compile_options.inference("cpu") == eigen
 
 
 @pytest.mark.parametrize("value", ["eigen", "ynnpack", " Eigen "])
@@ -24,8 +24,7 @@ def test_environment_overrides_both_kinds(monkeypatch, value):
     monkeypatch.setenv(compile_options.ENV_VAR, value)
     want = value.strip().lower()
     for kind in ("training", "inference"):
-        for flags in (AVX2, AVX512):
-            assert compile_options.convolution_kernels(kind, flags) == want
+        assert compile_options.convolution_kernels(kind) == want
     assert (compile_options.training("cpu") is None) == (want == "ynnpack")
     assert (compile_options.inference("cpu") is None) == (want == "ynnpack")
 
@@ -35,20 +34,13 @@ def test_bad_environment_value_names_the_variable(monkeypatch):
     with pytest.raises(ValueError, match="CFM_CPU_CONVOLUTIONS='onednn'.*auto"):
         compile_options.training("cpu")
     with pytest.raises(ValueError, match="kind="):
-        compile_options.convolution_kernels("decoding", AVX2)
+        compile_options.convolution_kernels("decoding")
 
 
 def test_no_cpu_options_for_other_platforms(monkeypatch):
     monkeypatch.setenv(compile_options.ENV_VAR, "eigen")
     assert compile_options.training("tpu") is None and compile_options.inference("gpu") is None
     assert compile_options.training("cpu") == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
-
-
-def test_cpu_flags_reads_cpuinfo(tmp_path):
-    p = tmp_path / "cpuinfo"
-    p.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n\nprocessor\t: 1\nflags\t: fpu\n")
-    assert compile_options.cpu_flags(str(p)) == frozenset({"fpu", "sse", "avx2", "avx512f"})
-    assert compile_options.cpu_flags(str(tmp_path / "missing")) == frozenset()
 
 
 def test_both_kernels_compute_the_same_convolution_and_gradients(monkeypatch):
