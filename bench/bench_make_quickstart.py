@@ -13,10 +13,8 @@ timing then unknown, left out of the table).
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -25,7 +23,10 @@ import time
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BEGIN, END = "<!-- quickstart-results -->", "<!-- /quickstart-results -->"
+sys.path.insert(0, ROOT)
+
+from bench import doc_tables  # noqa: E402
+TABLE = "quickstart-results"  # the README block this script writes (doc_tables markers)
 _ROWS = (("cfm", "CFM ({solver}, {nfe} network evaluations per image)"), ("bicubic", "bicubic"),
          ("bilinear", "bilinear (the flow's source)"))
 
@@ -38,37 +39,13 @@ def define_flags() -> None:
     flags.DEFINE_string("metrics", None, "Write the table from this eval/metrics.json instead of running.")
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    family = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("cpu family")), "?")
-    flags_line = next((line for line in info.splitlines() if line.startswith("flags")), "")
-    simd = "AVX-512" if "avx512f" in flags_line else "no AVX-512"
-    return f"{name or platform.machine()} (family {family}), {os.cpu_count()} cores, {simd}"
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out + (" with uncommitted changes" if dirty else "")
-
-
 def table(metrics: dict, *, seconds: dict | None, date: str, commit_: str, cpu: str) -> str:
     """The markdown between the markers: how it was measured, then one row per method."""
     rows = {r["method"]: r for r in metrics["results"]}
     missing = [m for m, _ in _ROWS if m not in rows]
     if missing:
         raise ValueError(f"metrics.json has no result for {missing}: it must come from eval.py on the quick start.")
-    when = f"Measured by `bench/bench_make_quickstart.py` on {date} at commit {commit_}, on {cpu}"
+    when = doc_tables.measured_by("bench/bench_make_quickstart.py", {"date": date, "commit": commit_, "cpu": cpu})
     if seconds:
         minutes, rest = divmod(round(seconds["total"]), 60)
         when += (f": {minutes} min {rest} s for preparation and training "
@@ -83,14 +60,6 @@ def table(metrics: dict, *, seconds: dict | None, date: str, commit_: str, cpu: 
         lines.append(f"| {name} | {r['psnr_mean_mse']:.3f} | {r['ssim']:.4f} | {r['psnr']:.3f} | "
                      f"{r['psnr_mean_mse_interior']:.3f}, {r['ssim_interior']:.4f} |")
     return "\n".join(lines)
-
-
-def rewrite(text: str, block: str) -> str:
-    """``text`` with everything between the markers replaced by ``block``."""
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise ValueError(f"the file needs exactly one {BEGIN} ... {END} block")
-    head, rest = text.split(BEGIN)
-    return f"{head}{BEGIN}\n{block}\n{END}{rest.split(END, 1)[1]}"
 
 
 def run_quickstart(workdir: str) -> tuple[dict, dict]:
@@ -120,15 +89,12 @@ def main(argv):
             metrics, seconds = json.load(f), None
     else:
         metrics, seconds = run_quickstart(fl.workdir)
-    date, commit_, cpu = datetime.date.today().isoformat(), commit(), cpu_name()
-    block = table(metrics, seconds=seconds, date=date, commit_=commit_, cpu=cpu)
-    print("RESULT " + json.dumps({"benchmark": "make_quickstart", "date": date, "commit": commit_, "cpu": cpu,
-                                  "seconds": seconds, "results": metrics["results"]}))
+    where = doc_tables.provenance()
+    block = table(metrics, seconds=seconds, date=where["date"], commit_=where["commit"], cpu=where["cpu"])
+    print("RESULT " + json.dumps({"benchmark": "make_quickstart", **where, "seconds": seconds,
+                                  "results": metrics["results"]}))
     if fl.readme:
-        with open(fl.readme) as f:
-            text = rewrite(f.read(), block)
-        with open(fl.readme, "w") as f:
-            f.write(text)
+        doc_tables.write_block(fl.readme, TABLE, block)
         print(f"Rewrote the quick-start table of {fl.readme}.")
 
 

@@ -14,7 +14,10 @@ Every measurement runs in a fresh process (peak RSS is that process's ``ru_maxrs
 original first, then cfm-jax with the same batch, so the two sides of each ratio are
 measured back to back (``--rounds`` repeats the whole sequence and takes medians). Both use
 all ``--threads`` cores. Prints one JSON object (``RESULT {...}``) with both sides and the
-ratios cfm-jax / original, and appends it to ``--out`` if given.
+ratios cfm-jax / original, and appends it to ``--out`` if given. ``--doc docs/benchmarks.md``
+also rewrites the table between that file's ``<!-- vs-original -->`` markers with the result
+(date, commit and CPU included); ``--from_result FILE`` writes the table from the last result
+line of an earlier run's ``--out`` file instead of measuring.
 """
 from __future__ import annotations
 
@@ -49,9 +52,17 @@ _PROFILE = flags.DEFINE_integer("profile_calls", 0, "Also profile this many call
                                 "timed ones, which the profiler does not slow): time per op category on both sides.")
 _OUT = flags.DEFINE_string("out", None, "Append the result line to this file.")
 _SMALL = flags.DEFINE_bool("small", False, "A tiny UNet on both sides (checks the script; the numbers mean nothing).")
+_DOC = flags.DEFINE_string("doc", None, "Rewrite the <!-- vs-original --> table of this markdown file.")
+_FROM = flags.DEFINE_string("from_result", None, "Write the --doc table from the last RESULT line of this file "
+                            "(an earlier run's --out) instead of measuring.")
 _WORKER = flags.DEFINE_string("worker_spec", None, "Internal: run one cfm-jax measurement (JSON spec).")
 
+from bench import doc_tables  # noqa: E402
 from configs import PAPER_CONFIG, load_config  # noqa: E402
+
+TABLE = "vs-original"  # the docs block --doc rewrites
+# The issue's targets, cfm-jax / original: train step (EMA included) and 40-point Euler sampling
+TIME_TARGETS = {"train": 0.8, "sample": 0.7}
 
 # --small: one level, one res block, attention at full resolution (the original's kwarg names)
 SMALL_UNET = dict(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(1,),
@@ -152,10 +163,65 @@ def _run(cmd: list[str], env: dict) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def _verdict(value: float, target: float | None) -> str:
+    if target is None:
+        return "(none)"
+    return f"≤ {target:g} met" if value <= target else f"≤ {target:g}: NOT met ({(value / target - 1) * 100:.1f}% over)"
+
+
+def doc_table(result: dict) -> str:
+    """The markdown of the ``vs-original`` block: provenance, then time and peak-RSS rows with
+    the median ratio, the ratio of every round and the target."""
+    m = result["measurements"]
+    conv = result.get("cpu_convolutions") or {}
+    head = (doc_tables.measured_by("bench/bench_vs_original.py", result)
+            + f": {result['rounds']} round(s) (medians), {result['threads']} threads, a "
+            f"{result['euler_grid']}-point Euler grid, latents {result['latent_size']}², cfm-jax's CPU convolutions "
+            f"{', '.join(f'{k} {v}' for k, v in conv.items()) or 'not recorded'}.")
+    lines = [head, "", "| what | original | cfm-jax | cfm-jax / original (rounds) | target |", "|---|---|---|---|---|"]
+
+    def rounds(entry, key):
+        per = entry.get(key)
+        return f" ({', '.join(f'{r:.3f}' for r in per)})" if per and len(per) > 1 else ""
+
+    def order(name):
+        task, b = name.split("_b")
+        return ("train", "sample").index(task), int(b)
+
+    names = sorted(m, key=order)
+    for name in names:
+        e, (task, b) = m[name], name.split("_b")
+        what = (f"train step, batch {b} (EMA included)" if task == "train"
+                else f"{result['euler_grid']}-point Euler ({result['euler_grid'] - 1} NFE), batch {b}")
+        lines.append(f"| {what} | {e['original_s']:.2f} s | {e['cfm_jax_s']:.2f} s | **{e['ratio']:.3f}**"
+                     f"{rounds(e, 'ratios')} | {_verdict(e['ratio'], TIME_TARGETS[task])} |")
+    for name in names:
+        e, (task, b) = m[name], name.split("_b")
+        what = "train step" if task == "train" else f"{result['euler_grid']}-point Euler"
+        lines.append(f"| peak RSS, {what}, batch {b} | {e['original_peak_rss_mib']:.0f} MiB | "
+                     f"{e['cfm_jax_peak_rss_mib']:.0f} MiB | **{e['rss_ratio']:.3f}**{rounds(e, 'rss_ratios')} | "
+                     f"{_verdict(e['rss_ratio'], 1.0 if task == 'train' else None)} |")
+    return "\n".join(lines)
+
+
+def _last_result(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.startswith("RESULT ")]
+    if not lines:
+        raise SystemExit(f"--from_result={path}: no line starting with 'RESULT ' (use an --out file of this bench).")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def main(argv):
     del argv
     if _WORKER.value:
         print("RESULT " + json.dumps(jax_measurement(json.loads(_WORKER.value))), flush=True)
+        return
+    if _FROM.value:
+        if not _DOC.value:
+            raise SystemExit("--from_result needs --doc (the markdown file whose table it writes).")
+        doc_tables.write_block(_DOC.value, TABLE, doc_table(_last_result(_FROM.value)))
+        print(f"Rewrote the {TABLE} table of {_DOC.value}.")
         return
     original = _ORIGINAL.value
     if not original or not os.path.isfile(os.path.join(original, "fmboost", "flow.py")):
@@ -189,7 +255,7 @@ def main(argv):
     def med(pairs, side, key):
         return round(statistics.median(p[side][key] for p in pairs), 4)
 
-    result = {"benchmark": "cfm-jax_vs_original", "original": os.path.abspath(original),
+    result = {"benchmark": "cfm-jax_vs_original", **doc_tables.provenance(), "original": os.path.abspath(original),
               "latent_size": _LATENT.value, "threads": _THREADS.value, "euler_grid": _GRID.value,
               "rounds": _ROUNDS.value, "xla_flags": jax_env.get("XLA_FLAGS", ""),
               "cpu_convolutions": next((p[1]["cpu_convolutions"] for v in runs.values() for p in v), None),
@@ -202,6 +268,8 @@ def main(argv):
                  "cfm_jax_compile_s": med(pairs, 1, "compile_s")}
         entry["ratio"] = round(entry["cfm_jax_s"] / entry["original_s"], 3)
         entry["rss_ratio"] = round(entry["cfm_jax_peak_rss_mib"] / entry["original_peak_rss_mib"], 3)
+        entry["ratios"] = [round(ours[key] / orig[key], 3) for orig, ours in pairs]  # one per round
+        entry["rss_ratios"] = [round(ours["peak_rss_mib"] / orig["peak_rss_mib"], 3) for orig, ours in pairs]
         if name.startswith("train"):
             entry["original_ema_s"] = med(pairs, 0, "ema_s")
             # Target: no more than the original's peak. Its worker keeps the original's EMA copy,
@@ -215,6 +283,9 @@ def main(argv):
     if _OUT.value:
         with open(_OUT.value, "a") as f:
             f.write(line + "\n")
+    if _DOC.value:
+        doc_tables.write_block(_DOC.value, TABLE, doc_table(result))
+        print(f"Rewrote the {TABLE} table of {_DOC.value}.")
 
 
 if __name__ == "__main__":
