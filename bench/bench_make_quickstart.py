@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench import doc_tables  # noqa: E402
+
 TABLE = "quickstart-results"  # the README block this script writes (doc_tables markers)
 _ROWS = (("cfm", "CFM ({solver}, {nfe} network evaluations per image)"), ("bicubic", "bicubic"),
          ("bilinear", "bilinear (the flow's source)"))
@@ -39,13 +40,14 @@ def define_flags() -> None:
     flags.DEFINE_string("metrics", None, "Write the table from this eval/metrics.json instead of running.")
 
 
-def table(metrics: dict, *, seconds: dict | None, date: str, commit_: str, cpu: str) -> str:
-    """The markdown between the markers: how it was measured, then one row per method."""
+def table(metrics: dict, *, seconds: dict | None, where: dict) -> str:
+    """The markdown between the markers: how it was measured (``where``: date, commit and CPU,
+    ``doc_tables.provenance()``), then one row per method."""
     rows = {r["method"]: r for r in metrics["results"]}
     missing = [m for m, _ in _ROWS if m not in rows]
     if missing:
         raise ValueError(f"metrics.json has no result for {missing}: it must come from eval.py on the quick start.")
-    when = doc_tables.measured_by("bench/bench_make_quickstart.py", {"date": date, "commit": commit_, "cpu": cpu})
+    when = doc_tables.measured_by("bench/bench_make_quickstart.py", where)
     if seconds:
         minutes, rest = divmod(round(seconds["total"]), 60)
         when += (f": {minutes} min {rest} s for preparation and training "
@@ -90,7 +92,7 @@ def main(argv):
     else:
         metrics, seconds = run_quickstart(fl.workdir)
     where = doc_tables.provenance()
-    block = table(metrics, seconds=seconds, date=where["date"], commit_=where["commit"], cpu=where["cpu"])
+    block = table(metrics, seconds=seconds, where=where)
     print("RESULT " + json.dumps({"benchmark": "make_quickstart", **where, "seconds": seconds,
                                   "results": metrics["results"]}))
     if fl.readme:

@@ -86,8 +86,12 @@ def _state_shapes(upsampler, tx, latent_size: int) -> TrainState:
 def train_state_shardings(upsampler, tx, latent_size: int, mesh, fsdp_min_size: int | None = None):
     """The :class:`NamedSharding` of every leaf of the train state (``sharding.state_shardings``:
     replicated over ``data``, large arrays split over ``fsdp``)."""
+    return _shardings(_state_shapes(upsampler, tx, latent_size), mesh, fsdp_min_size)
+
+
+def _shardings(shapes: TrainState, mesh, fsdp_min_size: int | None):
     min_size = sharding.DEFAULT_FSDP_MIN_SIZE if fsdp_min_size is None else fsdp_min_size
-    return sharding.state_shardings(_state_shapes(upsampler, tx, latent_size), mesh, min_size)
+    return sharding.state_shardings(shapes, mesh, min_size)
 
 
 def create_train_state(upsampler: CFMUpsampler, tx: optax.GradientTransformation, rng: jax.Array,
@@ -102,8 +106,8 @@ def create_train_state(upsampler: CFMUpsampler, tx: optax.GradientTransformation
 
 def abstract_train_state(upsampler, tx, latent_size: int, mesh, fsdp_min_size: int | None = None) -> TrainState:
     """Shapes, dtypes and shardings of the state, without allocating it."""
-    shapes = _state_shapes(upsampler, tx, latent_size)
-    shardings = train_state_shardings(upsampler, tx, latent_size, mesh, fsdp_min_size)
+    shapes = _state_shapes(upsampler, tx, latent_size)  # traced once: the shardings derive from these shapes
+    shardings = _shardings(shapes, mesh, fsdp_min_size)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 

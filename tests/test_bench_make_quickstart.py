@@ -41,8 +41,8 @@ def test_table_is_written_between_the_markers(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_make_quickstart", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    timed = bench.table(metrics, seconds={"train": 373.7, "eval": 18.3, "total": 392.0}, date="2026-12-03",
-                        commit_="abc1234", cpu="a CPU")
+    timed = bench.table(metrics, seconds={"train": 373.7, "eval": 18.3, "total": 392.0},
+                        where={"date": "2026-12-03", "commit": "abc1234", "cpu": "a CPU"})
     assert timed.startswith("Measured by `bench/bench_make_quickstart.py` on 2026-12-03 at commit abc1234, on a CPU: "
                             "6 min 32 s for preparation and training (374 s) and evaluation (18 s).\n")
 

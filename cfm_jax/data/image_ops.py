@@ -151,18 +151,18 @@ def _interp_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
         src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
         w = _keys_cubic(-0.5)(src[:, None] - np.arange(n_in, dtype=np.float64)[None, :])
         w /= w.sum(axis=1, keepdims=True)
-    else:
+    elif method == "bicubic_torch":
         # torch's source coordinates, in float32 like its kernels (a float64 ``n_in / n_out``
         # moves the taps by ~1e-7 * n_in at non-integer ratios: ~1e-5 differences in the output)
         half = np.float32(0.5)
         src = (_torch_scale(n_in, n_out) * (np.arange(n_out, dtype=np.float32) + half) - half).astype(np.float64)
-        if method != "bicubic_torch":
-            raise ValueError(f"no weight matrix for {method!r}")
         kernel = _keys_cubic(-0.75)
         base = np.floor(src).astype(np.int64)
         for k in range(-1, 3):
             j = base + k
             np.add.at(w, (rows, np.clip(j, 0, n_in - 1)), kernel(src - j))
+    else:
+        raise ValueError(f"no weight matrix for {method!r}")
     w = w.astype(np.float32)
     w.setflags(write=False)
     return w
