@@ -39,7 +39,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm import tqdm
 
-from cfm_jax import checkpointing, compile_options, distributed, flops as flops_lib, host_memory, sharding
+from cfm_jax import checkpointing, compile_options, distributed, flops as flops_lib, host_memory, sharding, xla_order
 from cfm_jax.convert.fmboost_checkpoint import load_fmboost
 from cfm_jax.data.train_data import make_data
 from cfm_jax.ema import EMAConfig, ema_update
@@ -101,7 +101,11 @@ def create_train_state(upsampler: CFMUpsampler, tx: optax.GradientTransformation
     if shardings is None:
         shardings = train_state_shardings(upsampler, tx, latent_size, mesh, fsdp_min_size)
     init = jax.jit(lambda r: _init_state(upsampler, tx, r, latent_size), out_shardings=shardings)
-    return init(rng)
+    compiled = init.lower(rng).compile()
+    # The compiler's freed heap goes back to the OS before the state is allocated: the state's
+    # buffers do not reuse it, so it would add to the peak (docs/benchmarks.md, "Training memory").
+    host_memory.release_freed_memory()
+    return compiled(rng)
 
 
 def abstract_train_state(upsampler, tx, latent_size: int, mesh, fsdp_min_size: int | None = None) -> TrainState:
@@ -160,12 +164,15 @@ def make_train_step(upsampler: CFMUpsampler, tx: optax.GradientTransformation,
             grads = jax.tree.map(lambda g: g / grad_accum_steps, grad_sum)
             loss = loss_sum / grad_accum_steps
         # Named scopes label the HLO (op_name metadata), so profiles can tell these parts apart.
-        with jax.named_scope("optimizer"):
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
         with jax.named_scope("ema"):
             # EMA from the pre-update weights with the EMA's counter before this update (the original's order).
             ema_params = ema_update(state.ema_params, state.params, state.ema_step, ema_cfg)
+            # Each weight's update waits for its EMA's read of it, so that XLA updates the
+            # donated weights in place instead of copying them all first (xla_order).
+            grads = jax.tree.map(xla_order.after, grads, ema_params)
+        with jax.named_scope("optimizer"):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         with jax.named_scope("metrics"):
             metrics = {
                 "loss": loss,

@@ -81,7 +81,7 @@ def test_flax_conv_uses_it_and_other_convolutions_fall_back():
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 6, 6, 4))
     params = ref.init(jax.random.PRNGKey(4), x)
     np.testing.assert_array_equal(layer.apply(params, x), ref.apply(params, x))
-    # a string padding and a dilated kernel are lax's own convolution
+    # a string padding becomes lax's explicit pads (then this path); a dilated kernel is lax's own convolution
     w = jnp.ones((3, 3, 4, 8))
     dn = lax.conv_dimension_numbers(x.shape, w.shape, DN)
     for kw in (dict(padding="SAME"), dict(padding=((2, 2), (2, 2)), rhs_dilation=(2, 2))):

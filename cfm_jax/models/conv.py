@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cfm_jax import xla_order
+
 # flax.linen.Conv passes NHWC / HWIO as these ConvDimensionNumbers.
 _NHWC_HWIO = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
@@ -57,8 +59,11 @@ def _fwd(x, w, strides, padding, precision):
 def _bwd(strides, padding, precision, res, dy):
     x, w = res
     if not use_gemm_gradients(x.shape, w.shape, strides, padding):
-        _, vjp = jax.vjp(lambda x_, w_: _conv(x_, w_, strides, padding, precision), x, w)
-        return vjp(dy)
+        # x and w enter transposed copies here: made after dy, not early in the step (xla_order)
+        _, vjp = jax.vjp(lambda x_, w_: _conv(x_, w_, strides, padding, precision),
+                         xla_order.after(x, dy), xla_order.after(w, dy))
+        dx, dw = vjp(dy)
+        return dx, xla_order.after(dw, dx)  # the kernel's update waits for dx's read of it
     b, h, wd, i = x.shape
     kh, kw, _, o = w.shape
     ho, wo = dy.shape[1:3]
@@ -67,7 +72,7 @@ def _bwd(strides, padding, precision, res, dy):
     hp, wp = max(h + pt + pb, sy * (ho - 1) + kh), max(wd + pl + pr, sx * (wo - 1) + kw)
     with jax.named_scope("conv_kernel_grad"):
         # im2col: patches[b, y, x, k, i] = padded x at (sy*y + ky, sx*x + kx); dw = patches^T dy.
-        xp = jnp.pad(x, ((0, 0), (pt, hp - h - pt), (pl, wp - wd - pl), (0, 0)))
+        xp = jnp.pad(xla_order.after(x, dy), ((0, 0), (pt, hp - h - pt), (pl, wp - wd - pl), (0, 0)))
         patches = jnp.stack([xp[:, ky:ky + sy * (ho - 1) + 1:sy, kx:kx + sx * (wo - 1) + 1:sx, :]
                              for ky in range(kh) for kx in range(kw)], axis=3)
         dw = jnp.einsum("bhwki,bhwo->kio", patches, dy, precision=precision,
@@ -83,8 +88,8 @@ def _bwd(strides, padding, precision, res, dy):
     for ky in range(kh):
         for kx in range(kw):
             dxp = dxp.at[:, :, ky:ky + sy * (ho - 1) + 1:sy, kx:kx + sx * (wo - 1) + 1:sx].add(z[ky * kw + kx])
-    dx = jnp.transpose(dxp[:, :, pt:pt + h, pl:pl + wd], (1, 2, 3, 0))
-    return dx.astype(x.dtype), dw
+    dx = jnp.transpose(dxp[:, :, pt:pt + h, pl:pl + wd], (1, 2, 3, 0)).astype(x.dtype)
+    return dx, xla_order.after(dw, dx)  # the kernel's update waits for dx's read of it (xla_order)
 
 
 _conv_gemm_grad.defvjp(_fwd, _bwd)
@@ -96,6 +101,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     """``lax.conv_general_dilated`` with the input gradient above for 2-D NHWC/HWIO convolutions
     with explicit padding, no dilation and one feature group (what the UNet's ``nn.Conv`` layers
     are); anything else goes to ``lax.conv_general_dilated`` unchanged."""
+    if isinstance(padding, str) and lhs.ndim == 4 and dimension_numbers == _NHWC_HWIO:  # e.g. 'SAME' of a 1x1
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     plain = (lhs.ndim == 4 and not isinstance(padding, str) and feature_group_count == 1 and batch_group_count == 1
              and all(d in (None, 1) for d in (lhs_dilation or (1,))) and all(d in (None, 1) for d in (rhs_dilation or (1,)))
              and dimension_numbers == _NHWC_HWIO and preferred_element_type is None)

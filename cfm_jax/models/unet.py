@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from cfm_jax import xla_order
 from cfm_jax.models import conv
 
 _NUM_GROUPS = 32
@@ -118,7 +119,8 @@ def _layer_inits(init: str, kernel_shape: Sequence[int], *, transposed: bool = F
 
 
 def _dense(features, in_features, init, name, *, zero=False, **kw):
-    return nn.Dense(features, name=name, **_layer_inits(init, (in_features, features), zero=zero), **kw)
+    return nn.Dense(features, name=name, dot_general=xla_order.dot_general,
+                    **_layer_inits(init, (in_features, features), zero=zero), **kw)
 
 
 # The UNet's normalisation layers: 'group' (GroupNorm(32), the original's) or 'none'. GroupNorm
