@@ -14,7 +14,8 @@ and works on the copies:
 In the paper train step at batch 8 (fp32, XLA:CPU) those copies were all 408 parameters,
 1167 MiB, much of it live at the step's peak (docs/benchmarks.md, "Training memory").
 ``lax.optimization_barrier`` does not help: XLA:CPU removes barriers before copy insertion.
-:func:`after` adds the missing dependency as arithmetic that leaves the value unchanged.
+:func:`after` adds the missing dependency as arithmetic that leaves the value unchanged, on one
+device (on a mesh of several it would cost a collective per layer; not done there).
 """
 from __future__ import annotations
 
@@ -25,11 +26,23 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def _one_device() -> bool:
+    """Whether the program being traced runs on one device: no mesh set (``jax.set_mesh``), or a
+    mesh of one device. On several devices one element of ``dep`` lives on one of them (``dx``
+    is split over the batch, FSDP splits the weights), so reading it would add a collective per
+    layer to the backward pass; there ``after`` adds nothing and XLA keeps its copies."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or mesh.size == 1
+
+
 def after(x: jax.Array, dep: jax.Array) -> jax.Array:
     """``x``, computed only once ``dep`` is: ``x + min(|dep[0]|, 0)``. The added term is
     ``+0`` for every non-NaN ``dep`` (so ``x`` keeps its value; only a ``-0.0`` element of
     ``x`` becomes ``+0.0``) and NaN when ``dep``'s first element is NaN. Costs one scalar read
-    of ``dep`` and an add that XLA fuses into ``x``'s consumer."""
+    of ``dep`` and an add that XLA fuses into ``x``'s consumer. ``x`` itself, unchanged, when
+    traced under a mesh of several devices (see :func:`_one_device`)."""
+    if not _one_device():
+        return x
     s = jnp.ravel(dep)[0]
     return x + jnp.minimum(jnp.abs(s), 0).astype(x.dtype)
 

@@ -29,6 +29,17 @@ def test_after_keeps_the_value_and_passes_nan_on():
     assert bool(jnp.all(jnp.isnan(xla_order.after(x, jnp.array([jnp.nan, 1.0])))))
 
 
+def test_after_adds_nothing_under_a_mesh_of_several_devices():
+    # one element of dep would live on one device: reading it would be a collective per layer
+    x, dep = jnp.ones(3), jnp.arange(3.0)
+    jaxpr = jax.make_jaxpr(xla_order.after)(x, dep)
+    assert any(e.primitive.name == "add" for e in jaxpr.eqns)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
+        assert not jax.make_jaxpr(xla_order.after)(x, dep).eqns
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("data",))):
+        assert jax.make_jaxpr(xla_order.after)(x, dep).eqns
+
+
 def test_dense_with_the_ordered_dot_equals_flax_dense_forward_and_backward():
     ours = nn.Dense(24, dot_general=xla_order.dot_general)
     ref = nn.Dense(24)
@@ -72,7 +83,8 @@ def test_the_train_step_updates_weights_in_place_without_copying_them():
     batch = {k: jax.ShapeDtypeStruct((2, size, size, ch), jnp.float32, sharding=sharding.batch_sharding(mesh))
              for k in ("latent", "latent_lowres")}
     state = abstract_train_state(up, tx, size, mesh)
-    hlo = step.lower(state, batch).compile().as_text()
+    with jax.set_mesh(mesh):  # as the trainer compiles it (a mesh of this one device)
+        hlo = step.lower(state, batch).compile().as_text()
     param_bytes = sum(4 * math.prod(p.shape) for p in jax.tree.leaves(state.params))
     copied = _weight_copy_bytes(hlo)
     # what may stay: a few small leaves read again in the backward pass (GroupNorm scales)
