@@ -47,23 +47,27 @@ def after(x: jax.Array, dep: jax.Array) -> jax.Array:
     return x + jnp.minimum(jnp.abs(s), 0).astype(x.dtype)
 
 
+def bilinear_vjp(f, x, w, dy):
+    """``(dx, dw)`` of ``f(x, w)`` at ``dy`` (``f`` linear in each: a convolution or a matrix
+    product), autodiff's own, ordered for in-place weight updates: the layouts the backward
+    products need (transposed copies of ``x`` and ``w``) are made once ``dy`` exists, not early
+    in the step, and ``dw`` waits for ``dx``'s read of ``w``."""
+    _, vjp = jax.vjp(f, after(x, dy), after(w, dy))
+    dx, dw = vjp(dy)
+    return dx, after(dw, dx)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _dot(x, w, dimension_numbers, precision):
     return lax.dot_general(x, w, dimension_numbers, precision=precision)
 
 
 def _dot_fwd(x, w, dimension_numbers, precision):
-    return _dot(x, w, dimension_numbers, precision), (x, w)
+    return lax.dot_general(x, w, dimension_numbers, precision=precision), (x, w)
 
 
 def _dot_bwd(dimension_numbers, precision, res, dy):
-    x, w = res
-    # The layouts the backward products need (transposed copies of x and w) are made once dy
-    # exists, not early in the step; the weight's gradient waits for dx's read of w.
-    _, vjp = jax.vjp(lambda a, b: lax.dot_general(a, b, dimension_numbers, precision=precision),
-                     after(x, dy), after(w, dy))
-    dx, dw = vjp(dy)
-    return dx, after(dw, dx)
+    return bilinear_vjp(lambda a, b: lax.dot_general(a, b, dimension_numbers, precision=precision), *res, dy)
 
 
 _dot.defvjp(_dot_fwd, _dot_bwd)

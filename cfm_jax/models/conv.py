@@ -59,11 +59,7 @@ def _fwd(x, w, strides, padding, precision):
 def _bwd(strides, padding, precision, res, dy):
     x, w = res
     if not use_gemm_gradients(x.shape, w.shape, strides, padding):
-        # x and w enter transposed copies here: made after dy, not early in the step (xla_order)
-        _, vjp = jax.vjp(lambda x_, w_: _conv(x_, w_, strides, padding, precision),
-                         xla_order.after(x, dy), xla_order.after(w, dy))
-        dx, dw = vjp(dy)
-        return dx, xla_order.after(dw, dx)  # the kernel's update waits for dx's read of it
+        return xla_order.bilinear_vjp(lambda x_, w_: _conv(x_, w_, strides, padding, precision), x, w, dy)
     b, h, wd, i = x.shape
     kh, kw, _, o = w.shape
     ho, wo = dy.shape[1:3]
