@@ -48,6 +48,10 @@ _ELEMENTWISE = dict(
     softmax=4,      # max, subtract, exp, sum, divide
     avg_pool=1,     # per input element (three adds and one divide per 2x2 window)
 )
+# GroupNorm expands its [B, 32] statistics to the channels with products with a 0/1 [32, C]
+# matrix (models/unet.py `_per_channel`; XLA merges the two expansions of the mean): two products
+# of 2 * 32 FLOPs per channel. Small, but 1-2 % of the tiny test networks' forward.
+_GROUP_NORM_EXPAND_PER_CHANNEL = 2 * 2 * 32
 
 
 def _taps(n_in: int, kernel: int, stride: int, pad_lo: int, pad_hi: int, count_padding: bool) -> int:
@@ -76,6 +80,13 @@ class _Counter:
             return
         self.elementwise += _ELEMENTWISE[kind] * num_elements
 
+    def group_norm(self, num_elements: int, channels: int):
+        """GroupNorm over ``num_elements`` values of ``channels`` channels: the per-element work and
+        the products that expand its per-group mean and inverse deviation to the channels."""
+        self.ew("group_norm", num_elements)
+        if self.norm:
+            self.elementwise += _GROUP_NORM_EXPAND_PER_CHANNEL * channels
+
     def conv(self, size: int, c_in: int, c_out: int, kernel: int, stride: int = 1, pad: int = 0) -> int:
         """A square conv with bias over a `size` x `size` map; returns the output size."""
         taps = _taps(size, kernel, stride, pad, pad, self.count_padding)
@@ -96,12 +107,12 @@ class _Counter:
 
     def res_block(self, size: int, c_in: int, c_out: int, emb_dim: int, scale_shift: bool):
         n = size * size
-        self.ew("group_norm", n * c_in)
+        self.group_norm(n * c_in, c_in)
         self.ew("silu", n * c_in)
         self.conv(size, c_in, c_out, 3, pad=1)               # in_layers_2
         self.ew("silu", emb_dim)
         self.dense(1, emb_dim, 2 * c_out if scale_shift else c_out)  # emb_layers_1
-        self.ew("group_norm", n * c_out)
+        self.group_norm(n * c_out, c_out)
         self.ew("scale_shift" if scale_shift else "add", n * c_out)
         self.ew("silu", n * c_out)
         self.conv(size, c_out, c_out, 3, pad=1)              # out_layers_3
@@ -112,7 +123,7 @@ class _Counter:
     def attention(self, size: int, c: int, heads: int, dim_head: int, linear: bool):
         L = size * size
         inner = heads * dim_head
-        self.ew("group_norm", L * c)
+        self.group_norm(L * c, c)
         self.dense(L, c, 3 * inner)                          # qkv
         if linear:
             self.ew("softmax", 2 * heads * L * dim_head)     # q over features, k over positions
@@ -202,7 +213,7 @@ def _count(model_cfg, latent_size: int, count_padding: bool) -> _Counter:
                 ds //= 2
 
     # Output: GroupNorm, SiLU, 3x3 conv (to mc and un_pool back up when pooling).
-    k.ew("group_norm", size * size * ch)
+    k.group_norm(size * size * ch, ch)
     k.ew("silu", size * size * ch)
     if pool > 1:
         k.conv(size, ch, mc, 3, pad=1)                      # out_2

@@ -118,3 +118,24 @@ def test_group_norm_matches_torch_forward_and_backward(shape, dtype):
         np.testing.assert_allclose(dx, xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(dp["params"]["scale"], wt.grad.numpy(), rtol=tol, atol=tol * 10)
     np.testing.assert_allclose(dp["params"]["bias"], bt.grad.numpy(), rtol=tol, atol=tol * 10)
+
+
+def test_group_norm_per_channel_product_is_the_repeat_bit_for_bit():
+    # GroupNorm expands [B, G] statistics to channels with a 0/1 product (unet._per_channel),
+    # not jnp.repeat, for XLA:CPU's sake: the values must be those of the repeat exactly.
+    from cfm_jax.models.unet import _per_channel
+
+    rng = np.random.default_rng(0)
+    for b, g, c, ndim in [(2, 32, 64, 4), (3, 32, 2048, 4), (1, 4, 12, 3)]:
+        stats = rng.standard_normal((b, g)) * np.exp(rng.uniform(-30, 30, (b, g)))  # magnitudes 1e-13 .. 1e13
+        stats[0, 0], stats[-1, -1] = -0.0, np.finfo(np.float32).tiny
+        stats = stats.astype(np.float32)
+        like = jnp.zeros((b,) + (2,) * (ndim - 2) + (c,))
+        out = jax.jit(_per_channel)(jnp.asarray(stats), like)
+        assert out.shape == (b,) + (1,) * (ndim - 2) + (c,)
+        np.testing.assert_array_equal(np.asarray(out).reshape(b, c), np.repeat(stats, c // g, axis=-1))
+    # a non-finite statistic spreads over its sample's channels (0 * nan), not to other samples
+    stats = np.ones((2, 4), np.float32)
+    stats[0, 1] = np.nan
+    out = np.asarray(_per_channel(jnp.asarray(stats), jnp.zeros((2, 1, 1, 8)))).reshape(2, 8)
+    assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
