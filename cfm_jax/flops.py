@@ -49,8 +49,8 @@ _ELEMENTWISE = dict(
     avg_pool=1,     # per input element (three adds and one divide per 2x2 window)
 )
 # GroupNorm expands its [B, 32] statistics to the channels with products with a 0/1 [32, C]
-# matrix (models/unet.py `_per_channel`; XLA merges the two expansions of the mean): two products
-# of 2 * 32 FLOPs per channel. Small, but 1-2 % of the tiny test networks' forward.
+# matrix (models/unet.py `_per_channel`): two products (mean, inverse deviation) of 2 * 32 FLOPs
+# per channel in the forward. Small, but 1-2 % of the tiny test networks' forward.
 _GROUP_NORM_EXPAND_PER_CHANNEL = 2 * 2 * 32
 
 
